@@ -263,3 +263,24 @@ def test_bad_candidate_inputs():
         unit.score_candidates(torch.zeros(4, 5), torch.zeros(7, 8), torch.ones(6))
     with pytest.raises(ShapeError, match="history: the sequence axis T is empty"):
         din_fcn_attention_candidates(torch.zeros(4, 5), torch.zeros(0, 8), None, unit.weights())
+
+
+def test_without_query_projection_is_plain_din_attention():
+    """query_projection=False: the reference's `din_attention`, the raw query in [q, k, q-k, q*k]."""
+    query, facts, mask = _inputs(b=5, t=6, q=8, d=8, dtype=torch.float64)
+    unit = _randomize(DinFcnAttention(8, 8, 16, query_projection=False)).double()
+    assert unit.query_proj is None and unit.prelu_alpha is None
+    out, alphas = unit(query, facts, mask, return_alphas=True)
+    # By hand: the reference din_attention on the raw query.
+    w1, b1 = unit.att1.weight, unit.att1.bias
+    qs = query[:, None, :].expand_as(facts)
+    din = torch.cat([qs, facts, qs - facts, qs * facts], -1)
+    h = torch.sigmoid(torch.sigmoid(din @ w1.T + b1) @ unit.att2.weight.T + unit.att2.bias)
+    s = (h @ unit.att3.weight.T + unit.att3.bias).reshape(5, 1, 6)
+    s = torch.softmax(s.masked_fill(mask[:, None, :] != 1, PADDING_SCORE), -1)
+    torch.testing.assert_close(alphas, s)
+    torch.testing.assert_close(out, s @ facts)
+    unit.impl = "reference"
+    torch.testing.assert_close(unit(query, facts, mask), out)
+    with pytest.raises(ShapeError, match="without a query projection"):
+        DinFcnAttention(5, 8, 16, query_projection=False)

@@ -63,9 +63,9 @@ Facts = Tensor | tuple[Tensor, Tensor]
 class AttentionWeights(NamedTuple):
     """The parameters of one attention unit, in PyTorch layout (``weight`` is ``[out, in]``)."""
 
-    query_weight: Tensor  # (D, Q)   query projection
-    query_bias: Tensor  # (D,)
-    prelu_alpha: Tensor  # (D,)      PReLU slope per feature
+    query_weight: Tensor | None  # (D, Q)   query projection (None: the query is used as is)
+    query_bias: Tensor | None  # (D,)
+    prelu_alpha: Tensor | None  # (D,)      PReLU slope per feature
     att1_weight: Tensor  # (A, 4D)   first attention layer (sigmoid)
     att1_bias: Tensor  # (A,)
     att2_weight: Tensor  # (40, A)   second attention layer (sigmoid)
@@ -134,7 +134,13 @@ def _check_mask(mask: Tensor, expected: tuple[int, ...], layout: str) -> None:
 
 
 def _check_weights(w: AttentionWeights, query_size: int, facts_size: int) -> None:
-    if w.query_weight.shape != (facts_size, query_size):
+    if w.query_weight is None:
+        if query_size != facts_size:
+            raise ShapeError(
+                f"query: without a query projection the query size must equal the facts size "
+                f"{facts_size}, got {query_size}"
+            )
+    elif w.query_weight.shape != (facts_size, query_size):
         raise ShapeError(
             f"query: the query projection maps {w.query_weight.shape[1]} features to "
             f"{w.query_weight.shape[0]}, but got query size {query_size} and facts size {facts_size}"
@@ -158,6 +164,8 @@ def _padding_value(dtype: torch.dtype) -> float:
 # --------------------------------------------------------------------------- shared steps
 def _project_query(query: Tensor, w: AttentionWeights) -> Tensor:
     """Step 4: dense layer to D, then per-feature PReLU. (N, Q) -> (N, D)."""
+    if w.query_weight is None:  # the reference's plain `din_attention`
+        return query
     q = F.linear(query, w.query_weight, w.query_bias)  # (N, D)
     return F.prelu(q, w.prelu_alpha.to(q.dtype))  # max(0, q) + alpha * min(0, q)
 
@@ -394,6 +402,8 @@ class DinFcnAttention(nn.Module):
         for_cnn: ignore the mask (the reference's ``forCnn``).
         bi_rnn: facts come as a tuple of two tensors; the query projection then takes
             ``2 * query_size`` features, as the reference's ``concat([query, query])``.
+        query_projection: ``False`` gives the reference's plain ``din_attention`` (no query
+            dense layer and PReLU: the raw query, of size D, goes into the MLP).
         impl: ``"fast"`` or ``"reference"``.
 
     Parameters and initialisation follow the reference: a query projection to D with
@@ -413,6 +423,7 @@ class DinFcnAttention(nn.Module):
         return_alphas: bool = False,
         for_cnn: bool = False,
         bi_rnn: bool = False,
+        query_projection: bool = True,
         impl: str = "fast",
     ) -> None:
         super().__init__()
@@ -427,8 +438,18 @@ class DinFcnAttention(nn.Module):
         self.for_cnn = for_cnn
         self.bi_rnn = bi_rnn
         self.impl = impl
-        self.query_proj = nn.Linear(2 * query_size if bi_rnn else query_size, d)
-        self.prelu_alpha = nn.Parameter(torch.empty(d))
+        self.query_projection = query_projection
+        if query_projection:
+            self.query_proj: nn.Linear | None = nn.Linear(2 * query_size if bi_rnn else query_size, d)
+            self.prelu_alpha: nn.Parameter | None = nn.Parameter(torch.empty(d))
+        else:  # the reference's plain `din_attention`: the raw query goes in
+            if (2 * query_size if bi_rnn else query_size) != d:
+                raise ShapeError(
+                    f"query_size: without a query projection it must equal facts_size {d}, "
+                    f"got {query_size}"
+                )
+            self.query_proj = None
+            self.prelu_alpha = None
         self.att1 = nn.Linear(4 * d, attention_size)
         self.att2 = nn.Linear(attention_size, HIDDEN_SIZE)
         self.att3 = nn.Linear(HIDDEN_SIZE, 1)
@@ -437,15 +458,17 @@ class DinFcnAttention(nn.Module):
     def reset_parameters(self) -> None:
         """The reference's initial values: Glorot-uniform kernels, zero biases, alpha 0.1."""
         for layer in (self.query_proj, self.att1, self.att2, self.att3):
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
-        nn.init.constant_(self.prelu_alpha, 0.1)
+            if layer is not None:
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        if self.prelu_alpha is not None:
+            nn.init.constant_(self.prelu_alpha, 0.1)
 
     def weights(self) -> AttentionWeights:
         """The parameters as an :class:`AttentionWeights` tuple (for the functional form)."""
         return AttentionWeights(
-            self.query_proj.weight,
-            self.query_proj.bias,
+            None if self.query_proj is None else self.query_proj.weight,
+            None if self.query_proj is None else self.query_proj.bias,
             self.prelu_alpha,
             self.att1.weight,
             self.att1.bias,
@@ -528,7 +551,9 @@ class DinFcnAttention(nn.Module):
             raise KeyError(f"reference weights: missing {key!r} (TensorFlow name {tf_name!r})")
 
         for name, tf_scope in aliases.items():
-            layer: nn.Linear = getattr(self, name)
+            layer: nn.Linear | None = getattr(self, name)
+            if layer is None:
+                continue
             kernel = get(f"{name}.kernel", f"{tf_scope}/kernel")  # (in, out)
             bias = get(f"{name}.bias", f"{tf_scope}/bias")  # (out,)
             if tuple(kernel.shape) != (layer.in_features, layer.out_features):
@@ -538,5 +563,6 @@ class DinFcnAttention(nn.Module):
                 )
             layer.weight.copy_(kernel.t())
             layer.bias.copy_(bias.reshape(layer.out_features))
-        alpha = get("prelu.alpha", "prelu_")
-        self.prelu_alpha.copy_(alpha.reshape(self.facts_size))
+        if self.prelu_alpha is not None:
+            alpha = get("prelu.alpha", "prelu_")
+            self.prelu_alpha.copy_(alpha.reshape(self.facts_size))
