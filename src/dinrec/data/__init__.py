@@ -1,1 +1,36 @@
-"""dinrec.data."""
+"""dinrec.data: vocabularies, sample building, the Parquet sample store, batches, synthetic data.
+
+The public API others code against::
+
+    from dinrec.data import PrepareConfig, prepare_events, prepare_samples, SampleStore
+    from dinrec.data import BatchLoader, Batch, Vocab, Vocabularies
+    from dinrec.data import SyntheticConfig, generate, preset
+"""
+
+from dinrec.data.batches import Batch, BatchLoader
+from dinrec.data.samples import PrepareConfig, SampleSet, build_event_samples, build_ready_samples
+from dinrec.data.store import SampleStore, prepare_events, prepare_samples, write_store
+from dinrec.data.synthetic import PRESETS, GroundTruth, SyntheticConfig, generate, preset
+from dinrec.data.vocab import OOV_ID, PAD_ID, Vocab, Vocabularies
+
+__all__ = [
+    "OOV_ID",
+    "PAD_ID",
+    "PRESETS",
+    "Batch",
+    "BatchLoader",
+    "GroundTruth",
+    "PrepareConfig",
+    "SampleSet",
+    "SampleStore",
+    "SyntheticConfig",
+    "Vocab",
+    "Vocabularies",
+    "build_event_samples",
+    "build_ready_samples",
+    "generate",
+    "prepare_events",
+    "prepare_samples",
+    "preset",
+    "write_store",
+]

@@ -1,0 +1,116 @@
+"""``sequences``: one line per user, ``user item1 item2 ...`` (whitespace-separated, oldest first).
+
+The S3-Rec / ICLRec sequential data (Amazon Beauty, Toys, Last.fm) look like this. There
+are no timestamps: file order is time order, so the events carry no ``ts`` column. An
+optional ``{"item": [attr, ...]}`` JSON map (an input whose content starts with ``{``, or
+``item_attrs``) gives categories: the **first** attribute of each item (for the S3-Rec
+Amazon files that is usually the brand id); items missing from it, or with no attributes,
+get ``<unk>``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dinrec.data.formats import Format, ReadOptions, ReadResult
+from dinrec.data.formats.common import (
+    ErrorLog,
+    decode,
+    finish_events,
+    lookup_cats,
+    read_bytes,
+)
+from dinrec.errors import DataFormatError
+
+
+def read_attrs(path: Path, text: str, errors: ErrorLog) -> dict[str, str]:
+    """item -> first attribute, from a JSON object of lists."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(str(path), exc.lineno, None, f"invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise DataFormatError(str(path), None, None, "invalid JSON: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise DataFormatError(str(path), 1, None, "expected a JSON object {item: [attributes]}")
+    out: dict[str, str] = {}
+    for item, attrs in obj.items():
+        if not isinstance(attrs, list):
+            errors.bad(path, 1, str(item)[:40], "attributes must be a list")
+            continue
+        if attrs:
+            first = attrs[0]
+            if isinstance(first, list | dict) or first is None:
+                errors.bad(path, 1, str(item)[:40], "attribute must be a string or number")
+                continue
+            out[str(item)] = str(first)
+    return out
+
+
+def read_sequences(path: Path, text: str, bad_lines: np.ndarray,
+                   errors: ErrorLog) -> tuple[pa.Array, pa.Array, int]:
+    """(user, item) columns of a sequence file, and its number of non-blank lines."""
+    lines = pc.split_pattern(pa.array([text], pa.large_string()), "\n").flatten()
+    lines = pc.utf8_trim_whitespace(lines)
+    tokens = pc.utf8_split_whitespace(lines)
+    n_tok = np.asarray(pc.list_value_length(tokens))
+    line_no = np.arange(1, len(n_tok) + 1, dtype=np.int64)
+    keep = np.asarray(pc.utf8_length(lines)) > 0  # blank lines: ignored
+    n_lines = int(keep.sum())
+    if len(bad_lines):
+        keep &= ~np.isin(line_no, bad_lines)
+    errors.bad_rows(path, line_no, n_tok == 1, keep, "items", "a user with no items")
+    errors.raise_pending()
+    tokens = tokens.filter(pa.array(keep))
+    n_items = n_tok[keep] - 1
+    users = pc.list_element(tokens, 0) if len(tokens) else pa.array([], pa.large_string())
+    user = pc.take(users, pa.array(np.repeat(np.arange(len(n_items)), n_items)))
+    item = pc.list_slice(tokens, 1).flatten() if len(tokens) else pa.array([], pa.large_string())
+    return user, item, n_lines
+
+
+def read(inputs: Sequence[Path], options: ReadOptions, errors: ErrorLog) -> ReadResult:
+    users, items = [], []
+    attrs: dict[str, str] | None = None
+    records = 0
+    attr_paths = [Path(options.item_attrs)] if options.item_attrs else []
+    for path in map(Path, inputs):
+        data = read_bytes(path, options.progress)
+        if data.lstrip()[:1] == b"{":
+            attr_paths.append(path)
+            continue
+        text, bad_lines = decode(data, path, errors)
+        user, item, n = read_sequences(path, text, bad_lines, errors)
+        users.append(user)
+        items.append(item)
+        records += n
+    if not users:
+        raise DataFormatError(", ".join(map(str, inputs)), None, None, "no sequence file among the inputs")
+    for path in attr_paths:
+        text, _ = decode(read_bytes(path, options.progress), path, errors)
+        errors.raise_pending()
+        attrs = {**read_attrs(path, text, errors), **(attrs or {})}
+    item = pa.concat_arrays([i.cast(pa.string()) for i in items])
+    cat = lookup_cats(item, attrs)
+    notes = []
+    if attrs is not None:
+        notes.append(f"attributes: {len(attrs)} items, {len(set(attrs.values()))} distinct "
+                     "first attributes (used as categories)")
+    events = finish_events(", ".join(map(str, inputs)), {
+        "user": pa.concat_arrays([u.cast(pa.string()) for u in users]), "item": item,
+        "cat": cat})
+    return ReadResult(events=events, records=records, notes=notes)
+
+
+FORMAT = Format(
+    name="sequences",
+    read=read,
+    summary="one line per user 'user item1 item2 ...' + optional item->attributes JSON",
+    inputs="SEQUENCES... [ITEM2ATTRIBUTES.json]",
+)

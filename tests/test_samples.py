@@ -1,0 +1,280 @@
+"""Tests of dinrec.data.samples: histories, splits, negatives, leaks, ready-made samples."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dinrec.data.samples import (
+    PrepareConfig,
+    SampleSet,
+    build_event_samples,
+    build_ready_samples,
+)
+from dinrec.data.synthetic import generate, preset
+from dinrec.data.vocab import OOV_ID
+from dinrec.errors import DinrecError
+
+
+def rows_of(ss: SampleSet) -> list[tuple]:
+    out = []
+    for r in range(len(ss)):
+        a, n = ss.hist_start[r], ss.hist_len[r]
+        out.append(
+            (
+                int(ss.label[r]),
+                int(ss.user[r]),
+                int(ss.item[r]),
+                int(ss.cat[r]),
+                tuple(ss.hist_item_pool[a : a + n].tolist()),
+                tuple(ss.hist_cat_pool[a : a + n].tolist()),
+            )
+        )
+    return out
+
+
+def reference(events: list[dict], max_len: int, min_history: int) -> dict[str, list[tuple]]:
+    """Slow per-user leave-last-out reference in tokens."""
+    by_user = defaultdict(list)
+    for i, e in enumerate(events):
+        by_user[e["user"]].append((e["ts"], i, e))
+    out = {"train": [], "valid": [], "test": []}
+    for user, evs in by_user.items():
+        evs.sort(key=lambda x: (x[0], x[1]))
+        positives = [e for _, _, e in evs if e["label"] == 1]
+        P = len(positives)
+        k = 0
+        for _, _, e in evs:
+            split = "test" if k >= P - 1 else "valid" if k == P - 2 else "train"
+            if k >= min_history:
+                hist = positives[max(0, k - max_len) : k]
+                out[split].append(
+                    (e["label"], user, e["item"], e["cat"], tuple(h["item"] for h in hist),
+                     tuple(h["cat"] for h in hist))
+                )  # fmt: skip
+            k += e["label"] == 1
+    return out
+
+
+event_lists = st.lists(
+    st.fixed_dictionaries(
+        {
+            "user": st.sampled_from(["a", "b", "c", "d"]),
+            "item": st.sampled_from([f"i{k}" for k in range(8)]),
+            "cat": st.sampled_from(["x", "y", "z"]),
+            "ts": st.integers(0, 6),
+            "label": st.sampled_from([0, 1, 1, 1]),
+        }
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(event_lists, st.integers(1, 4), st.integers(0, 2))
+def test_histories_match_reference(events, max_len, min_history):
+    table = pa.table(
+        {
+            "user": [e["user"] for e in events],
+            "item": [e["item"] for e in events],
+            "cat": [e["cat"] for e in events],
+            "ts": pa.array([e["ts"] for e in events], pa.int64()),
+            "label": pa.array([e["label"] for e in events], pa.int8()),
+        }
+    )
+    if not any(e["label"] for e in events):
+        return
+    cfg = PrepareConfig(max_len=max_len, min_history=min_history, neg_per_pos=0)
+    try:
+        built = build_event_samples(table, cfg)
+    except DinrecError:  # no training events at all
+        return
+    v = built.vocabs
+    ref = reference(events, max_len, min_history)
+    for split in ("train", "valid", "test"):
+        want = sorted(
+            (lab, int(v.user.encode([u])[0]), int(v.item.encode([i])[0]), int(v.cat.encode([c])[0]),
+             tuple(v.item.encode(list(hi)).tolist()) if hi else (),
+             tuple(v.cat.encode(list(hc)).tolist()) if hc else ())
+            for lab, u, i, c, hi, hc in ref[split]
+        )  # fmt: skip
+        assert sorted(rows_of(built.splits[split])) == want, split
+
+
+def test_explicit_negatives_never_enter_history():
+    table = pa.table(
+        {
+            "user": ["u"] * 6,
+            "item": ["p1", "n1", "p2", "n2", "p3", "p4"],
+            "label": pa.array([1, 0, 1, 0, 1, 1], pa.int8()),
+        }
+    )
+    built = build_event_samples(table, PrepareConfig(neg_per_pos=0))
+    v = built.vocabs.item
+    negs = set(v.encode(["n1", "n2"]).tolist()) - {OOV_ID}
+    for ss in built.splits.values():
+        for row in rows_of(ss):
+            assert not negs & set(row[4])
+    # n1 (after p1, before p2 the 2nd of 4 positives) -> train; n2 precedes p3 (valid)
+    train = rows_of(built.splits["train"])
+    assert sorted(r[0] for r in train) == [0, 1]
+    assert [r[0] for r in rows_of(built.splits["valid"])] == [0, 1]
+    assert [r[0] for r in rows_of(built.splits["test"])] == [1]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return generate(preset("tiny"))
+
+
+def _user_tokens(events: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (
+        np.asarray(events.column("user").to_pylist()),
+        np.asarray(events.column("item").to_pylist()),
+        events.column("ts").to_numpy(),
+    )
+
+
+def test_leave_last_out_leaks(tiny):
+    events, _ = tiny
+    built = build_event_samples(events, PrepareConfig(neg_per_pos=3, max_len=10))
+    v = built.vocabs
+    users, items, ts = _user_tokens(events)
+    pos_ids = defaultdict(set)
+    for u, i in zip(v.user.encode(users).tolist(), v.item.encode(items).tolist(), strict=True):
+        pos_ids[u].add(i)
+    last_train_ts = defaultdict(lambda: -1)
+    tr = built.splits["train"]
+    for u, t in zip(tr.user.tolist(), tr.ts.tolist(), strict=True):
+        last_train_ts[u] = max(last_train_ts[u], t)
+    seen = {}
+    for name, ss in built.splits.items():
+        assert len(ss) > 0
+        neg = ss.label == 0
+        assert (ss.item[neg] >= 2).all()  # sampled from the vocabulary
+        for u, i in zip(ss.user[neg].tolist(), ss.item[neg].tolist(), strict=True):
+            assert i not in pos_ids[u]  # never one of the user's positives, any split
+        # each positive has exactly neg_per_pos negatives sharing its history
+        assert neg.sum() == 3 * (~neg).sum()
+        if name != "train":
+            for u, t in zip(ss.user.tolist(), ss.ts.tolist(), strict=True):
+                assert t >= last_train_ts[u]
+            pos = ~neg
+            keys = set(zip(ss.user[pos].tolist(), ss.ts[pos].tolist(), strict=True))
+            seen[name] = keys
+            assert len(keys) == pos.sum()  # one positive per user
+    assert not seen["valid"] & seen["test"]
+    # valid positives come before test positives of the same user
+    val = dict(seen["valid"])
+    for u, t in seen["test"]:
+        if u in val:
+            assert t >= val[u]
+
+
+def test_vocab_from_train_only():
+    table = pa.table(
+        {
+            "user": ["a"] * 4 + ["b"] * 4,
+            "item": ["x", "y", "z", "only_test", "x", "z", "only_valid", "y"],
+            "ts": pa.array([1, 2, 3, 4, 1, 2, 3, 4], pa.int64()),
+        }
+    )
+    built = build_event_samples(table, PrepareConfig(neg_per_pos=0))
+    v = built.vocabs.item
+    assert "only_test" not in v and "only_valid" not in v and "z" in v
+    test_items = set(built.splits["test"].item.tolist())
+    assert OOV_ID in test_items
+    assert OOV_ID in set(built.splits["valid"].item.tolist())
+
+
+def test_min_count_maps_rare_items_to_oov(tiny):
+    events, _ = tiny
+    built = build_event_samples(events, PrepareConfig(min_count=5, neg_per_pos=0))
+    assert (built.vocabs.item.counts[2:] >= 5).all()
+    assert OOV_ID in set(built.splits["train"].item.tolist())
+
+
+def test_by_user_split(tiny):
+    events, _ = tiny
+    cfg = PrepareConfig(split="by-user", neg_per_pos=1, valid_fraction=0.2, test_fraction=0.1)
+    built = build_event_samples(events, cfg)
+    n_users = len(set(events.column("user").to_pylist()))
+    assert len(built.vocabs.user) - 2 == n_users - round(0.2 * n_users) - round(0.1 * n_users)
+    for name in ("valid", "test"):
+        assert len(built.splits[name]) > 0
+        assert (built.splits[name].user == OOV_ID).all()
+    assert (built.splits["train"].user >= 2).all()
+    ref = build_event_samples(events, PrepareConfig(neg_per_pos=1))
+    assert sum(map(len, built.splits.values())) == sum(map(len, ref.splits.values()))
+
+
+def test_time_split(tiny):
+    events, _ = tiny
+    ts = events.column("ts").to_numpy()
+    cut = int(np.quantile(ts, 0.8))
+    built = build_event_samples(events, PrepareConfig(split="time", time_cut=cut))
+    tr, va, te = (built.splits[s] for s in ("train", "valid", "test"))
+    assert len(tr) and len(va) and len(te)
+    assert (te.ts >= cut).all() and (va.ts < cut).all()
+    assert tr.ts.max() < va.ts.min()
+    default = build_event_samples(events, PrepareConfig(split="time"))
+    assert len(default.splits["test"]) > 0
+
+
+def test_seeded_and_uniform():
+    events, _ = generate(preset("tiny"))
+    a = build_event_samples(events, PrepareConfig(seed=3, neg_sampling="uniform"))
+    b = build_event_samples(events, PrepareConfig(seed=3, neg_sampling="uniform"))
+    c = build_event_samples(events, PrepareConfig(seed=4, neg_sampling="uniform"))
+    assert np.array_equal(a.splits["train"].item, b.splits["train"].item)
+    assert not np.array_equal(a.splits["train"].item, c.splits["train"].item)
+
+
+def test_input_errors():
+    with pytest.raises(DinrecError, match="'item'"):
+        build_event_samples(pa.table({"user": ["a"]}), PrepareConfig())
+    bad = pa.table({"user": ["a", "a"], "item": ["x", "y"], "label": pa.array([1, 2], pa.int8())})
+    with pytest.raises(DinrecError, match="label"):
+        build_event_samples(bad, PrepareConfig())
+    with pytest.raises(DinrecError, match="split"):
+        build_event_samples(pa.table({"user": ["a"], "item": ["x"]}), PrepareConfig(split="x"))
+
+
+def _ready(users, items, hists, labels=None):
+    n = len(users)
+    return pa.table(
+        {
+            "label": pa.array(labels or [1] * n, pa.int8()),
+            "user": users,
+            "item": items,
+            "cat": ["c"] * n,
+            "hist_items": pa.array(hists, pa.list_(pa.string())),
+            "hist_cats": pa.array([["c"] * len(h) for h in hists], pa.list_(pa.string())),
+        }
+    )
+
+
+def test_ready_samples():
+    train = _ready(
+        [f"u{k}" for k in range(20)], ["a"] * 20, [["x", "y", "z", "w"]] * 20, [1, 0] * 10
+    )
+    test = _ready(["u1", "q"], ["only_test", "a"], [["x", "y", "new"], []])
+    built = build_ready_samples({"train": train, "test": test}, PrepareConfig(max_len=2))
+    v = built.vocabs
+    assert len(built.splits["valid"]) == 2  # 10% of 20 users carved from train
+    assert len(built.splits["train"]) == 18
+    assert "only_test" not in v.item and "new" not in v.item
+    rows = sorted(rows_of(built.splits["test"]))
+    want_hist = tuple(v.item.encode(["y"]).tolist()) + (OOV_ID,)  # last 2 of x, y, new
+    assert any(r[4] == want_hist and r[2] == OOV_ID for r in rows)
+    assert any(r[4] == () for r in rows)
+    tr = rows_of(built.splits["train"])
+    assert all(r[4] == tuple(v.item.encode(["z", "w"]).tolist()) for r in tr)
+    with pytest.raises(DinrecError, match="hist_cats"):
+        build_ready_samples({"train": train.drop_columns(["hist_cats"])}, PrepareConfig())
