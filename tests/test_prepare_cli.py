@@ -1,0 +1,98 @@
+"""`dinrec prepare`: summary output, exit codes, bad input handling (in-process and as a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dinrec.cli import main
+from test_formats_common import FIX, check_no_leaks, write
+
+
+def run(argv, capsys):
+    code = main(["prepare", *argv, "--quiet"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prepare_movielens_prints_summary(tmp_path, capsys):
+    code, out, err = run(["movielens", str(FIX / "ml-100k"), "--out", str(tmp_path / "s"),
+                          "--neg-per-pos", "1", "--seed", "3"], capsys)
+    assert code == 0, err
+    assert "rows: train" in out and "users: 5" in out and "skipped lines: 0" in out
+    stats = json.loads((tmp_path / "s" / "stats.json").read_text())
+    assert stats["splits"]["test"]["positives"] == 3
+    assert json.loads((tmp_path / "s" / "prepare.json").read_text())["seed"] == 3
+    check_no_leaks(tmp_path / "s")
+
+
+def test_prepare_events_grocery_style_command(tmp_path, capsys):
+    code, out, err = run(["events", str(FIX / "events" / "log.tsv"), "--sep", "\\t",
+                          "--user-col", "user_id", "--item-col", "item_id", "--time-col", "time",
+                          "--item-cats", str(FIX / "events" / "item_meta.tsv"),
+                          "--item-cats-cols", "item_id,i_category",
+                          "--out", str(tmp_path / "s")], capsys)
+    assert code == 0, err
+    assert "item categories: 3 items" in out
+
+
+def test_prepare_bad_line_fails_with_location(tmp_path, capsys):
+    bad = write(tmp_path / "u.data", "1\t10\t5\t881250949\n1\t20\tfive\t881250950\n")
+    out_dir = tmp_path / "s"
+    code, out, err = run(["movielens", str(bad), "--out", str(out_dir)], capsys)
+    assert code == 2
+    assert err.strip() == f"dinrec prepare: error: {bad}:2: rating: not a number"
+    assert "Traceback" not in err and not out_dir.exists()
+
+
+def test_prepare_skip_reports_counts(tmp_path, capsys):
+    bad = write(tmp_path / "u.data", "1\t10\t5\t1\n1\t20\tfive\t2\n1\t30\t4\t3\n1\t40\t4\t4\n"
+                "2\t10\t4\n2\t20\t4\t5\n2\t30\t4\t6\n2\t40\t4\t7\n")
+    code, out, err = run(["movielens", str(bad), "--out", str(tmp_path / "s"),
+                          "--on-error", "skip"], capsys)
+    assert code == 0, err
+    assert "skipped 2 bad line(s)" in out
+    assert f"rating: not a number  (first at {bad}:2)" in out
+    assert f"expected 4 fields, got 3  (first at {bad}:5)" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["events", "MISSING"], "MISSING: no such file"),
+        (["events", "EMPTY"], "EMPTY: empty file"),
+        (["events", "LOG", "--user-col", "who"], "LOG:1: who: no such column"),
+        (["sequences", "ATTRS"], "no sequence file among the inputs"),
+        (["dien-text", "LOG"], "needs inputs: TRAIN TEST [VALID]"),
+        (["synthetic", "LOG"], "takes no input files"),
+    ],
+)
+def test_prepare_input_errors(tmp_path, capsys, argv, message):
+    paths = {"MISSING": str(tmp_path / "nope.csv"), "EMPTY": str(write(tmp_path / "e.csv", "")),
+             "LOG": str(write(tmp_path / "log.csv", "user,item\na,b\n")),
+             "ATTRS": str(FIX / "sequences" / "attrs.json")}
+    argv = [paths.get(a, a) for a in argv]
+    message = message.replace("MISSING", paths["MISSING"]).replace("EMPTY", paths["EMPTY"])
+    message = message.replace("LOG", paths["LOG"])
+    code, out, err = run([*argv, "--out", str(tmp_path / "s")], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_prepare_subprocess_exit_code_and_no_traceback(tmp_path):
+    bad = write(tmp_path / "r.json", '{"reviewerID": "U", "asin": "P", "unixReviewTime": 1}\n{oops\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "dinrec", "prepare", "amazon", str(bad), "--out",
+         str(tmp_path / "s")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"dinrec prepare: error: {bad}:2: neither JSON nor")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "s").exists()
+
+
+def test_prepare_synthetic(tmp_path, capsys):
+    code, out, err = run(["synthetic", "--preset", "tiny", "--out", str(tmp_path / "s"),
+                          "--split", "by-user"], capsys)
+    assert code == 0, err and "synthetic preset 'tiny'" in out
