@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from dinrec import __version__
 from dinrec.errors import DinrecError
@@ -17,26 +18,316 @@ from dinrec.errors import DinrecError
 
 # --------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the main job on the embedded synthetic data")
+    p = sub.add_parser(
+        "demo",
+        help="the main job on the embedded synthetic data: prepare, train DIN and BaseModel, "
+        "evaluate, recommend with explanations, plots",
+    )
     p.add_argument(
         "--seed-example",
         action="store_true",
-        help="run the seed document's din_fcn_attention demo with its exact inputs",
+        help="instead, run the seed document's din_fcn_attention demo with its exact inputs",
     )
+    p.add_argument("--out", default="runs/demo", help="demo folder (default: runs/demo)")
+    p.add_argument("--preset", default="small", help="synthetic preset: tiny, small, medium, large")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from dinrec.seed_demo import run_seed_demo
-
     if args.seed_example:
+        from dinrec.seed_demo import run_seed_demo
+
         print(run_seed_demo())
         return 0
-    raise DinrecError("the full demo is not built yet; try `dinrec demo --seed-example`")
+    from dinrec.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        out=Path(args.out), preset=args.preset, epochs=args.epochs, seed=args.seed,
+        threads=args.threads, progress=not args.quiet,
+    )
+    run_demo(cfg, echo=lambda line: print(line, flush=True))
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from dinrec.models import MODELS
+    from dinrec.train.trainer import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train a model on a sample store into a run folder")
+    p.add_argument("store", help="sample store folder (from `dinrec prepare`)")
+    p.add_argument("run", help="run folder to create (or continue with --resume)")
+    p.add_argument("--model", default=d.model, choices=sorted(MODELS))
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model option, e.g. attention_size=80 or attention=din (repeatable)")
+    p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
+    p.add_argument("--hidden", default=",".join(map(str, d.hidden)), help="MLP widths, e.g. 200,80")
+    p.add_argument("--activation", default=d.activation, choices=["prelu", "dice", "relu", "sigmoid"])
+    p.add_argument("--max-len", type=int, default=d.max_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=["constant", "cosine", "linear"])
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None, help="steps (default: once per epoch)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps (default: at evaluations)")
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-bucket", action="store_true", help="no length bucketing")
+    p.add_argument("--neg-history", type=int, default=d.neg_history)
+    p.add_argument("--aux-weight", type=float, default=d.aux_weight)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _parse_options(items: list[str]) -> dict:
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DinrecError(f"--option: expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import json
+
+    from dinrec.train.trainer import TrainConfig, train
+
+    try:
+        hidden = tuple(int(h) for h in args.hidden.split(",") if h)
+    except ValueError:
+        raise DinrecError(f"--hidden: expected comma-separated integers, got {args.hidden!r}") from None
+    cfg = TrainConfig(
+        model=args.model, model_options=_parse_options(args.option),
+        embedding_dim=args.embedding_dim, hidden=hidden, activation=args.activation,
+        max_len=args.max_len, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, epochs=args.epochs,
+        max_steps=args.max_steps, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, patience=args.patience, seed=args.seed,
+        threads=args.threads, device=args.device, amp=args.amp, compile=args.compile,
+        bucket=not args.no_bucket, neg_history=args.neg_history, aux_weight=args.aux_weight,
+        log_every=args.log_every, progress=not args.quiet, stop_after=args.stop_after,
+    )
+    result = train(cfg, args.store, args.run, resume=args.resume, overwrite=args.overwrite)
+    if not result.completed:
+        print(f"stopped at step {args.stop_after}; continue with --resume ({args.run})")
+        return 0
+    m = result.metrics
+    print(f"{cfg.model}: {m['steps']:,} steps, {m['train_samples_per_s']:,.0f} samples/s; best step {m['best_step']}")
+    for split in ("valid", "test"):
+        if split in m:
+            r = m[split]
+            print(f"  {split:<5} AUC {r['auc']:.4f}  GAUC {r['gauc']:.4f}  logloss {r['logloss']:.4f}  (n={r['n']:,})")
+    print(f"run folder: {args.run} (metrics.json: {json.dumps(str(result.run_dir / 'metrics.json'))})")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="metrics of one or more runs on a split of a store")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--store", default=None, help="sample store (default: the run's own)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from dinrec.train.evaluate import evaluate_run
+
+    rows = [evaluate_run(run, args.store, args.split) for run in args.runs]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=float))
+        return 0
+    print(f"{'run':<28} {'model':<10} {'split':<6} {'AUC':>7} {'GAUC':>7} {'logloss':>8} {'n':>9}")
+    for r in rows:
+        print(f"{r['run'][-28:]:<28} {r['model']:<10} {r['split']:<6} {r['auc']:>7.4f} "
+              f"{r['gauc']:>7.4f} {r['logloss']:>8.4f} {r['n']:>9,}")
+    return 0
+
+
+# --------------------------------------------------------------------------- recommend
+def _add_recommend(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recommend", help="top-K items for a user, with the attention's explanation")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--user", required=True)
+    p.add_argument("--history", default=None,
+                   help="comma-separated item tokens, oldest first (default: the user's latest "
+                   "history in the run's store)")
+    p.add_argument("--candidates", default=None, help="comma-separated item tokens")
+    p.add_argument("--sample", type=int, default=100,
+                   help="without --candidates: this many candidates sampled by popularity")
+    p.add_argument("-k", "--top", type=int, default=10)
+    p.add_argument("--explain", type=int, default=3, help="history items shown per candidate")
+    p.add_argument("--store", default=None, help="store to read the history from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_recommend)
+
+
+def _split_tokens(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _run_recommend(args: argparse.Namespace) -> int:
+    import json
+
+    from dinrec.serve.ranker import Ranker
+
+    ranker = Ranker(args.run)
+    if args.history is not None:
+        history = _split_tokens(args.history)
+    else:
+        store = args.store or ranker.run_config["store"]
+        history = ranker.store_history(store, args.user)
+    if args.candidates is not None:
+        candidates = _split_tokens(args.candidates)
+        if not candidates:
+            raise DinrecError("--candidates: no item given")
+    else:
+        candidates = ranker.sample_candidates(args.sample, exclude=history, seed=args.seed)
+    rec = ranker.rank(args.user, history, candidates, k=args.top, explain=args.explain)
+    if "item" in rec.unknown and args.candidates is not None:
+        bad = [c for c in rec.unknown["item"] if c in candidates]
+        if bad:
+            raise DinrecError(f"--candidates: not items of this run's vocabulary: {', '.join(bad[:5])}")
+    if "user" in rec.unknown:
+        raise DinrecError(f"--user: {args.user!r} is not in this run's vocabulary")
+    if args.json:
+        print(json.dumps({"model": ranker.model_name, **rec.to_dict()}, indent=2))
+        return 0
+    print(f"user {rec.user}, {ranker.model_name}, history of {len(rec.history)} items "
+          f"(newest last): {' '.join(rec.history[-10:])}")
+    for rank, s in enumerate(rec.ranked, 1):
+        why = ", ".join(f"{e.item} [{e.category}] {e.weight:.3f}" for e in s.explanation)
+        print(f"{rank:>3}. {s.item:<12} [{s.category}] p={s.score:.4f}" + (f"   <- {why}" if why else ""))
+    if rec.unknown:
+        print("unknown (scored as out-of-vocabulary): " + "; ".join(
+            f"{k}: {', '.join(v[:5])}" for k, v in rec.unknown.items()))
+    return 0
+
+
+# --------------------------------------------------------------------------- prepare
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    from dinrec.data.formats import FORMATS
+
+    formats = "\n".join(f"  {f.name:<10} {f.inputs:<36} {f.summary}" for f in FORMATS.values())
+    p = sub.add_parser(
+        "prepare",
+        help="turn a log file format into a sample store (see docs/formats.md)",
+        description="Read INPUT files in FORMAT and write a Parquet sample store to --out.",
+        epilog="formats (FORMAT  INPUTS  what):\n" + formats,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("format", metavar="FORMAT", choices=list(FORMATS), help="input format")
+    p.add_argument("inputs", metavar="INPUT", nargs="*", help="input files (or folder)")
+    p.add_argument("--out", required=True, metavar="DIR", help="sample store to write")
+    g = p.add_argument_group("samples (PrepareConfig)")
+    g.add_argument("--max-len", type=int, default=100, help="longest history kept")
+    g.add_argument("--min-history", type=int, default=1, help="positives before a sample")
+    g.add_argument("--neg-per-pos", type=int, default=1, help="sampled negatives per positive")
+    g.add_argument("--neg-sampling", choices=["popularity", "uniform"], default="popularity")
+    g.add_argument("--split", choices=["leave-last-out", "by-user", "time"],
+                   default="leave-last-out")
+    g.add_argument("--valid-fraction", type=float, default=0.1)
+    g.add_argument("--test-fraction", type=float, default=0.1)
+    g.add_argument("--time-cut", type=int, default=None, help="time split: first test ts")
+    g.add_argument("--min-count", type=int, default=1, help="rarer tokens become <oov>")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--shard-rows", type=int, default=500_000)
+    r = p.add_argument_group("reading")
+    r.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                   help="bad line: stop with file:line (fail) or skip and count it (skip)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--min-rating", type=float, default=None,
+                   help="movielens, amazon: keep ratings >= this (default: all)")
+    r.add_argument("--hist-sep", default="\\x02",
+                   help="dien-text: history separator (default \\x02)")
+    r.add_argument("--user-col", default="user", help="events: user column")
+    r.add_argument("--item-col", default="item", help="events: item column")
+    r.add_argument("--cat-col", default=None, help="events: category column")
+    r.add_argument("--time-col", default=None, help="events: timestamp column (seconds)")
+    r.add_argument("--label-col", default=None, help="events: 0/1 label column")
+    r.add_argument("--sep", default=None, help="events: separator (default: sniffed; '\\t' ok)")
+    r.add_argument("--item-cats", default=None, metavar="FILE",
+                   help="events: item -> category table (CSV/TSV/Parquet with header)")
+    r.add_argument("--item-cats-cols", default=None, metavar="ITEM,CAT",
+                   help="events: the item and category columns of --item-cats "
+                   "(default: its first two)")
+    r.add_argument("--item-attrs", default=None, metavar="JSON",
+                   help="sequences: item -> [attributes] map (first = category)")
+    r.add_argument("--preset", default="small", help="synthetic: preset name")
+    p.set_defaults(func=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dinrec.data import PrepareConfig
+    from dinrec.data.formats import ReadOptions
+    from dinrec.data.formats.common import unescape
+    from dinrec.data.prepare import prepare, summary
+
+    cfg = PrepareConfig(
+        max_len=args.max_len, min_history=args.min_history, neg_per_pos=args.neg_per_pos,
+        neg_sampling=args.neg_sampling, split=args.split, valid_fraction=args.valid_fraction,
+        test_fraction=args.test_fraction, time_cut=args.time_cut, min_count=args.min_count,
+        seed=args.seed, shard_rows=args.shard_rows,
+    )
+    cats_cols = None
+    if args.item_cats_cols:
+        parts = [c.strip() for c in args.item_cats_cols.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise DinrecError("--item-cats-cols takes two column names: ITEM,CAT")
+        cats_cols = (parts[0], parts[1])
+    options = ReadOptions(
+        progress=not args.quiet and sys.stderr.isatty(),
+        hist_sep=unescape(args.hist_sep), min_rating=args.min_rating,
+        user_col=args.user_col, item_col=args.item_col, cat_col=args.cat_col,
+        time_col=args.time_col, label_col=args.label_col, sep=args.sep,
+        item_cats=Path(args.item_cats) if args.item_cats else None, item_cats_cols=cats_cols,
+        item_attrs=Path(args.item_attrs) if args.item_attrs else None, preset=args.preset,
+    )
+    report = prepare(args.format, args.inputs, args.out, cfg, options, args.on_error)
+    print(summary(report))
+    return 0
 
 
 # --------------------------------------------------------------------------- main
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_demo,
+    _add_prepare,
+    _add_train,
+    _add_evaluate,
+    _add_recommend,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

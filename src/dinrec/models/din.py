@@ -1,0 +1,88 @@
+"""DIN: the Deep Interest Network, with the reference `din_fcn_attention` unit.
+
+Reading top to bottom, for a batch of (user, target, history):
+
+    u = E_user[user]                                  # (B, E)
+    i = E_item[item] ++ E_cat[cat]                    # (B, 2E)  the target behaviour
+    H = E_item[hist] ++ E_cat[hist_cat]               # (B, T, 2E)
+    h = sum of H over valid positions                 # (B, 2E)
+    a = din_fcn_attention(i, H, mask, mode="SUM")     # (B, 2E)  interest w.r.t. the target
+    logit = MLP([u, i, h, i*h, a])                    # (B,)
+
+as the DIEN reference's DIN model. ``attention="fcn"`` (default) uses
+`din_fcn_attention` (query projection + PReLU, then A -> 40 -> 1);
+``attention="din"`` the reference's plain `din_attention` (raw target, 80 -> 40 -> 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from dinrec.errors import DinrecError
+from dinrec.models.base import CTRModel, ModelConfig, ModelOutput
+from dinrec.nn.attention import DinFcnAttention
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dinrec.data.batches import Batch
+
+
+@dataclass
+class DINConfig(ModelConfig):
+    attention: str = "fcn"  # "fcn": din_fcn_attention; "din": the reference's din_attention
+    attention_size: int = 36  # the DIEN reference's ATTENTION_SIZE (18 * 2); "din" uses 80
+
+
+class DIN(CTRModel):
+    name = "din"
+    config_class = DINConfig
+    has_attention = True
+
+    def __init__(self, config: DINConfig) -> None:
+        super().__init__(config)
+        if config.attention not in ("fcn", "din"):
+            raise DinrecError(f"attention: expected 'fcn' or 'din', got {config.attention!r}")
+        d = self.behaviour_dim
+        plain = config.attention == "din"
+        self.attention = DinFcnAttention(
+            d, d, 80 if plain else config.attention_size, mode="SUM", query_projection=not plain
+        )
+        n_user = config.embedding_dim if config.use_user else 0
+        self.mlp = self._mlp(n_user + 4 * d)
+
+    def _head(self, user: Tensor | None, target: Tensor, hist_sum: Tensor, att: Tensor) -> Tensor:
+        parts = [target, hist_sum, target * hist_sum, att]  # (N, 2E) each
+        if user is not None:
+            parts.insert(0, user)
+        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (N,)
+
+    def forward(self, batch: Batch, return_alphas: bool = False) -> ModelOutput:
+        e = self.embedding(batch)
+        att, alphas = self.attention(e.target, e.history, e.mask, return_alphas=True)  # (B,1,2E), (B,1,T)
+        user = e.user if self.config.use_user else None
+        logits = self._head(user, e.target, e.history_sum, att.squeeze(1))
+        return ModelOutput(logits=logits, alphas=alphas.squeeze(1) if return_alphas else None)
+
+    def score_candidates(
+        self,
+        user: Tensor,
+        hist_items: Tensor,
+        hist_cats: Tensor,
+        items: Tensor,
+        cats: Tensor,
+        return_alphas: bool = False,
+    ) -> ModelOutput:
+        """user (), history (T,), candidates (N,): the history part is computed once."""
+        emb = self.embedding
+        n = items.shape[0]
+        mask = hist_items != 0  # (T,)
+        history = emb.behaviours(hist_items, hist_cats)  # (T, 2E)
+        targets = emb.behaviours(items, cats)  # (N, 2E)
+        hist_sum = (mask.to(history.dtype) @ history).expand(n, -1)  # (N, 2E)
+        att, alphas = self.attention.score_candidates(targets, history, mask, return_alphas=True)
+        u = emb.user(user.reshape(1)).expand(n, -1) if self.config.use_user else None  # (N, E)
+        logits = self._head(u, targets, hist_sum, att.squeeze(1))
+        return ModelOutput(logits=logits, alphas=alphas.squeeze(1) if return_alphas else None)
