@@ -56,6 +56,10 @@ LAST = "checkpoints/last.pt"
 BEST = "checkpoints/best.pt"
 
 
+#: Options that belong to one process, not to the run: a resume takes them from its caller.
+RUNTIME_OPTIONS = ("stop_after", "progress", "threads")
+
+
 class TrainingError(DinrecError):
     """Training cannot go on (NaN loss, ...)."""
 
@@ -301,7 +305,9 @@ def train(
     store = SampleStore(store_dir)
     if resume:
         saved = read_run_config(run_dir)
-        cfg = TrainConfig.from_dict(saved["train"])
+        # The run's own config, except the options about this process (not the model or data).
+        runtime = {k: getattr(cfg, k) for k in RUNTIME_OPTIONS}
+        cfg = TrainConfig.from_dict({**saved["train"], **runtime})
         if not (run_dir / LAST).exists():
             raise RunFolderError(f"{run_dir}: nothing to resume (no {LAST})")
         if saved.get("vocab_sizes") != _vocab_sizes(store):

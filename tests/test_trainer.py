@@ -1,0 +1,154 @@
+"""The trainer: run folders, metrics, exact resume, early stopping, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+
+from dinrec.data import PrepareConfig, SampleStore, generate, prepare_events, preset
+from dinrec.errors import RunFolderError
+from dinrec.train.checkpoint import load_checkpoint
+from dinrec.train.evaluate import evaluate_run
+from dinrec.train.trainer import (
+    TrainConfig,
+    TrainingError,
+    eval_loader,
+    load_run_model,
+    predict,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("store") / "tiny"
+    events, _ = generate(preset("tiny", seed=3))
+    prepare_events(events, path, PrepareConfig(seed=3))
+    return path
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(model="din", batch_size=32, progress=False, log_every=5, threads=1,
+                embedding_dim=8, hidden=(32, 16))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_run_folder_metrics_and_learning(store, tmp_path):
+    run = tmp_path / "run"
+    res = train(_cfg(epochs=3, eval_every=40), store, run)
+    assert res.completed
+    for name in ("config.json", "log.csv", "metrics.json", "curves.png", "checkpoints/best.pt",
+                 "checkpoints/last.pt", "vocab/item.arrow"):
+        assert (run / name).exists(), name
+    assert any((run / "tensorboard").iterdir())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == res.metrics["steps"] > 0
+    assert metrics["train_samples_per_s"] > 0
+    for split in ("valid", "test"):
+        assert 0.5 < metrics[split]["auc"] <= 1.0
+    # The training loss goes down.
+    with open(run / "log.csv", newline="") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f) if r["split"] == "train"]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    # metrics.json's test AUC / logloss are those of the best model, as sklearn computes them.
+    model, saved = load_run_model(run)
+    loader = eval_loader(TrainConfig.from_dict(saved["train"]), SampleStore(store), "test")
+    labels, probs, _ = predict(model, loader)
+    assert metrics["test"]["auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-9)
+    assert metrics["test"]["logloss"] == pytest.approx(log_loss(labels, probs), rel=1e-6)
+    # The best model is the one with the best validation AUC.
+    best = max(metrics["validations"], key=lambda e: e["auc"])
+    assert metrics["best_step"] == best["step"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(store, tmp_path):
+    cfg = _cfg(max_steps=24, eval_every=8, checkpoint_every=4, model="din", activation="dice")
+    full = train(cfg, store, tmp_path / "full")
+    part = train(TrainConfig(**{**cfg.__dict__, "stop_after": 10}), store, tmp_path / "part")
+    assert not part.completed and not (tmp_path / "part" / "metrics.json").exists()
+    resumed = train(cfg, store, tmp_path / "part", resume=True)
+    assert resumed.completed
+    a = load_checkpoint(tmp_path / "full" / "checkpoints/last.pt")["model"]
+    b = load_checkpoint(tmp_path / "part" / "checkpoints/last.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full.metrics["test"]["auc"] == resumed.metrics["test"]["auc"]
+    assert full.metrics["validations"] == resumed.metrics["validations"]
+
+
+def test_early_stopping(store, tmp_path, monkeypatch):
+    import dinrec.train.trainer as trainer_module
+
+    real_evaluate = trainer_module.evaluate
+    scripted = iter([0.60, 0.70, 0.65, 0.64, 0.90, 0.95])
+
+    def fake_evaluate(model, loader, device="cpu", amp=False):
+        m = real_evaluate(model, loader, device, amp)
+        if loader.split == "valid":
+            m["auc"] = next(scripted)
+        return m
+
+    monkeypatch.setattr(trainer_module, "evaluate", fake_evaluate)
+    res = train(_cfg(epochs=50, eval_every=5, patience=2), store, tmp_path / "run")
+    assert res.metrics["stopped_early"]
+    assert res.metrics["best_step"] == 10  # AUC 0.70
+    assert res.metrics["steps"] == 20  # two validations without improvement after it
+    assert [e["step"] for e in res.metrics["validations"]] == [5, 10, 15, 20]
+
+
+def test_run_folder_errors(store, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(max_steps=3), store, run)
+    with pytest.raises(RunFolderError, match="exists and is not empty"):
+        train(_cfg(max_steps=3), store, run)
+    other = tmp_path / "notarun"
+    other.mkdir()
+    (other / "precious.txt").write_text("x")
+    with pytest.raises(RunFolderError, match="not a run folder"):
+        train(_cfg(max_steps=3), store, other, overwrite=True)
+    assert (other / "precious.txt").exists()
+    with pytest.raises(RunFolderError, match="not a dinrec run folder"):
+        load_run_model(other)
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    (empty / "config.json").write_text((run / "config.json").read_text())
+    with pytest.raises(RunFolderError, match="nothing to resume"):
+        train(_cfg(), store, empty, resume=True)
+
+
+def test_incompatible_store_is_refused(store, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(max_steps=3), store, run)
+    other = tmp_path / "other"
+    events, _ = generate(preset("tiny", seed=99, n_items=200))
+    prepare_events(events, other, PrepareConfig(seed=1))
+    with pytest.raises(RunFolderError, match="vocabulary differs"):
+        evaluate_run(run, other)
+    with pytest.raises(RunFolderError, match="do not match"):
+        train(_cfg(), other, run, resume=True)
+    row = evaluate_run(run, store, "valid")
+    assert row["model"] == "din" and row["split"] == "valid" and row["n"] > 0
+
+
+def test_nan_loss_stops_with_a_clear_error_and_no_metrics(store, tmp_path, monkeypatch):
+    from dinrec.models.din import DIN
+
+    real_forward = DIN.forward
+
+    def nan_forward(self, batch, return_alphas=False):
+        out = real_forward(self, batch, return_alphas)
+        out.logits = out.logits * float("nan")
+        return out
+
+    monkeypatch.setattr(DIN, "forward", nan_forward)
+    with pytest.raises(TrainingError, match="loss became nan by step 5"):
+        train(_cfg(max_steps=20), store, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.json").exists()
