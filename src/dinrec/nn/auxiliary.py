@@ -1,0 +1,215 @@
+"""DIEN's auxiliary loss: each interest state must tell the next click from a non-click.
+
+For a left-aligned history (valid prefix, padding at the end) with extractor states
+``h (B, T, H)``, clicked-item embeddings ``e (B, T, E)`` and sampled non-clicked
+embeddings ``e_neg (B, T, K, E)`` (or ``(B, T, E)`` for K = 1), every pair of valid
+steps ``(t, t + 1)`` contributes::
+
+    loss_t = -log sigmoid(g([h_t, e_{t+1}])) - mean_k log(1 - sigmoid(g([h_t, e_neg_{t+1,k}])))
+
+and the loss is the mean over the valid pairs (``reduction="mean"``). Steps without a
+valid successor (the last valid step, padding) contribute nothing, and the values at
+padded positions never change the loss or its gradients.
+
+How the data's ``neg_items (B, T, K)`` is used: ``neg_items[:, s]`` is a negative
+for history position ``s`` (never equal to ``hist_items[:, s]``), so the negative that
+the state ``h_t`` must reject is ``neg_items[:, t + 1]``, paired with the positive
+``hist_items[:, t + 1]``. Pass the *unshifted* embeddings; :func:`auxiliary_loss`
+shifts them. This is the reference's ``auxiliary_loss(rnn_outputs[:, :-1],
+item_his_eb[:, 1:], noclk_item_his_eb[:, 1:], mask[:, 1:])``. The reference uses only
+the first negative (``noclk[:, :, 0]``); with K > 1 we average the negative term over
+the K negatives, which equals the reference for K = 1.
+
+The network ``g`` follows the reference's ``auxiliary_net``: BatchNorm -> dense 100
+(sigmoid) -> dense 50 (sigmoid) -> dense 2 (softmax) + 1e-8. We output one logit:
+``softmax([z0, z1])[0] == sigmoid(z0 - z1)`` and ``z0 - z1`` is an affine map of the
+last hidden layer, so one output unit is the same model without the redundant
+parameters, and ``-log(softmax + 1e-8)`` becomes the (stabler) BCE-with-logits,
+``softplus(-l)`` / ``softplus(l)``; they differ only where the reference's ``1e-8``
+floor clips the loss at about 18.4.
+
+The reference's ``tf.layers.batch_normalization`` is called without ``training=True``,
+so it always uses its never-updated moving statistics (mean 0, variance 1): it is the
+learned per-feature affine map ``gamma * x / sqrt(1 + 1e-3) + beta``. ``norm="reference"``
+(default) is exactly that; ``norm="batch"`` is a real ``BatchNorm1d`` over the valid
+pairs only (positive and negative rows together); ``norm="none"`` has no norm layer.
+The reference's ``reduce_mean`` divides by all ``B * (T - 1)`` pairs, padded ones
+included; ``reduction="reference"`` reproduces that, ``"sum"`` gives the plain sum.
+The model applies its weight ``alpha`` to the returned loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dinrec.errors import ShapeError
+
+__all__ = ["AuxiliaryConfig", "AuxiliaryNet", "auxiliary_loss"]
+
+NormName = Literal["reference", "batch", "none"]
+_REDUCTIONS = ("mean", "reference", "sum")
+
+
+@dataclass(frozen=True)
+class AuxiliaryConfig:
+    """Everything that defines an :class:`AuxiliaryNet` (``AuxiliaryNet(**asdict(cfg))``)."""
+
+    state_size: int
+    item_size: int
+    hidden: tuple[int, ...] = (100, 50)
+    norm: NormName = "reference"
+    bn_eps: float = 1e-3
+
+
+class _FrozenStatsNorm(nn.Module):
+    """The reference's inference-mode batch norm: ``gamma * x / sqrt(1 + eps) + beta``."""
+
+    def __init__(self, num_features: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.scale = float((1.0 + eps) ** -0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addcmul(self.bias, x, self.weight * self.scale)  # (N, F)
+
+
+class AuxiliaryNet(nn.Module):
+    """The auxiliary classifier ``g([h, e]) -> logit``: norm -> 100 (sigmoid) -> 50 (sigmoid) -> 1.
+
+    Args:
+        state_size: H, the interest state width.
+        item_size: E, the behaviour embedding width.
+        hidden: hidden widths, (100, 50) as in the reference.
+        norm: ``"reference"`` (frozen-statistics BN, i.e. a learned affine map),
+            ``"batch"`` (real ``BatchNorm1d``) or ``"none"``.
+        bn_eps: the norm's epsilon (TensorFlow's default 1e-3).
+
+    ``forward(x (N, H + E)) -> logits (N,)``: the logit that ``e`` is the next click.
+    Dense layers start like ``tf.layers.dense``: Glorot-uniform weights, zero biases.
+    """
+
+    def __init__(
+        self,
+        state_size: int,
+        item_size: int,
+        hidden: Sequence[int] = (100, 50),
+        norm: NormName = "reference",
+        bn_eps: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.state_size = state_size
+        self.item_size = item_size
+        width = state_size + item_size
+        if norm == "reference":
+            self.norm: nn.Module = _FrozenStatsNorm(width, bn_eps)
+        elif norm == "batch":
+            self.norm = nn.BatchNorm1d(width, eps=bn_eps, momentum=0.01)
+        elif norm == "none":
+            self.norm = nn.Identity()
+        else:
+            raise ValueError(f"norm: expected 'reference', 'batch' or 'none', got {norm!r}")
+        layers: list[nn.Module] = []
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.Sigmoid()]
+            width = size
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.norm(x)).squeeze(-1)  # (N,)
+
+    def loss(
+        self, states: Tensor, clicked: Tensor, non_clicked: Tensor, mask: Tensor, reduction: str = "mean"
+    ) -> Tensor:
+        """:func:`auxiliary_loss` with this network."""
+        return auxiliary_loss(self, states, clicked, non_clicked, mask, reduction=reduction)
+
+
+def _check(states: Tensor, clicked: Tensor, non_clicked: Tensor, mask: Tensor) -> Tensor:
+    """Validate shapes; return non_clicked as (B, T, K, E)."""
+    for name, t, rank, layout in (
+        ("states", states, 3, "(B, T, H)"),
+        ("clicked", clicked, 3, "(B, T, E)"),
+        ("mask", mask, 2, "(B, T)"),
+    ):
+        if not isinstance(t, Tensor) or t.dim() != rank:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ShapeError(f"{name}: expected rank {rank} {layout}, got {got}")
+    b, t = mask.shape
+    if tuple(states.shape[:2]) != (b, t) or tuple(clicked.shape[:2]) != (b, t):
+        raise ShapeError(
+            f"states {tuple(states.shape)}, clicked {tuple(clicked.shape)} and mask "
+            f"{tuple(mask.shape)} must agree on (B, T)"
+        )
+    if non_clicked.dim() == 3:
+        non_clicked = non_clicked.unsqueeze(2)  # (B, T, 1, E)
+    if non_clicked.dim() != 4 or tuple(non_clicked.shape[:2]) != (b, t) or (
+        non_clicked.shape[3] != clicked.shape[2]
+    ):
+        raise ShapeError(
+            f"non_clicked: expected (B, T, K, E) or (B, T, E) with (B, T, E) = "
+            f"{tuple(clicked.shape)}, got {tuple(non_clicked.shape)}"
+        )
+    return non_clicked
+
+
+def auxiliary_loss(
+    net: nn.Module,
+    states: Tensor,
+    clicked: Tensor,
+    non_clicked: Tensor,
+    mask: Tensor,
+    *,
+    reduction: str = "mean",
+) -> Tensor:
+    """The auxiliary loss over the valid ``(t, t + 1)`` pairs of a left-aligned history.
+
+    Args:
+        net: the classifier, ``(N, H + E) -> (N,)`` logits (an :class:`AuxiliaryNet`).
+        states: ``(B, T, H)`` interest-extractor states ``h_t``.
+        clicked: ``(B, T, E)`` embeddings of the clicked history items (unshifted).
+        non_clicked: ``(B, T, K, E)`` or ``(B, T, E)``: embeddings of ``neg_items``,
+            the negatives of each history position (unshifted).
+        mask: ``(B, T)``, 1/True at valid history positions.
+        reduction: ``"mean"`` over valid pairs (0 when there is none), ``"reference"``
+            (sum / ``(B * (T - 1))``, the reference's ``reduce_mean``) or ``"sum"``.
+
+    Returns:
+        A scalar: ``softplus(-g(h_t, e_{t+1})) + mean_k softplus(g(h_t, e_neg_{t+1,k}))``
+        reduced over pairs where both ``t`` and ``t + 1`` are valid.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
+    non_clicked = _check(states, clicked, non_clicked, mask)
+    b, t = mask.shape
+    k = non_clicked.shape[2]
+    valid = mask if mask.dtype == torch.bool else mask == 1  # (B, T)
+    pairs = valid[:, 1:] & valid[:, :-1]  # (B, T-1): state t, target t + 1
+    h = states[:, :-1][pairs]  # (N, H): gathering drops every padded value
+    pos = clicked[:, 1:][pairs]  # (N, E)
+    neg = non_clicked[:, 1:][pairs]  # (N, K, E)
+    n = h.shape[0]
+    if n == 0:
+        return states[:, :0].sum()  # 0, still attached to the graph
+    x_pos = torch.cat([h, pos], 1)  # (N, H + E)
+    x_neg = torch.cat([h.unsqueeze(1).expand(n, k, h.shape[1]), neg], 2)  # (N, K, H + E)
+    logits = net(torch.cat([x_pos, x_neg.reshape(n * k, -1)], 0))  # (N (1 + K),)
+    pos_logit, neg_logit = logits[:n], logits[n:].view(n, k)
+    per_pair = F.softplus(-pos_logit) + F.softplus(neg_logit).mean(1)  # (N,)
+    total = per_pair.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "reference":
+        return total / max(b * (t - 1), 1)
+    return total / n

@@ -1,0 +1,268 @@
+"""Behaviour of `dinrec.nn.rnn`: masked GRU == per-sequence nn.GRU, padding-invariance,
+each gate convention against hand-written steps, fused (scripted / eager) == autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dinrec.errors import ShapeError
+from dinrec.nn.rnn import (
+    AGRU,
+    AIGRU,
+    AUGRU,
+    AttentionGRU,
+    AttentionGRUConfig,
+    InterestExtractor,
+    attention_gru,
+    lengths_from_mask,
+    masked_gru,
+)
+
+B, T, E, H = 6, 7, 5, 4
+LENGTHS = torch.tensor([0, 7, 3, 1, 5, 7])
+KINDS = [("gru", "reference"), ("aigru", "reference"), ("agru", "reference"),
+         ("augru", "reference"), ("augru", "paper")]  # fmt: skip
+
+
+def _data(seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, E, generator=g, dtype=dtype)
+    mask = torch.arange(T)[None, :] < LENGTHS[:, None]  # (B, T)
+    a = torch.rand(B, T, generator=g, dtype=dtype)
+    return x, mask, a
+
+
+def _garbage(x: torch.Tensor, mask: torch.Tensor, fill: float = float("nan")) -> torch.Tensor:
+    """A copy of x with every padded position replaced by `fill` / large random values."""
+    pad = ~mask
+    out = x.clone()
+    noise = torch.randn_like(x) * 1e3
+    out[pad] = noise[pad] if fill == 0 else fill
+    return out
+
+
+def _unit(kind: str, gate: str, impl: str = "fused", reset_after: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = AttentionGRUConfig(E, H, kind=kind, gate=gate, impl=impl, reset_after=reset_after)  # type: ignore[arg-type]
+    unit = AttentionGRU(cfg).double()
+    with torch.no_grad():  # random biases too, so every parameter matters
+        for p in unit.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return unit
+
+
+# --------------------------------------------------------------------------- extractor
+@pytest.mark.parametrize("impl", ["padded", "packed", "fused"])
+def test_extractor_equals_nn_gru_on_each_unpadded_sequence(impl):
+    x, mask, _ = _data()
+    ex = InterestExtractor(E, H, impl=impl).double()
+    h0 = torch.randn(B, H, dtype=torch.float64)
+    out, final = ex(x, mask, h0)
+    assert out.shape == (B, T, H) and final.shape == (B, H)
+    for i, n in enumerate(LENGTHS.tolist()):
+        if n == 0:
+            torch.testing.assert_close(final[i], h0[i])
+        else:
+            ref_out, ref_h = ex.gru(x[i : i + 1, :n], h0[i].view(1, 1, H))
+            torch.testing.assert_close(out[i, :n], ref_out[0])
+            torch.testing.assert_close(final[i], ref_h[0, 0])
+        assert torch.all(out[i, n:] == 0)
+
+
+@pytest.mark.parametrize("impl", ["padded", "packed", "fused"])
+def test_extractor_padding_never_changes_values_or_gradients(impl):
+    x, mask, _ = _data()
+    ex = InterestExtractor(E, H, impl=impl).double()
+    results = []
+    for xx in (x, _garbage(x, mask), _garbage(x, mask, 0)):
+        xx = xx.clone().requires_grad_()
+        out, final = ex(xx, mask)
+        (out.sin().sum() + final.cos().sum()).backward()
+        grads = [p.grad.clone() for p in ex.parameters()]
+        ex.zero_grad()
+        results.append((out, final, xx.grad[mask], grads))
+    for other in results[1:]:
+        torch.testing.assert_close(other[0], results[0][0])
+        torch.testing.assert_close(other[1], results[0][1])
+        torch.testing.assert_close(other[2], results[0][2])
+        for g0, g1 in zip(results[0][3], other[3], strict=True):
+            torch.testing.assert_close(g1, g0)
+
+
+def test_extractor_all_empty_rows():
+    x, _, _ = _data()
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for impl in ("padded", "packed", "fused"):
+        out, final = InterestExtractor(E, H, impl=impl).double()(x, mask)
+        assert torch.all(out == 0) and torch.all(final == 0)
+
+
+def test_masked_gru_checks():
+    x, mask, _ = _data()
+    gru = nn.GRU(E, H, batch_first=True).double()
+    bad = mask.clone()
+    bad[1, 2] = False  # a hole: not left-aligned
+    with pytest.raises(ShapeError, match="prefix"):
+        masked_gru(gru, x, bad)
+    with pytest.raises(ShapeError):
+        masked_gru(gru, x, mask[:, :3])
+    with pytest.raises(ShapeError):
+        masked_gru(nn.GRU(E, H), x, mask)  # not batch_first
+    assert lengths_from_mask(mask.long()).tolist() == LENGTHS.tolist()
+
+
+# --------------------------------------------------------------------------- hand steps
+def _hand_step(x, h, a, unit, kind, gate, reset_after=True):
+    """One step written out gate by gate, independently of the module's code."""
+    w_ih, w_hh, b_ih, b_hh = unit.weight_ih, unit.weight_hh, unit.bias_ih, unit.bias_hh
+    if kind == "aigru":
+        x = a * x
+    wr, wz, wn = w_ih.chunk(3)
+    ur, uz, un = w_hh.chunk(3)
+    bir, biz, bin_ = b_ih.chunk(3)
+    bhr, bhz, bhn = b_hh.chunk(3)
+    r = torch.sigmoid(x @ wr.T + bir + h @ ur.T + bhr)
+    z = torch.sigmoid(x @ wz.T + biz + h @ uz.T + bhz)
+    if reset_after:
+        c = torch.tanh(x @ wn.T + bin_ + r * (h @ un.T + bhn))
+    else:
+        c = torch.tanh(x @ wn.T + bin_ + (r * h) @ un.T + bhn)
+    if kind in ("gru", "aigru"):
+        return z * h + (1 - z) * c
+    if kind == "agru":
+        return (1 - a) * h + a * c
+    if gate == "reference":  # VecAttGRUCell
+        u = (1 - a) * z
+        return u * h + (1 - u) * c
+    u = a * (1 - z)  # paper: u'_t = a_t u_t with u_t = 1 - z
+    return (1 - u) * h + u * c
+
+
+def _hand_loop(x, mask, a, unit, kind, gate, h0=None, reset_after=True):
+    h = torch.zeros(x.shape[0], H, dtype=x.dtype) if h0 is None else h0
+    outs = torch.zeros(x.shape[0], x.shape[1], H, dtype=x.dtype)
+    for i in range(x.shape[0]):
+        hi = h[i : i + 1]
+        for t in range(int(mask[i].sum())):
+            hi = _hand_step(x[i : i + 1, t], hi, a[i : i + 1, t : t + 1], unit, kind, gate, reset_after)
+            outs[i, t] = hi[0]
+        h = torch.cat([h[:i], hi, h[i + 1 :]])
+    return outs, h
+
+
+@pytest.mark.parametrize("kind,gate", KINDS)
+@pytest.mark.parametrize("impl", ["fused", "fused_eager", "autograd"])
+def test_single_step_matches_hand_written_cell(kind, gate, impl):
+    x, _, a = _data()
+    unit = _unit(kind, gate, impl)
+    h0 = torch.randn(B, H, dtype=torch.float64)
+    mask = torch.ones(B, 1, dtype=torch.bool)
+    out, final = unit(x[:, :1], a[:, :1], mask, h0)
+    expected = _hand_step(x[:, 0], h0, a[:, :1], unit, kind, gate)
+    torch.testing.assert_close(final, expected)
+    torch.testing.assert_close(out[:, 0], expected)
+
+
+@pytest.mark.parametrize("kind,gate", KINDS)
+@pytest.mark.parametrize("impl", ["fused", "autograd"])
+def test_multi_step_matches_hand_loop(kind, gate, impl):
+    x, mask, a = _data(1)
+    unit = _unit(kind, gate, impl)
+    h0 = torch.randn(B, H, dtype=torch.float64)
+    out, final = unit(x, a, mask, h0)
+    ref_out, ref_final = _hand_loop(x, mask, a, unit, kind, gate, h0)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(final, ref_final)
+    torch.testing.assert_close(final[0], h0[0])  # the empty row keeps h0
+
+
+@pytest.mark.parametrize("kind,gate", KINDS)
+def test_tensorflow_reset_before_matches_hand_loop(kind, gate):
+    x, mask, a = _data(2)
+    unit = _unit(kind, gate, "fused", reset_after=False)  # falls back to the autograd path
+    out, final = unit(x, a, mask)
+    ref_out, ref_final = _hand_loop(x, mask, a, unit, kind, gate, reset_after=False)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(final, ref_final)
+
+
+def test_gate_conventions_at_the_extremes():
+    x, mask, _ = _data(3)
+    zeros, ones = torch.zeros(B, T, dtype=torch.float64), torch.ones(B, T, dtype=torch.float64)
+    gru = _unit("gru", "reference")
+    ref, paper = _unit("augru", "reference"), _unit("augru", "paper")
+    paper.load_state_dict(gru.state_dict())
+    ref.load_state_dict(gru.state_dict())
+    h0 = torch.randn(B, H, dtype=torch.float64)
+    plain = gru(x, None, mask, h0)[1]
+    torch.testing.assert_close(ref(x, zeros, mask, h0)[1], plain)  # reference, a = 0: plain GRU
+    torch.testing.assert_close(paper(x, ones, mask, h0)[1], plain)  # paper, a = 1: plain GRU
+    torch.testing.assert_close(paper(x, zeros, mask, h0)[1], h0)  # paper, a = 0: state kept
+    agru = _unit("agru", "reference")
+    agru.load_state_dict(gru.state_dict())
+    torch.testing.assert_close(agru(x, zeros, mask, h0)[1], h0)  # AGRU, a = 0: state kept
+    # reference, a = 1: the state becomes the candidate (same as AGRU with a = 1)
+    torch.testing.assert_close(ref(x, ones, mask, h0)[1], agru(x, ones, mask, h0)[1])
+
+
+# --------------------------------------------------------------------------- implementations
+@pytest.mark.parametrize("kind,gate", KINDS)
+def test_scripted_eager_and_autograd_agree_on_values_and_gradients(kind, gate):
+    x, mask, a = _data(4)
+    h0 = torch.randn(B, H, dtype=torch.float64)
+    results = {}
+    for impl in ("autograd", "fused_eager", "fused"):
+        unit = _unit(kind, gate, impl)
+        xx, aa, hh = (v.clone().requires_grad_() for v in (x, a, h0))
+        out, final = unit(xx, aa if kind != "gru" else None, mask, hh)
+        (out.sin().sum() + (final * final).sum()).backward()
+        grads = [xx.grad, hh.grad] + [p.grad for p in unit.parameters()]
+        if kind != "gru":
+            grads.append(aa.grad)
+        results[impl] = [out, final, *grads]
+    for impl in ("fused_eager", "fused"):
+        for ref, got in zip(results["autograd"], results[impl], strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls,kw", [(AUGRU, {"gate": "reference"}), (AUGRU, {"gate": "paper"}),
+                                    (AGRU, {}), (AIGRU, {})])  # fmt: skip
+def test_gradients_reach_the_attention_scores_and_ignore_padding(cls, kw):
+    x, mask, a = _data(5, torch.float32)
+    unit = cls(E, H, **kw)
+    grads = []
+    for xx, aa in ((x, a), (_garbage(x, mask), _garbage(a, mask))):
+        xx, aa = xx.clone().requires_grad_(), aa.clone().requires_grad_()
+        out, final = unit(xx, aa, mask)
+        assert torch.isfinite(out).all() and torch.isfinite(final).all()
+        (out.sum() + final.sum()).backward()
+        assert aa.grad[mask].abs().sum() > 0  # attention scores get a gradient
+        assert torch.all(aa.grad[~mask] == 0) and torch.all(xx.grad[~mask] == 0)
+        grads.append((out, final, xx.grad, aa.grad))
+    for g0, g1 in zip(*grads, strict=True):
+        torch.testing.assert_close(g1, g0)
+
+
+def test_steps_past_the_longest_length_are_skipped_but_shapes_kept():
+    x, mask, a = _data(6)
+    short = mask.clone()
+    short[:, 4:] = False  # longest valid length 4 < T
+    out, final = attention_gru(x, a, short, _unit("augru", "reference").weights())
+    assert out.shape == (B, T, H) and torch.all(out[:, 4:] == 0)
+    ref_out, ref_final = _hand_loop(x, short, a, _unit("augru", "reference"), "augru", "reference")
+    torch.testing.assert_close(final, ref_final)
+
+
+def test_attention_gru_checks():
+    x, mask, a = _data()
+    w = _unit("augru", "reference").weights()
+    with pytest.raises(ShapeError, match="scores"):
+        attention_gru(x, None, mask, w, kind="augru")
+    with pytest.raises(ShapeError, match="scores"):
+        attention_gru(x, a[:, :3], mask, w)
+    with pytest.raises(ShapeError, match="features"):
+        attention_gru(x[..., :3], a, mask, w)
+    with pytest.raises(ValueError, match="gate"):
+        attention_gru(x, a, mask, w, gate="tf")
