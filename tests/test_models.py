@@ -14,7 +14,7 @@ from dinrec.models.din import DIN
 SIZES = dict(n_users=30, n_items=50, n_cats=8)
 
 
-def _batch(b=16, t=9, seed=0, k=0) -> Batch:
+def _batch(b=16, t=9, seed=0, k=1) -> Batch:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, t + 1, (b,), generator=g)
     lengths[0] = t
@@ -29,10 +29,15 @@ def _batch(b=16, t=9, seed=0, k=0) -> Batch:
         hist_cats=hist_cats,
         mask=mask,
         label=torch.randint(0, 2, (b,), generator=g).float(),
+        neg_items=torch.randint(2, SIZES["n_items"], (b, t, k), generator=g) * mask[..., None],
+        neg_cats=torch.randint(2, SIZES["n_cats"], (b, t, k), generator=g) * mask[..., None],
     )
 
 
-@pytest.mark.parametrize("name", ["base", "wide_deep", "pnn", "din"])
+ALL = ["base", "wide_deep", "pnn", "din", "dien", "gru_att", "aigru", "agru", "augru"]
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_forward_shapes_and_padding_invariance(name):
     torch.manual_seed(0)
     model = build_model(name, **SIZES).eval()
@@ -61,7 +66,7 @@ def test_din_alphas_and_attention_variants():
         build_model("din", attention="bogus", **SIZES)
 
 
-@pytest.mark.parametrize("name", ["din", "base", "pnn"])
+@pytest.mark.parametrize("name", ["din", "base", "pnn", "dien"])
 def test_score_candidates_equals_repeated_rows(name):
     torch.manual_seed(1)
     model = build_model(name, **SIZES).eval()
@@ -79,7 +84,7 @@ def test_score_candidates_equals_repeated_rows(name):
     )
     want = model(rows, return_alphas=True)
     torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-6)
-    if name == "din":
+    if name in ("din", "dien"):
         assert out.alphas.shape == (n, t)
         torch.testing.assert_close(out.alphas, want.alphas, rtol=1e-5, atol=1e-6)
 
@@ -96,7 +101,7 @@ def test_registry():
         build_model("base", attention_size=3, **SIZES)
 
 
-@pytest.mark.parametrize("name", ["base", "wide_deep", "pnn", "din"])
+@pytest.mark.parametrize("name", ["base", "wide_deep", "pnn", "din", "dien"])
 def test_models_learn_a_planted_rule(name):
     """A label that depends on whether the target's category is in the history is learnable."""
     torch.manual_seed(0)
@@ -116,9 +121,39 @@ def test_models_learn_a_planted_rule(name):
     before = mean_loss()
     for _ in range(15):
         for b in batches:
-            loss = F.binary_cross_entropy_with_logits(model(b).logits, b.label)
+            out = model(b)
+            loss = F.binary_cross_entropy_with_logits(out.logits, b.label)
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss
             opt.zero_grad()
             loss.backward()
             opt.step()
     after = mean_loss()
     assert after < 0.8 * before, (before, after)
+
+
+def test_dien_auxiliary_loss_and_gradient_paths():
+    torch.manual_seed(0)
+    model = build_model("dien", **SIZES)
+    batch = _batch()
+    out = model(batch)
+    assert out.aux_loss is not None and out.aux_loss.ndim == 0 and out.aux_loss > 0
+    # Gradients reach the attention through the AUGRU (its only path to the output).
+    out.logits.sum().backward()
+    assert model.attention.att1.weight.grad.abs().sum() > 0
+    assert model.evolution.weight_hh.grad.abs().sum() > 0
+    # Padded negatives change nothing in the auxiliary loss.
+    noisy = _batch()
+    noisy.neg_items = torch.where(batch.mask[..., None], batch.neg_items, torch.randint(2, 50, batch.neg_items.shape))
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(noisy).aux_loss, model(batch).aux_loss)
+    # No auxiliary loss at evaluation; a clear error when training without negatives.
+    model.eval()
+    assert model(batch).aux_loss is None
+    model.train()
+    batch.neg_items = None
+    with pytest.raises(DinrecError, match="--neg-history"):
+        model(batch)
+    assert not build_model("augru", **SIZES).needs_neg_history
+    with pytest.raises(DinrecError, match="evolution"):
+        build_model("dien", evolution="lstm", **SIZES)

@@ -7,9 +7,12 @@ from typing import Any
 from dinrec.errors import DinrecError
 from dinrec.models.base import CTRModel, ModelConfig, ModelOutput
 from dinrec.models.baselines import PNN, BaseModel, WideDeep
+from dinrec.models.dien import FAMILY as DIEN_FAMILY
 from dinrec.models.din import DIN
 
-MODELS: dict[str, type[CTRModel]] = {m.name: m for m in (BaseModel, WideDeep, PNN, DIN)}
+MODELS: dict[str, type[CTRModel]] = {
+    m.name: m for m in (BaseModel, WideDeep, PNN, DIN, *DIEN_FAMILY)
+}
 
 
 def register(model_class: type[CTRModel]) -> type[CTRModel]:

@@ -120,6 +120,7 @@ class CTRModel(nn.Module):
     name: ClassVar[str] = ""
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
     has_attention: ClassVar[bool] = False
+    needs_neg_history: ClassVar[bool] = False  # batches must carry neg_items (auxiliary loss)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

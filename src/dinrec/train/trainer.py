@@ -261,6 +261,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 # --------------------------------------------------------------------------- training
 def _loaders(cfg: TrainConfig, store: SampleStore) -> tuple[BatchLoader, BatchLoader | None]:
+    neg_history = cfg.neg_history or (1 if model_class(cfg.model).needs_neg_history else 0)
     train = BatchLoader(
         store,
         "train",
@@ -269,7 +270,7 @@ def _loaders(cfg: TrainConfig, store: SampleStore) -> tuple[BatchLoader, BatchLo
         shuffle=True,
         seed=cfg.seed,
         bucket=cfg.bucket,
-        neg_history=cfg.neg_history,
+        neg_history=neg_history,
         drop_last=False,
     )
     valid = None
@@ -288,7 +289,6 @@ def eval_loader(cfg: TrainConfig, store: SampleStore, split: str) -> BatchLoader
         max_len=cfg.max_len,
         shuffle=False,
         bucket=cfg.bucket,
-        neg_history=cfg.neg_history,
     )
 
 
