@@ -346,7 +346,11 @@ def train(
     eval_every = cfg.eval_every or steps_per_epoch
     checkpoint_every = cfg.checkpoint_every or eval_every
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The fused kernel (one pass over all parameters) is several times faster than the
+    # per-tensor loop on CPU and GPU alike; it computes the same update.
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
     state = {"step": 0, "samples": 0, "best_auc": -1.0, "best_step": 0, "bad_evals": 0,
              "train_seconds": 0.0, "evals": []}

@@ -1,0 +1,146 @@
+"""Training and evaluation throughput at the DIEN reference configuration.
+
+Embedding 18, T <= 100 with history lengths spread evenly over 5..100, batch 128,
+MLP 200-80, Adam 1e-3, 2 CPU threads (``--threads``). For each model it runs the real
+trainer (`dinrec.train.trainer.train`: loader, forward, backward, Adam, logging) for
+``--steps`` steps and reports training samples/s (excluding the final evaluation), then
+the evaluation samples/s over the test split. It also prints the machine's float32
+matmul GFLOP/s beside the attention unit's achieved GFLOP/s (forward + backward on the
+same batches). Asserts nothing about time.
+
+    python benchmarks/train_throughput.py                       # din, base, dien
+    python benchmarks/train_throughput.py --models din --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from dinrec.data import BatchLoader, PrepareConfig, SampleStore, prepare_samples
+from dinrec.nn.attention import HIDDEN_SIZE, DinFcnAttention
+from dinrec.train.trainer import TrainConfig, train
+
+
+def make_store(path: Path, rows: int, seed: int = 0) -> Path:
+    """Random samples whose history lengths are uniform over 5..100."""
+    rng = np.random.default_rng(seed)
+    n_items, n_cats, n_users = 20_000, 200, 10_000
+    item_cat = rng.integers(0, n_cats, n_items)
+
+    def strings(x: np.ndarray) -> pa.Array:
+        a = pa.array(x)
+        return a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
+
+    def split(n: int) -> pa.Table:
+        lengths = rng.integers(5, 101, n)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        hist = rng.integers(0, n_items, offsets[-1])
+        items = rng.integers(0, n_items, n)
+        tok = np.char.add("i", np.arange(n_items).astype(str))
+        ctok = np.char.add("c", np.arange(n_cats).astype(str))
+        return pa.table({
+            "label": pa.array(rng.integers(0, 2, n), pa.int8()),
+            "user": pa.array(np.char.add("u", rng.integers(0, n_users, n).astype(str))),
+            "item": pa.array(tok[items]),
+            "cat": pa.array(ctok[item_cat[items]]),
+            "hist_items": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), strings(tok[hist])),
+            "hist_cats": pa.ListArray.from_arrays(
+                pa.array(offsets, pa.int32()), strings(ctok[item_cat[hist]])
+            ),
+        })
+
+    prepare_samples({"train": split(rows), "valid": split(2_000), "test": split(rows // 2)}, path,
+                    PrepareConfig(max_len=100, seed=seed))
+    return path
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def attention_gflops(store: Path, batches: int = 60, attention_size: int = 36) -> tuple[float, float]:
+    """Achieved GFLOP/s and ms/batch of the fast attention path, forward + backward, B = 128."""
+    d = 36  # item 18 ++ category 18
+    unit = DinFcnAttention(d, d, attention_size)
+    loader = BatchLoader(store, "train", batch_size=128, bucket=True, seed=1)
+    shapes = []
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        shapes.append(batch.mask)
+    flops, seconds = 0.0, 0.0
+    for i, mask in enumerate(shapes):
+        b, t = mask.shape
+        q = torch.randn(b, d)
+        f = torch.randn(b, t, d, requires_grad=True)
+        g = torch.randn(b, 1, d)
+        start = time.perf_counter()
+        unit(q, f, mask).backward(g)
+        if i >= 5:
+            seconds += time.perf_counter() - start
+            per_pos = 2 * d * attention_size + 2 * attention_size * HIDDEN_SIZE + 2 * HIDDEN_SIZE + 2 * d
+            flops += 3 * b * t * per_pos  # backward ~ 2x forward
+    n = len(shapes) - 5
+    return flops / seconds / 1e9, 1e3 * seconds / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="din,base,dien")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--rows", type=int, default=60_000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-bucket", action="store_true")
+    parser.add_argument("--store", default=None, help="reuse / keep the benchmark store here")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    tmp = tempfile.TemporaryDirectory()
+    store = Path(args.store) if args.store else Path(tmp.name) / "store"
+    if not (store / "stats.json").exists():
+        make_store(store, args.rows)
+    stats = SampleStore(store).stats
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; store {store}: "
+          f"{stats['rows']['train']:,} train rows, history 5..100")
+    gemm = matmul_gflops()
+    att, att_ms = attention_gflops(store)
+    print(f"float32 matmul 1024^3: {gemm:.1f} GFLOP/s; attention (fast path, A = 36, B = 128, "
+          f"bucketed) fwd+bwd: {att:.1f} GFLOP/s, {att_ms:.2f} ms/batch")
+
+    rows = []
+    print(f"\n{'model':<8} {'train samples/s':>16} {'eval samples/s':>15} {'steps':>6} {'test AUC':>9}")
+    for name in args.models.split(","):
+        with tempfile.TemporaryDirectory() as run:
+            cfg = TrainConfig(model=name, max_steps=args.steps, eval_every=10**9, batch_size=128,
+                              lr=1e-3, embedding_dim=18, hidden=(200, 80), threads=args.threads,
+                              progress=False, bucket=not args.no_bucket, log_every=100)
+            m = train(cfg, store, Path(run) / name).metrics
+        row = {"model": name, "train_samples_per_s": m["train_samples_per_s"],
+               "eval_samples_per_s": m["test"]["eval_samples_per_s"], "steps": m["steps"]}
+        rows.append(row)
+        print(f"{name:<8} {row['train_samples_per_s']:>16,.0f} {row['eval_samples_per_s']:>15,.0f} "
+              f"{row['steps']:>6} {m['test']['auc']:>9.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"matmul_gflops": gemm, "attention_gflops": att,
+                                               "models": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
