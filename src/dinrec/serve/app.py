@@ -1,0 +1,336 @@
+"""The HTTP service: FastAPI routes over a :class:`~dinrec.serve.ranker.Ranker`.
+
+Routes (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
+
+* ``POST /score``     rows of (user, history, item) tokens -> one probability per row
+* ``POST /recommend`` user, history, candidates, k, explain -> top-k with scores and,
+  on request, the attention explanation
+* ``GET /healthz``    liveness
+* ``GET /metadata``   model, run config, vocabulary sizes, dinrec version, limits
+
+Requests are pydantic models with limits (:class:`Limits`); a bad request is a 4xx
+with a message that names the field, never a 5xx: 422 for malformed JSON, wrong types
+and values out of range, 413 for a body over ``max_body_bytes`` (checked by an ASGI
+middleware before the body is read). Tokens are strings; a number where a token is
+expected is a 422, not coerced.
+
+Scoring runs inline in ``async`` handlers: the model is CPU-bound and each worker uses
+one torch thread, so a thread-pool hop would only add latency. Scale with uvicorn
+workers (``dinrec serve --workers N``), one per core.
+"""
+
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
+
+from dinrec import __version__
+from dinrec.errors import DinrecError
+from dinrec.serve.ranker import Ranker
+
+log = logging.getLogger(__name__)
+
+ENV_CONFIG = "DINREC_SERVE_CONFIG"  # JSON ServeConfig handed to uvicorn worker processes
+
+
+@dataclass
+class Limits:
+    """Request limits; over them a request gets 422 (413 for the body size)."""
+
+    max_candidates: int = 1000  # per /recommend request (also bounds k)
+    max_history: int = 1000  # tokens per history (the model uses the run's max_len most recent)
+    max_rows: int = 1000  # rows per /score request
+    max_explain: int = 20  # history items explained per ranked item
+    max_token_chars: int = 256  # characters per token
+    max_body_bytes: int = 1 << 20  # request body
+
+
+@dataclass
+class ServeConfig:
+    run: str  # run folder
+    onnx: str | None = None  # score with this ONNX export instead of the PyTorch model
+    threads: int = 1  # torch / ONNX Runtime threads per worker
+    limits: Limits = field(default_factory=Limits)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ServeConfig":
+        d = json.loads(text)
+        return cls(**{**d, "limits": Limits(**d.get("limits", {}))})
+
+
+# --------------------------------------------------------------------------- schemas
+class ExplanationOut(BaseModel):
+    item: str
+    category: str
+    position: int = Field(description="0 = oldest item of the history used")
+    weight: float = Field(description="attention weight of this history item for the candidate")
+
+
+class ScoredOut(BaseModel):
+    item: str
+    category: str
+    score: float = Field(description="click probability")
+    explanation: list[ExplanationOut]
+
+
+class RecommendResponse(BaseModel):
+    model: str
+    user: str
+    ranked: list[ScoredOut]
+    unknown: dict[str, list[str]] = Field(
+        description="tokens not in the run's vocabularies, by kind (user, item): scored as OOV"
+    )
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    probabilities: list[float]
+    unknown: dict[str, list[str]]
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+class MetadataResponse(BaseModel):
+    model: str
+    dinrec_version: str
+    backend: str
+    has_attention: bool
+    max_len: int
+    vocab_sizes: dict[str, int]
+    limits: dict[str, int]
+    config: dict[str, Any]
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    message: str
+    detail: list[ErrorItem] = []
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "request body too large"},
+    422: {"model": ErrorResponse, "description": "invalid request; the message names the field"},
+}
+
+
+def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The /recommend and /score request models for ``limits``."""
+    Token = Annotated[StrictStr, StringConstraints(min_length=1, max_length=limits.max_token_chars)]
+    History = Annotated[
+        list[Token], Field(max_length=limits.max_history, description="item tokens, oldest first")
+    ]
+
+    class RecommendRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        user: Token
+        history: History = []
+        candidates: list[Token] = Field(min_length=1, max_length=limits.max_candidates)
+        k: StrictInt = Field(10, ge=1, le=limits.max_candidates, description="items returned")
+        explain: StrictInt = Field(
+            0, ge=0, le=limits.max_explain, description="history items explained per ranked item"
+        )
+
+    class ScoreRow(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        user: Token
+        history: History = []
+        item: Token
+
+    class ScoreRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        rows: list[ScoreRow] = Field(min_length=1, max_length=limits.max_rows)
+
+    return RecommendRequest, ScoreRequest
+
+
+# --------------------------------------------------------------------------- body limit
+class BodyLimitMiddleware:
+    """413 for request bodies over ``max_bytes``, before the app reads them (pure ASGI)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                await _send_error(send, 400, "invalid Content-Length header")
+                return
+            if n > self.max_bytes:
+                await _send_error(send, 413, f"request body of {n} bytes is over the limit of {self.max_bytes}")
+                return
+            await self.app(scope, receive, send)
+            return
+        # No Content-Length (chunked): read the body up to the limit, then replay it.
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                messages.append(message)
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await _send_error(send, 413, f"request body is over the limit of {self.max_bytes} bytes")
+                return
+            messages.append(message)
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _send_error(send: Any, status: int, message: str) -> None:
+    body = json.dumps({"message": message, "detail": []}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+    ]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# --------------------------------------------------------------------------- app
+def _json(payload: Any, status: int = 200) -> Response:
+    # ensure_ascii: any string (lone surrogates included) encodes safely.
+    return Response(json.dumps(payload).encode(), status_code=status, media_type="application/json")
+
+
+def _field(loc: Any) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def create_app(config: ServeConfig, ranker: Ranker | None = None) -> FastAPI:
+    """The FastAPI app for ``config`` (``ranker``: use this one instead of loading the run).
+
+    Sets torch's thread count to ``config.threads`` (process-wide) when it loads the run.
+    """
+    if ranker is None:
+        import torch
+
+        torch.set_num_threads(max(1, config.threads))
+        ranker = Ranker(config.run, onnx=config.onnx, threads=config.threads)
+    limits = config.limits
+    RecommendRequest, ScoreRequest = request_models(limits)
+    model_name = ranker.model_name
+    metadata = {
+        "model": model_name,
+        "dinrec_version": __version__,
+        "backend": ranker.backend.name,
+        "has_attention": ranker.has_attention,
+        "max_len": ranker.max_len,
+        "vocab_sizes": ranker.vocab_sizes,
+        "limits": asdict(limits),
+        "config": ranker.run_config,
+    }
+
+    app = FastAPI(
+        title="dinrec",
+        version=__version__,
+        description="Score and rank items with a trained DIN/DIEN run; explain with attention.",
+    )
+    app.state.ranker = ranker
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [
+            {"loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
+             "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+        message = "; ".join(
+            f"body: malformed JSON (at character {d['loc'][-1]})" if d["type"] == "json_invalid"
+            else f"{_field(d['loc'])}: {d['msg']}"
+            for d in detail[:5]
+        ) or "invalid request"
+        return JSONResponse({"message": message, "detail": detail}, status_code=422)
+
+    @app.exception_handler(DinrecError)
+    async def _dinrec_error(request: Request, exc: DinrecError) -> JSONResponse:
+        return JSONResponse({"message": str(exc), "detail": []}, status_code=422)
+
+    @app.get("/healthz", response_model=HealthResponse)
+    async def healthz() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/metadata", response_model=MetadataResponse)
+    async def get_metadata() -> Response:
+        return _json(metadata)
+
+    @app.post("/recommend", response_model=RecommendResponse, responses=_ERRORS)
+    async def recommend(req: RecommendRequest) -> Response:  # type: ignore[valid-type]
+        rec = ranker.rank(req.user, req.history, req.candidates, k=req.k, explain=req.explain)
+        ranked = [
+            {"item": s.item, "category": s.category, "score": s.score,
+             "explanation": [asdict(e) for e in s.explanation]}
+            for s in rec.ranked
+        ]
+        return _json({"model": model_name, "user": rec.user, "ranked": ranked, "unknown": rec.unknown})
+
+    @app.post("/score", response_model=ScoreResponse, responses=_ERRORS)
+    async def score(req: ScoreRequest) -> Response:  # type: ignore[valid-type]
+        out = ranker.score([(r.user, r.history, r.item) for r in req.rows])
+        return _json({"model": model_name, "probabilities": out.probabilities, "unknown": out.unknown})
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """App factory for uvicorn worker processes: the config comes in ``$DINREC_SERVE_CONFIG``."""
+    text = os.environ.get(ENV_CONFIG)
+    if not text:
+        raise DinrecError(f"${ENV_CONFIG} is not set (start the service with `dinrec serve`)")
+    return create_app(ServeConfig.from_json(text))
+
+
+def serve(
+    config: ServeConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    log_level: str = "info",
+) -> None:
+    """Run the service with uvicorn until interrupted (``workers`` processes)."""
+    import uvicorn
+
+    from dinrec.train.trainer import read_run_config
+
+    read_run_config(config.run)  # fail here, not in every worker, when RUN is not a run folder
+    if config.onnx is not None and not os.path.isfile(config.onnx):
+        raise DinrecError(f"--onnx: {config.onnx} does not exist")
+    # keep-alive longer than the default 5 s: an idle pooled connection closed by the server
+    # while a client reuses it is a client-side error under bursty load.
+    common = {"host": host, "port": port, "log_level": log_level, "access_log": False,
+              "timeout_keep_alive": 30}
+    if workers <= 1:
+        uvicorn.run(create_app(config), **common)
+        return
+    os.environ[ENV_CONFIG] = config.to_json()
+    uvicorn.run("dinrec.serve.app:app_from_env", factory=True, workers=workers, **common)
