@@ -375,11 +375,16 @@ def din_fcn_attention_candidates(
     w_query, w_key, w_prod = _split_first_layer(weights, d)  # (A, D) each
     q_part = F.linear(q, w_query, weights.att1_bias)  # (N, A)
     k_part = F.linear(history, w_key)  # (T, A): the history part, once
-    # W_p (q_n * k_t) for all pairs as one GEMM: (T, D) @ (D, N*A).
-    w_pairs = (q.unsqueeze(2) * w_prod.t().unsqueeze(0)).permute(1, 0, 2)  # (D, N, A)
-    p = (history @ w_pairs.reshape(d, -1)).reshape(t, n, -1)  # (T, N, A)
-    h1_pre = (p + k_part.unsqueeze(1)).transpose(0, 1) + q_part.unsqueeze(1)  # (N, T, A)
-    scores = _upper_layers(h1_pre, weights)  # (N, 1, T)
+    # W_p (q_n * k_t) for all pairs as one GEMM: (T, D) @ (D, N*A), kept time-major so
+    # that every later step works in place on contiguous memory (no transposed copies).
+    w_pairs = q.t().unsqueeze(2) * w_prod.t().unsqueeze(1)  # (D, N, A): q[n, d] * W_p[a, d]
+    h1 = (history @ w_pairs.view(d, -1)).view(t, n, -1)  # (T, N, A)
+    h1 += k_part.unsqueeze(1)
+    h1 += q_part.unsqueeze(0)
+    h1 = h1.sigmoid_().view(t * n, -1)  # (T*N, A)
+    h2 = torch.addmm(weights.att2_bias, h1, weights.att2_weight.t()).sigmoid_()  # (T*N, 40)
+    s = torch.addmm(weights.att3_bias, h2, weights.att3_weight.t())  # (T*N, 1)
+    scores = s.view(t, n).t().unsqueeze(1)  # (N, 1, T)
     valid = None if (mask is None or for_cnn) else _valid(mask).view(1, 1, t)  # (1, 1, T)
     scores = _mask_softmax(scores, valid, softmax)
     if mode != "SUM":
