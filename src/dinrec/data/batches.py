@@ -425,14 +425,14 @@ class BatchLoader:
         pos = np.arange(T)  # (T,)
         valid = pos[None, :] < lens[:, None]  # (B, T)
         idx = np.where(valid, rows.starts[sel][:, None] + pos, len(rows.hist_items) - 1)  # (B, T)
-        hist_items = rows.hist_items[idx]  # (B, T)
-        hist_cats = rows.hist_cats[idx]  # (B, T)
+        hist_items = rows.hist_items.take(idx)  # (B, T)
+        hist_cats = rows.hist_cats.take(idx)  # (B, T)
         mask = valid
         neg_items = neg_cats = None
         if self.neg_history:
             neg = self._sample_neg_history(hist_items, mask, index)  # (B, T, K)
             neg_items = torch.from_numpy(neg)
-            neg_cats = torch.from_numpy(self._item_cat[neg])
+            neg_cats = torch.from_numpy(self._item_cat.take(neg))
         return Batch(
             user=torch.from_numpy(np.ascontiguousarray(rows.user[sel])),
             item=torch.from_numpy(np.ascontiguousarray(rows.item[sel])),
@@ -448,15 +448,19 @@ class BatchLoader:
     def _draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         if self._neg_table is None:
             return rng.integers(NUM_SPECIAL, self._n_items, n)
-        return self._neg_table[rng.integers(0, len(self._neg_table), n)]
+        n_table = len(self._neg_table)
+        dtype = np.int32 if n_table < 2**31 else np.int64  # 32-bit draws are cheaper
+        return self._neg_table.take(rng.integers(0, n_table, n, dtype=dtype))
 
     def _sample_neg_history(self, hist: np.ndarray, mask: np.ndarray, index: int) -> np.ndarray:
+        """(B, T, K) negatives for the valid positions of ``hist`` (0 where padded); only
+        valid positions are drawn (a third of B*T for padded batches of mean length 31)."""
         B, T = hist.shape
         K = self.neg_history
         rng = self._rng(3, index)
-        neg = self._draw(rng, B * T * K).reshape(B, T, K)  # (B, T, K)
-        flat = neg.reshape(-1)  # a view
-        pos = np.repeat(hist.reshape(-1), K)  # (B*T*K,) the positive at each draw's position
+        at = np.flatnonzero(mask.reshape(-1))  # (V,) valid positions
+        flat = self._draw(rng, len(at) * K)  # (V*K,)
+        pos = np.repeat(hist.reshape(-1).take(at), K)  # (V*K,) the positive at each draw
         bad = np.flatnonzero(flat == pos)
         for _ in range(100):
             if len(bad) == 0:
@@ -466,5 +470,6 @@ class BatchLoader:
         while len(bad):  # popularity mass concentrated on one item: fall back to uniform
             flat[bad] = rng.integers(NUM_SPECIAL, self._n_items, len(bad))
             bad = bad[flat[bad] == pos[bad]]
-        neg[~mask] = 0
-        return neg
+        neg = np.zeros((B * T, K), dtype=np.int64)
+        neg[at] = flat.reshape(-1, K)
+        return neg.reshape(B, T, K)

@@ -129,9 +129,10 @@ class SampleSet:
     def take(self, rows: np.ndarray) -> SampleSet:
         """The rows ``rows`` (sharing the pools)."""
         return SampleSet(
-            self.label[rows], self.user[rows], self.item[rows], self.cat[rows],
-            self.hist_start[rows], self.hist_len[rows], self.hist_item_pool,
-            self.hist_cat_pool, None if self.ts is None else self.ts[rows],
+            self.label.take(rows), self.user.take(rows), self.item.take(rows),
+            self.cat.take(rows), self.hist_start.take(rows), self.hist_len.take(rows),
+            self.hist_item_pool, self.hist_cat_pool,
+            None if self.ts is None else self.ts.take(rows),
         )  # fmt: skip
 
     def to_table(self, start: int = 0, stop: int | None = None) -> pa.Table:
@@ -150,8 +151,8 @@ class SampleSet:
             "user": pa.array(self.user[sl]),
             "item": pa.array(self.item[sl]),
             "cat": pa.array(self.cat[sl]),
-            "hist_items": pa.ListArray.from_arrays(off32, pa.array(self.hist_item_pool[gather])),
-            "hist_cats": pa.ListArray.from_arrays(off32, pa.array(self.hist_cat_pool[gather])),
+            "hist_items": pa.ListArray.from_arrays(off32, self.hist_item_pool.take(gather)),
+            "hist_cats": pa.ListArray.from_arrays(off32, self.hist_cat_pool.take(gather)),
         }
         if self.ts is not None:
             cols["ts"] = pa.array(self.ts[sl].astype(np.int64))
@@ -216,10 +217,10 @@ def _item_cat_table(item_ids: np.ndarray, cat_ids: np.ndarray, n_items: int) -> 
     table = np.full(n_items, OOV_ID, dtype=np.int64)
     table[0] = 0
     if len(item_ids):
-        o = np.argsort(item_ids, kind="stable")  # each item's first pair heads its run
-        head = np.ones(len(o), dtype=bool)
-        head[1:] = item_ids[o][1:] != item_ids[o][:-1]
-        table[item_ids[o][head]] = cat_ids[o[head]]
+        first = np.full(n_items, len(item_ids), dtype=np.int64)  # first pair of each item
+        np.minimum.at(first, item_ids, np.arange(len(item_ids)))
+        seen = np.flatnonzero(first < len(item_ids))
+        table[seen] = cat_ids[first[seen]]
     table[0], table[OOV_ID] = 0, OOV_ID
     return table
 
@@ -237,19 +238,18 @@ def _sample_negatives(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` item ids from ``[2, n_ids)`` that avoid each owner's forbidden keys.
 
-    ``forbidden`` is a sorted array (repeats allowed) of ``owner * n_keys + key``; ``id_key[id]`` gives the
-    key of an id (-1 when the id can never clash). Returns (ids, ok) where ``ok`` is False
-    for draws that still clashed after ``max_rounds``.
+    ``weights`` (integer counts of ids ``2, 3, ...``; None = uniform) give the popularity.
+    ``forbidden`` is a sorted array (repeats allowed) of ``owner * n_keys + key``;
+    ``id_key[id]`` gives the key of an id (-1 when the id can never clash). Returns
+    (ids, ok) where ``ok`` is False for draws that still clashed after ``max_rounds``.
     """
-    if weights is not None:
-        cdf = np.cumsum(weights, dtype=np.float64)
-        total = cdf[-1]
+    if weights is not None:  # integer counts: one id per count, an O(1) exact draw
+        table = np.repeat(np.arange(NUM_SPECIAL, NUM_SPECIAL + len(weights)), weights)
 
     def draw(m: int) -> np.ndarray:
         if weights is None:
             return rng.integers(NUM_SPECIAL, n_ids, size=m)
-        u = rng.random(m) * total
-        return np.searchsorted(cdf, u, side="right").clip(max=len(cdf) - 1) + NUM_SPECIAL
+        return table[rng.integers(0, len(table), size=m)]
 
     def clashes(ids: np.ndarray, own: np.ndarray) -> np.ndarray:
         keys = id_key[ids]
@@ -423,33 +423,33 @@ def build_event_samples(events: pa.Table, cfg: PrepareConfig) -> BuiltSamples:
     src = np.repeat(sample_ev, reps)  # (S,) the event each sample row comes from
     first = np.zeros(len(src), dtype=bool)
     first[np.concatenate([[0], np.cumsum(reps)[:-1]])] = True  # the event's own row
-    row_item = item_map[it[src]]
-    row_cat = cat_map[ct[src]]
-    row_label = lab[src].copy()
-    neg_rows = ~first
+    neg_slot = np.cumsum(~first) - 1  # (S,) a negative row's index into neg_flat
     neg_flat = neg_ids[neg_ok]  # row-major: per positive sample in order
-    row_item[neg_rows] = neg_flat
-    row_cat[neg_rows] = item_cat[neg_flat]
-    row_label[neg_rows] = 0
+    ev_user, ev_item, ev_cat = user_map.take(u), item_map.take(it), cat_map.take(ct)  # (n,)
+    row_split = split.take(src)
 
-    all_rows = SampleSet(
-        label=row_label,
-        user=user_map[u[src]],
-        item=row_item,
-        cat=row_cat,
-        hist_start=hstart[src],
-        hist_len=hlen[src],
-        hist_item_pool=pool_items,
-        hist_cat_pool=pool_cats,
-        ts=ts[src] if c["has_ts"] else None,
-    )
-    row_split = split[src]
+    # ---- each split gathers its rows once from the per-event arrays (no (S,) copies first)
     splits: dict[str, SampleSet] = {}
     for s, name in enumerate(SPLITS):
         rows = np.flatnonzero(row_split == s)
         if name == "train":
-            rows = rows[np.random.default_rng([cfg.seed, 3]).permutation(len(rows))]
-        splits[name] = all_rows.take(rows)
+            rows = rows.take(np.random.default_rng([cfg.seed, 3]).permutation(len(rows)))
+        ev = src.take(rows)  # (N,) the event of each row
+        neg = np.flatnonzero(~first.take(rows))  # rows holding a sampled negative
+        negs = neg_flat.take(neg_slot.take(rows.take(neg)))
+        item, cat, label = ev_item.take(ev), ev_cat.take(ev), lab.take(ev)
+        item[neg], cat[neg], label[neg] = negs, item_cat.take(negs), 0
+        splits[name] = SampleSet(
+            label=label,
+            user=ev_user.take(ev),
+            item=item,
+            cat=cat,
+            hist_start=hstart.take(ev),
+            hist_len=hlen.take(ev),
+            hist_item_pool=pool_items,
+            hist_cat_pool=pool_cats,
+            ts=ts.take(ev) if c["has_ts"] else None,
+        )
     info = {
         "events": int(n),
         "positive_events": int(pos.sum()),
