@@ -162,6 +162,30 @@ async def load(url: str, payloads: list[bytes], total: int, concurrency: int, ti
     )
 
 
+_WRK_LUA = """
+local bodies = {}
+for line in io.lines(os.getenv("DINREC_PAYLOADS")) do bodies[#bodies + 1] = line end
+local i = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i + 1
+  return wrk.format(nil, "/recommend", nil, bodies[(i % #bodies) + 1])
+end
+"""
+
+
+def wrk_load(url: str, payloads: list[bytes], seconds: float, concurrency: int, tmp: Path) -> str:
+    """The same load from `wrk` (a C client: far less of the 2 cores than Python's)."""
+    (tmp / "payloads.jsonl").write_bytes(b"\n".join(payloads) + b"\n")
+    (tmp / "load.lua").write_text(_WRK_LUA)
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, int(seconds))}s", "--latency",
+           "-s", str(tmp / "load.lua"), url]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60,
+                         env={**os.environ, "DINREC_PAYLOADS": str(tmp / "payloads.jsonl")})
+    return res.stdout + res.stderr
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     import httpx
 
@@ -190,6 +214,13 @@ def http_load(args: argparse.Namespace, run: Path) -> None:
         wait_healthy(url, proc)
         payloads = make_payloads(run, args.requests, args.candidates, args.history)
         asyncio.run(load(url, payloads, min(200, args.requests), args.concurrency, 30))  # warm-up
+        if args.client == "wrk":
+            with tempfile.TemporaryDirectory() as tmp:
+                report = wrk_load(url, payloads, args.wrk_seconds, args.concurrency, Path(tmp))
+            print(f"wrk, /recommend, {args.candidates} candidates, T={args.history}, concurrency "
+                  f"{args.concurrency}, {args.workers} workers x {args.server_threads} thread:")
+            print(report)
+            return
         res = asyncio.run(load(url, payloads, args.requests, args.concurrency, args.time_limit))
         import httpx
 
@@ -229,6 +260,9 @@ def main() -> None:
     p.add_argument("--inproc-runs", type=int, default=200)
     p.add_argument("--inproc-threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--skip-http", action="store_true")
+    p.add_argument("--client", choices=["httpx", "wrk"], default="httpx",
+                   help="load generator: Python httpx (default) or wrk (apt-get install wrk)")
+    p.add_argument("--wrk-seconds", type=float, default=30.0, help="duration of the wrk load")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,6 +10,7 @@ same batches). Asserts nothing about time.
 
     python benchmarks/train_throughput.py                       # din, base, dien
     python benchmarks/train_throughput.py --models din --steps 600
+    python benchmarks/train_throughput.py --models din --nproc 2   # + data-parallel scaling
 """
 
 from __future__ import annotations
@@ -100,6 +101,29 @@ def attention_gflops(store: Path, batches: int = 60, attention_size: int = 36) -
     return flops / seconds / 1e9, 1e3 * seconds / n
 
 
+def ddp_throughput(store: Path, model: str, args: argparse.Namespace) -> dict:
+    """Train ``model`` with ``args.nproc`` local DDP processes; the run's figures."""
+    import subprocess
+    import sys
+
+    threads = max(1, args.threads // args.nproc)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "dinrec", "train", str(store), str(run), "--model", model,
+               "--nproc", str(args.nproc), "--max-steps", str(args.steps), "--eval-every", str(10**9),
+               "--batch-size", "128", "--lr", "1e-3", "--embedding-dim", "18", "--hidden", "200,80",
+               "--threads", str(threads), "--log-every", "100", "--quiet"]
+        if args.no_bucket:
+            cmd.append("--no-bucket")
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        m = json.loads((run / "metrics.json").read_text())
+    return {"nproc": args.nproc, "threads_per_process": threads, "global_batch": 128 * args.nproc,
+            "train_samples_per_s": m["train_samples_per_s"], "wall_s": wall,
+            "test_auc": m["test"]["auc"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="din,base,dien")
@@ -109,6 +133,9 @@ def main() -> None:
     parser.add_argument("--no-bucket", action="store_true")
     parser.add_argument("--store", default=None, help="reuse / keep the benchmark store here")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="also train with this many DDP processes (`dinrec train --nproc`, "
+                        "batch 128 per process, --threads split between them) and print the scaling")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -137,6 +164,13 @@ def main() -> None:
         rows.append(row)
         print(f"{name:<8} {row['train_samples_per_s']:>16,.0f} {row['eval_samples_per_s']:>15,.0f} "
               f"{row['steps']:>6} {m['test']['auc']:>9.4f}")
+        if args.nproc > 1:
+            row["ddp"] = ddp_throughput(store, name, args)
+            d = row["ddp"]
+            print(f"{'':<8} {args.nproc} processes x {d['threads_per_process']} threads: "
+                  f"{d['train_samples_per_s']:,.0f} samples/s (global batch {d['global_batch']}), "
+                  f"scaling x{d['train_samples_per_s'] / row['train_samples_per_s']:.2f}; "
+                  f"wall {d['wall_s']:.1f} s incl. start-up; test AUC {d['test_auc']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"matmul_gflops": gemm, "attention_gflops": att,
                                                "models": rows}, indent=2))

@@ -91,6 +91,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aux-weight", type=float, default=d.aux_weight)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer,
+                   help="training rows held in memory for shuffling, per process")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel worker processes on this machine (gloo on CPU, NCCL on "
+                   "GPU); --batch-size is per process. For several machines use torchrun "
+                   "(docs/distributed.md)")
+    p.add_argument("--data-split", default=d.data_split, choices=["shards", "batches"],
+                   help="several processes: each reads its own shards (default), or each reads "
+                   "all and takes its slice of every global batch (one process's data order)")
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -132,8 +141,34 @@ def _run_train(args: argparse.Namespace) -> int:
         threads=args.threads, device=args.device, amp=args.amp, compile=args.compile,
         bucket=not args.no_bucket, neg_history=args.neg_history, aux_weight=args.aux_weight,
         log_every=args.log_every, progress=not args.quiet, stop_after=args.stop_after,
+        shuffle_buffer=args.shuffle_buffer, data_split=args.data_split,
     )
-    result = train(cfg, args.store, args.run, resume=args.resume, overwrite=args.overwrite)
+    import os
+
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE") or 1) <= 1:
+        from dinrec.train import distributed
+
+        spec = distributed.write_worker_spec({
+            "config": cfg.to_dict(), "store": str(args.store), "run": str(args.run),
+            "resume": args.resume, "overwrite": args.overwrite,
+        })  # fmt: skip
+        try:
+            rc = distributed.launch_local(args.nproc, [str(spec)])
+        finally:
+            spec.unlink(missing_ok=True)
+        if rc:
+            return rc
+        metrics_path = Path(args.run) / "metrics.json"
+        if not metrics_path.exists():
+            print(f"stopped at step {args.stop_after}; continue with --resume ({args.run})")
+            return 0
+        from dinrec.train.trainer import TrainResult
+
+        result = TrainResult(Path(args.run), json.loads(metrics_path.read_text()), completed=True)
+    elif args.nproc < 1:
+        raise DinrecError(f"--nproc must be >= 1, got {args.nproc}")
+    else:
+        result = train(cfg, args.store, args.run, resume=args.resume, overwrite=args.overwrite)
     if not result.completed:
         print(f"stopped at step {args.stop_after}; continue with --resume ({args.run})")
         return 0
@@ -320,6 +355,71 @@ def _run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- serve
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="HTTP service: /score, /recommend, /healthz, /metadata (see docs/serving.md)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--onnx", default=None, metavar="PATH",
+                   help="score with this ONNX export of the run (from `dinrec export`)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (one per core)")
+    p.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads per worker")
+    p.add_argument("--max-candidates", type=int, default=1000)
+    p.add_argument("--max-history", type=int, default=1000)
+    p.add_argument("--max-rows", type=int, default=1000, help="rows per /score request")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        from dinrec.serve.app import Limits, ServeConfig, serve
+    except ImportError as exc:
+        raise DinrecError(f"serve needs the serve extra ({exc.name} is missing): "
+                          "pip install 'dinrec[serve]'") from None
+    for name in ("port", "workers", "threads", "max_candidates", "max_history", "max_rows",
+                 "max_body_bytes"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise DinrecError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    limits = Limits(max_candidates=args.max_candidates, max_history=args.max_history,
+                    max_rows=args.max_rows, max_body_bytes=args.max_body_bytes)
+    cfg = ServeConfig(run=str(args.run), onnx=args.onnx, threads=args.threads, limits=limits)
+    serve(cfg, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a run's model to ONNX or TorchScript "
+                       "(dynamic batch and history axes)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("--out", default=None, help="file to write (default: RUN/export/model.onnx|.pt)")
+    p.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"],
+                   help="ONNX: torch.export-based (dynamo) or TorchScript-based (legacy) exporter")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip comparing the exported model with PyTorch")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import logging
+
+    from dinrec.serve.export import export_run
+
+    for name in ("torch.onnx", "onnxscript", "onnx_ir"):  # the exporters are chatty
+        logging.getLogger(name).setLevel(logging.ERROR)
+    result = export_run(args.run, args.format, args.out, which=args.which, opset=args.opset,
+                        exporter=args.exporter, verify=not args.no_verify)
+    check = "" if result.max_abs_diff is None else f"; max |exported - PyTorch| = {result.max_abs_diff:.2e}"
+    print(f"{result.model}: wrote {result.format} to {result.path}{check}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo,
@@ -327,6 +427,8 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_evaluate,
     _add_recommend,
+    _add_serve,
+    _add_export,
 ]
 
 
