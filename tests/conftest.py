@@ -1,4 +1,4 @@
-"""Shared fixtures: ``tiny_din_run``, a DIN run trained for a few steps on the tiny synthetic preset."""
+"""Shared fixtures: ``tiny_store`` (the tiny synthetic preset, prepared) and ``tiny_din_run``."""
 
 from __future__ import annotations
 
@@ -18,3 +18,14 @@ def tiny_din_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     prepare_events(events, root / "store", PrepareConfig())
     train(TrainConfig(model="din", max_steps=20, progress=False), root / "store", root / "run")
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sample store of the tiny synthetic preset (seed 3); read-only for the tests."""
+    from dinrec.data import PrepareConfig, generate, prepare_events, preset
+
+    path = tmp_path_factory.mktemp("store") / "tiny"
+    events, _ = generate(preset("tiny", seed=3))
+    prepare_events(events, path, PrepareConfig(seed=3))
+    return path

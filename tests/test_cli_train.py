@@ -112,7 +112,8 @@ def test_demo_on_tiny_data_writes_pictures_and_checks_truth(tmp_path):
 def test_demo_main_job_din_beats_base_and_attention_finds_the_planted_truth(tmp_path):
     """The README's main job, as a user runs it: `dinrec demo` (small preset, default epochs)."""
     res = subprocess.run(
-        [sys.executable, "-m", "dinrec", "demo", "--out", str(tmp_path / "demo"), "--quiet"],
+        [sys.executable, "-m", "dinrec", "demo", "--out", str(tmp_path / "demo"), "--quiet",
+         "--threads", "1"],
         capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, res.stderr[-2000:]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dinrec.data import PrepareConfig, SampleStore, generate, prepare_events, preset
+from dinrec.data import SampleStore
 from dinrec.train import distributed as D
 from dinrec.train.checkpoint import load_checkpoint
 from dinrec.train.metrics import evaluate_predictions
@@ -31,11 +31,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("store") / "tiny"
-    events, _ = generate(preset("tiny", seed=3))
-    prepare_events(events, path, PrepareConfig(seed=3))
-    return path
+def store(tiny_store: Path) -> Path:
+    return tiny_store
 
 
 def _no_input_batchnorm(monkeypatch=None) -> None:

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from dinrec.cli import main
-from dinrec.data import PrepareConfig, generate, prepare_events, preset
 from dinrec.errors import RunFolderError
 from dinrec.train.checkpoint import load_checkpoint
 from dinrec.train.trainer import TrainConfig, train
@@ -26,11 +25,8 @@ ARGS = ["--model", "din", "--embedding-dim", "8", "--hidden", "32,16", "--batch-
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("store") / "tiny"
-    events, _ = generate(preset("tiny", seed=3))
-    prepare_events(events, path, PrepareConfig(seed=3))
-    return path
+def store(tiny_store: Path) -> Path:
+    return tiny_store
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:

@@ -26,11 +26,8 @@ from dinrec.train.trainer import (
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("store") / "tiny"
-    events, _ = generate(preset("tiny", seed=3))
-    prepare_events(events, path, PrepareConfig(seed=3))
-    return path
+def store(tiny_store: Path) -> Path:
+    return tiny_store
 
 
 def _cfg(**kw) -> TrainConfig:
