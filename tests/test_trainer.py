@@ -149,3 +149,26 @@ def test_nan_loss_stops_with_a_clear_error_and_no_metrics(store, tmp_path, monke
     with pytest.raises(TrainingError, match="loss became nan by step 5"):
         train(_cfg(max_steps=20), store, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_ranking_metrics(store, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(_cfg(max_steps=20), store, run)
+    row = evaluate_run(run, store, "test", ranking_negatives=20, ks=(1, 5, 21))
+    assert row["ranking_rows"] > 0 and row["ranking_negatives"] == 20
+    assert 0 <= row["hr@1"] <= row["hr@5"] <= row["hr@21"] == 1.0
+    assert row["ndcg@5"] <= row["hr@5"]
+    assert row["ndcg@1"] == row["hr@1"]
+    # A model that cannot tell items apart ranks no positive first (ties count against it).
+    from dinrec.models.din import DIN
+
+    real_forward = DIN.forward
+
+    def constant(self, batch, return_alphas=False):
+        out = real_forward(self, batch, return_alphas)
+        out.logits = out.logits * 0
+        return out
+
+    monkeypatch.setattr(DIN, "forward", constant)
+    row = evaluate_run(run, store, "test", ranking_negatives=20, ks=(5,))
+    assert row["hr@5"] == 0.0

@@ -188,6 +188,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--store", default=None, help="sample store (default: the run's own)")
     p.add_argument("--split", default="test")
+    p.add_argument("--ranking", type=int, default=0, metavar="N",
+                   help="also rank each positive among N sampled items: HR@K, NDCG@K")
+    p.add_argument("--k", default="10", help="cut-offs for --ranking, e.g. 5,10,20")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_run_evaluate)
 
@@ -197,14 +200,20 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     from dinrec.train.evaluate import evaluate_run
 
-    rows = [evaluate_run(run, args.store, args.split) for run in args.runs]
+    try:
+        ks = tuple(int(k) for k in args.k.split(",") if k)
+    except ValueError:
+        raise DinrecError(f"--k: expected comma-separated integers, got {args.k!r}") from None
+    rows = [evaluate_run(run, args.store, args.split, args.ranking, ks) for run in args.runs]
     if args.json:
         print(json.dumps(rows, indent=2, default=float))
         return 0
     print(f"{'run':<28} {'model':<10} {'split':<6} {'AUC':>7} {'GAUC':>7} {'logloss':>8} {'n':>9}")
     for r in rows:
+        ranking = "".join(f"  HR@{k} {r[f'hr@{k}']:.4f} NDCG@{k} {r[f'ndcg@{k}']:.4f}"
+                          for k in ks if f"hr@{k}" in r)
         print(f"{r['run'][-28:]:<28} {r['model']:<10} {r['split']:<6} {r['auc']:>7.4f} "
-              f"{r['gauc']:>7.4f} {r['logloss']:>8.4f} {r['n']:>9,}")
+              f"{r['gauc']:>7.4f} {r['logloss']:>8.4f} {r['n']:>9,}{ranking}")
     return 0
 
 
