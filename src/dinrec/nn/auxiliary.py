@@ -129,6 +129,30 @@ class AuxiliaryNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(self.norm(x)).squeeze(-1)  # (N,)
 
+    def pair_logits(self, states: Tensor, items: Tensor) -> Tensor:
+        """``logits[m, i] = self(cat([states[i], items[m, i]]))`` for states (N, H), items (M, N, E).
+
+        The first dense layer is linear in ``[h, e]``, so ``W [h; e] = W_h h + W_e e``: the
+        state part is computed once per pair instead of M times and the (M N, H + E)
+        concatenation never exists. The reference norm (a fixed affine map) is folded into
+        that layer's weights, ``W (g * x + b) = (W * g) x + W b``. A real ``BatchNorm1d``
+        (``norm="batch"``) needs the concatenated rows and takes the plain path.
+        """
+        m, n, e = items.shape
+        first = self.mlp[0]
+        if isinstance(self.norm, nn.BatchNorm1d) or not isinstance(first, nn.Linear):
+            x = torch.cat([states.expand(m, n, states.shape[1]), items], 2)  # (M, N, H + E)
+            return self(x.reshape(m * n, -1)).view(m, n)
+        weight, bias = first.weight, first.bias  # (D1, H + E), (D1,)
+        if isinstance(self.norm, _FrozenStatsNorm):
+            bias = torch.addmv(bias, weight, self.norm.bias)  # W b + b1
+            weight = weight * (self.norm.weight * self.norm.scale)  # (D1, H + E)
+        hid = self.state_size
+        z_h = F.linear(states, weight[:, :hid], bias)  # (N, D1), once per pair
+        z = F.linear(items.reshape(m * n, e), weight[:, hid:])  # (M N, D1)
+        x = (z.view(m, n, -1) + z_h).view(m * n, -1)  # (M N, D1)
+        return self.mlp[1:](x).view(m, n)  # (M, N)
+
     def loss(
         self, states: Tensor, clicked: Tensor, non_clicked: Tensor, mask: Tensor, reduction: str = "mean"
     ) -> Tensor:
@@ -196,17 +220,24 @@ def auxiliary_loss(
     k = non_clicked.shape[2]
     valid = mask if mask.dtype == torch.bool else mask == 1  # (B, T)
     pairs = valid[:, 1:] & valid[:, :-1]  # (B, T-1): state t, target t + 1
-    h = states[:, :-1][pairs]  # (N, H): gathering drops every padded value
-    pos = clicked[:, 1:][pairs]  # (N, E)
-    neg = non_clicked[:, 1:][pairs]  # (N, K, E)
-    n = h.shape[0]
+    at = pairs.nonzero()  # (N, 2): (row, t) of each valid pair
+    n = at.shape[0]
     if n == 0:
         return states[:, :0].sum()  # 0, still attached to the graph
-    x_pos = torch.cat([h, pos], 1)  # (N, H + E)
-    x_neg = torch.cat([h.unsqueeze(1).expand(n, k, h.shape[1]), neg], 2)  # (N, K, H + E)
-    logits = net(torch.cat([x_pos, x_neg.reshape(n * k, -1)], 0))  # (N (1 + K),)
-    pos_logit, neg_logit = logits[:n], logits[n:].view(n, k)
-    per_pair = F.softplus(-pos_logit) + F.softplus(neg_logit).mean(1)  # (N,)
+    flat = at[:, 0] * t + at[:, 1]  # (N,) position of h_t in (B * T)
+    nxt = flat + 1  # position of e_{t+1}
+    # Gathering only the valid pairs drops every padded value (NaN included).
+    h = states.reshape(b * t, -1).index_select(0, flat)  # (N, H)
+    pos = clicked.reshape(b * t, -1).index_select(0, nxt)  # (N, E)
+    neg = non_clicked.reshape(b * t, k, -1).index_select(0, nxt)  # (N, K, E)
+    items = torch.cat([pos.unsqueeze(0), neg.transpose(0, 1)], 0)  # (1 + K, N, E)
+    if isinstance(net, AuxiliaryNet):
+        logits = net.pair_logits(h, items)  # (1 + K, N)
+    else:
+        x = torch.cat([h.expand(k + 1, n, h.shape[1]), items], 2)  # (1 + K, N, H + E)
+        logits = net(x.reshape((k + 1) * n, -1)).view(k + 1, n)
+    pos_logit, neg_logit = logits[0], logits[1:]  # (N,), (K, N)
+    per_pair = F.softplus(-pos_logit) + F.softplus(neg_logit).mean(0)  # (N,)
     total = per_pair.sum()
     if reduction == "sum":
         return total

@@ -54,17 +54,20 @@ steps in one matrix product, folds the variant, the attention and the mask into 
 per-step coefficients ``f = c0 + c1 * z`` (computed outside the loop, so autograd
 carries their gradients to ``a``), runs only up to the longest valid length, and
 runs a TorchScript loop of a few ops per step with a hand-written backward (the
-per-step gradients are mostly precomputed over all steps at once). ``impl="autograd"``
+per-step gradients are mostly precomputed over all steps at once), all on one
+intra-op thread (:func:`_one_thread`). ``impl="autograd"``
 is the literal per-step cell through autograd: the readable definition and the
 yardstick in the tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -265,77 +268,149 @@ class InterestExtractor(nn.Module):
 
 
 # --------------------------------------------------------------------------- fused kernel
-def _fused_forward(
-    xi: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, b_hh: Tensor, h0: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The loop. xi (T, B, 3H) input projections in gate order (n, r, z), c0/c1 (T, B, 1),
-    w_hh (3H, H) and b_hh (3H,) in order (r, z, n), h0 (B, H).
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the recurrent loops on one intra-op thread.
+
+    Each step is a handful of (B, 3H) ops, far below what pays for waking an OpenMP
+    team; with more threads every step's matrix product synchronises them, and on a
+    loaded machine the spinning workers steal the main thread's core (the loop ran 2.5x
+    slower at 2 threads than at 1). The (T, B, H) elementwise work around the loops is
+    too small to gain from a second thread either, so the whole kernel runs inside.
+    ``torch.set_num_threads`` costs well under a microsecond.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _forward_loop(x_n: Tensor, g: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+    """The forward loop, in place. x_n (T, B, H) the candidate's input part ``W_in x + b_in``;
+    g (T, B, 3H), gate order (r, z, n), holds ``[x_r + b_hr, x_z + b_hz, b_hn]`` on entry
+    and on return ``[r, z, W_hn h + b_hn]`` (one ``addmm_`` and one ``sigmoid_`` a step);
+    c0/c1 (T, B, 1); h0 (B, H).
 
     Per step: ``h' = h + (c0 + c1 z) (n - h)``. Returns hs (T + 1, B, H) (h0, then the
-    state after each step) and, for the backward, rz (T, B, 2H), n (T, B, H) and
-    gh (T, B, 3H) = ``W_hh h + b_hh``.
+    state after each step) and n (T, B, H), the candidates.
     """
-    steps = xi.shape[0]
+    steps = g.shape[0]
     b = h0.shape[0]
     hid = h0.shape[1]
-    hs = xi.new_empty(steps + 1, b, hid)
+    hs = g.new_empty(steps + 1, b, hid)
     hs[0] = h0
-    rz = xi.new_empty(steps, b, 2 * hid)
-    n = xi.new_empty(steps, b, hid)
-    gh = xi.new_empty(steps, b, 3 * hid)
+    n = g.new_empty(steps, b, hid)
     w_t = w_hh.t()
-    h = hs[0]
+    # Per-step views made once (one unbind each), not a few slicing ops every step.
+    g_l = g.unbind(0)
+    rz_l = g[:, :, : 2 * hid].unbind(0)
+    r_l = g[:, :, :hid].unbind(0)
+    z_l = g[:, :, hid : 2 * hid].unbind(0)
+    gn_l = g[:, :, 2 * hid :].unbind(0)
+    xn_l = x_n.unbind(0)
+    n_l = n.unbind(0)
+    hs_l = hs.unbind(0)
+    c0_l = c0.unbind(0)
+    c1_l = c1.unbind(0)
+    f = g.new_empty(b, hid)
+    diff = g.new_empty(b, hid)
+    h = hs_l[0]
     for t in range(steps):
-        x = xi[t]  # (B, 3H)
-        g = torch.addmm(b_hh, h, w_t, out=gh[t])  # (B, 3H)
-        r_z = torch.add(x[:, hid:], g[:, : 2 * hid], out=rz[t]).sigmoid_()  # (B, 2H)
-        n_t = torch.addcmul(x[:, :hid], r_z[:, :hid], g[:, 2 * hid :], out=n[t]).tanh_()
-        f = torch.addcmul(c0[t], c1[t], r_z[:, hid:])  # (B, H) candidate fraction
-        h = torch.addcmul(h, f, n_t - h, out=hs[t + 1])  # (B, H)
-    return hs, rz, n, gh
+        g_l[t].addmm_(h, w_t)  # (B, 3H): [x_r + W_hr h + b_hr, ..., W_hn h + b_hn]
+        rz_l[t].sigmoid_()  # (B, 2H): r, z
+        n_t = torch.addcmul(xn_l[t], r_l[t], gn_l[t], out=n_l[t]).tanh_()  # (B, H)
+        torch.addcmul(c0_l[t], c1_l[t], z_l[t], out=f)  # (B, H) candidate fraction
+        h = torch.addcmul(h, f, torch.sub(n_t, h, out=diff), out=hs_l[t + 1])  # (B, H)
+    return hs, n
+
+
+def _backward_loop(coef: Tensor, keep: Tensor, g_out: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward loop. coef (T, B, 4H) as in :func:`_fused_backward`, keep (T, B, H) =
+    1 - f, g_out (T, B, H) = dL/d(hs[1:]), w_hh (3H, H).
+
+    Returns d (T, B, 4H) (coef times the total state gradient; the loop fills the
+    d gh = ``d[:, :, H:]`` part the recurrence needs, the caller the rest), d_h_all
+    (T, B, H) (the total dL/dh_t) and dL/dh0. Three ops a step: ``d_gh_t = coef_t dh_t``,
+    ``dh_{t-1} = (g_out_{t-1} + dh_t * keep_t) + d_gh_t W_hh``.
+    """
+    steps = coef.shape[0]
+    b = coef.shape[1]
+    hid = w_hh.shape[1]
+    d = coef.new_empty(steps, b, 4 * hid)
+    d_h_all = coef.new_empty(steps, b, hid)
+    dgh3_l = d.view(steps, b, 4, hid)[:, :, 1:].unbind(0)  # (B, 3, H) views
+    dgh_l = d[:, :, hid:].unbind(0)  # the same, as (B, 3H)
+    coef_l = coef.view(steps, b, 4, hid)[:, :, 1:].unbind(0)
+    keep_l = keep.unbind(0)
+    g_l = g_out.unbind(0)
+    dh_l = d_h_all.unbind(0)
+    d_h_all[steps - 1] = g_out[steps - 1]
+    dh = dh_l[steps - 1]
+    for t in range(steps - 1, 0, -1):
+        torch.mul(coef_l[t], dh.unsqueeze(1), out=dgh3_l[t])  # (B, 3, H)
+        dh = torch.addmm(torch.addcmul(g_l[t - 1], dh, keep_l[t]), dgh_l[t], w_hh, out=dh_l[t - 1])
+    torch.mul(coef_l[0], dh.unsqueeze(1), out=dgh3_l[0])
+    d_h0 = torch.addmm(dh * keep_l[0], dgh_l[0], w_hh)  # (B, H)
+    return d, d_h_all, d_h0
+
+
+def _fused_forward(
+    xi: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, b_hh: Tensor, h0: Tensor, loop: Any = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """xi (T, B, 3H) input projections in gate order (n, r, z), c0/c1 (T, B, 1), w_hh (3H, H)
+    and b_hh (3H,) in order (r, z, n), h0 (B, H).
+
+    Returns hs (T + 1, B, H) (h0, then the state after each step) and, for the backward,
+    g (T, B, 3H) = ``[r, z, W_hn h + b_hn]`` and n (T, B, H).
+    """
+    hid = h0.shape[1]
+    steps, b = xi.shape[0], xi.shape[1]
+    g = torch.cat([xi[:, :, hid:] + b_hh[: 2 * hid], b_hh[2 * hid :].expand(steps, b, hid)], 2)
+    hs, n = (loop or _forward_loop)(xi[:, :, :hid], g, c0, c1, w_hh, h0)
+    return hs, g, n
 
 
 def _fused_backward(
     g_out: Tensor,
     hs: Tensor,
-    rz: Tensor,
+    g: Tensor,
     n: Tensor,
-    gh: Tensor,
     c0: Tensor,
     c1: Tensor,
     w_hh: Tensor,
+    loop: Any = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """BPTT of :func:`_fused_forward` for g_out = dL/d(hs[1:]) (T, B, H).
 
     Everything that does not depend on the carried gradient is computed over all steps
     at once, into one buffer ``coef (T, B, 4H)`` laid out as the per-step gradients
-    ``d = [d x_n, d x_r (= d gh_r), d x_z (= d gh_z), d gh_n]``; the loop is then four
-    small ops per step, and ``d[:, :3H]`` / ``d[:, H:]`` are the gradients of xi / gh
+    ``d = [d x_n, d x_r (= d gh_r), d x_z (= d gh_z), d gh_n]``; the loop is then three
+    small ops per step (``d x_n`` is filled after it, over all steps at once), and ``d[:, :3H]`` / ``d[:, H:]`` are the gradients of xi / gh
     without any copy.
     """
     steps = hs.shape[0] - 1
     b = hs.shape[1]
     hid = hs.shape[2]
     h_prev = hs[:-1]  # (T, B, H)
-    r = rz[:, :, :hid]
-    z = rz[:, :, hid:]
+    r = g[:, :, :hid]
+    z = g[:, :, hid : 2 * hid]
     f = torch.addcmul(c0, c1, z)  # (T, B, H)
     diff = n - h_prev  # (T, B, H)
     coef = hs.new_empty(steps, b, 4 * hid)
     a_n = torch.addcmul(f, f * n, n, value=-1.0, out=coef[:, :, :hid])  # f (1 - n^2)
     r_term = torch.addcmul(r, r, r, value=-1.0)  # r (1 - r)
-    torch.mul(a_n * gh[:, :, 2 * hid :], r_term, out=coef[:, :, hid : 2 * hid])
+    torch.mul(a_n * g[:, :, 2 * hid :], r_term, out=coef[:, :, hid : 2 * hid])
     z_term = torch.addcmul(z, z, z, value=-1.0)  # z (1 - z)
     torch.mul(z_term * diff, c1, out=coef[:, :, 2 * hid : 3 * hid])
     torch.mul(a_n, r, out=coef[:, :, 3 * hid :])
     keep = torch.rsub(f, 1.0)  # (T, B, H)
-    d = hs.new_empty(steps, b, 4 * hid)
-    d_h_all = hs.new_empty(steps, b, hid)
-    dh = torch.zeros_like(hs[0])
-    for t in range(steps - 1, -1, -1):
-        dh = torch.add(dh, g_out[t], out=d_h_all[t])  # (B, H) total dL/dh_t
-        torch.mul(coef[t].view(b, 4, hid), dh.unsqueeze(1), out=d[t].view(b, 4, hid))
-        dh = torch.addmm(dh * keep[t], d[t, :, hid:], w_hh)  # (B, H)
+    d, d_h_all, dh = (loop or _backward_loop)(coef, keep, g_out, w_hh)
+    torch.mul(coef[:, :, :hid], d_h_all, out=d[:, :, :hid])  # d x_n, all steps at once
     d_xi = d[:, :, : 3 * hid]  # (T, B, 3H), order (n, r, z)
     d_gh = d.view(steps * b, 4 * hid)[:, hid:]  # (T*B, 3H), order (r, z, n)
     d_f = d_h_all * diff  # (T, B, H)
@@ -353,10 +428,10 @@ def _scripted() -> tuple[Any, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(_fused_forward), torch.jit.script(_fused_backward)
+            return torch.jit.script(_forward_loop), torch.jit.script(_backward_loop)
     except Exception as exc:  # pragma: no cover - depends on the PyTorch build
         logger.warning("TorchScript unavailable (%s); the fused GRU loop runs eagerly", exc)
-        return _fused_forward, _fused_backward
+        return _forward_loop, _backward_loop
 
 
 class _FusedGRUFunction(torch.autograd.Function):
@@ -364,17 +439,21 @@ class _FusedGRUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xi, c0, c1, w_hh, b_hh, h0, script):  # type: ignore[override]
-        fwd = _scripted()[0] if script else _fused_forward
-        hs, rz, n, gh = fwd(xi, c0, c1, w_hh, b_hh, h0)
+        loop = _scripted()[0] if script else _forward_loop
+        with _one_thread():
+            hs, g, n = _fused_forward(xi, c0, c1, w_hh, b_hh, h0, loop)
         ctx.script = script
-        ctx.save_for_backward(hs, rz, n, gh, c0, c1, w_hh)
+        ctx.save_for_backward(hs, g, n, c0, c1, w_hh)
         return hs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_hs):  # type: ignore[override]
-        bwd = _scripted()[1] if ctx.script else _fused_backward
-        d_xi, d_c0, d_c1, d_w, d_b, d_h = bwd(g_hs[1:].contiguous(), *ctx.saved_tensors)
+        loop = _scripted()[1] if ctx.script else _backward_loop
+        with _one_thread():
+            d_xi, d_c0, d_c1, d_w, d_b, d_h = _fused_backward(
+                g_hs[1:].contiguous(), *ctx.saved_tensors, loop=loop
+            )
         return d_xi, d_c0, d_c1, d_w, d_b, d_h + g_hs[0], None
 
 
@@ -418,10 +497,9 @@ def _fused_gru(
     if kind == "aigru":
         assert a is not None
         x = x * a  # i'_t = a_t * i_t
-    hid3 = 3 * hid
-    order = torch.cat([torch.arange(2 * hid, hid3), torch.arange(2 * hid)]).to(inputs.device)
-    w_ih = weights.weight_ih.index_select(0, order)  # gate order (n, r, z) for the kernel
-    b_ih = weights.bias_ih.index_select(0, order)
+    w, bias = weights.weight_ih, weights.bias_ih
+    w_ih = torch.cat([w[2 * hid :], w[: 2 * hid]])  # gate order (n, r, z) for the kernel
+    b_ih = torch.cat([bias[2 * hid :], bias[: 2 * hid]])  # (cat: its backward is two slices)
     xi = F.linear(x.transpose(0, 1), w_ih, b_ih).contiguous()  # (t_max, B, 3H)
     c0, c1 = _coefficients(kind, gate, a, m)
     c0 = c0.transpose(0, 1).contiguous()  # (t_max, B, 1)
