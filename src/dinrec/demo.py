@@ -38,6 +38,7 @@ class DemoConfig:
     seed: int = 0
     threads: int | None = None
     progress: bool = True
+    eval_every: int = 400  # steps between validations (the curves' points)
 
 
 def attention_truth_check(run_dir: Path, store: SampleStore, max_rows: int = 20_000) -> dict[str, float]:
@@ -107,7 +108,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict[str, Any]:
     for name in ("din", "base"):
         tcfg = TrainConfig(
             model=name, epochs=cfg.epochs, seed=cfg.seed, threads=cfg.threads,
-            progress=cfg.progress, eval_every=None,
+            progress=cfg.progress, eval_every=cfg.eval_every,
         )
         t1 = time.perf_counter()
         res = train(tcfg, store_dir, out / name, overwrite=True)

@@ -42,14 +42,14 @@ def plot_curves(run_dir: Path, out: Path | None = None, others: Sequence[Path] =
         return None
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for run, (train, valid) in logs.items():
-        label = run.name
+    for i, (run, (train, valid)) in enumerate(logs.items()):
+        label, color = run.name, f"C{i}"  # one colour per run in both panels
         if train:
-            ax1.plot(*zip(*train, strict=True), label=f"{label} train loss")
+            ax1.plot(*zip(*train, strict=True), color=color, alpha=0.8, label=f"{label} train loss")
         if valid:
             steps, aucs, losses = zip(*valid, strict=True)
-            ax1.plot(steps, losses, "o--", label=f"{label} valid logloss")
-            ax2.plot(steps, aucs, "o-", label=f"{label} valid AUC")
+            ax1.plot(steps, losses, "o--", color=color, label=f"{label} valid logloss")
+            ax2.plot(steps, aucs, "o-", color=color, label=f"{label} valid AUC")
     ax1.set(xlabel="step", ylabel="loss", title="loss")
     ax2.set(xlabel="step", ylabel="AUC", title="validation AUC")
     ax1.legend(fontsize=8)
