@@ -464,7 +464,11 @@ def train(
     """
     ctx = D.setup(cfg.device)
     try:
-        return _train(cfg, store_dir, Path(run_dir), resume, overwrite, ctx)
+        result = _train(cfg, store_dir, Path(run_dir), resume, overwrite, ctx)
+        # Rank 0 finishes later (final evaluation, files): no rank may tear its gloo
+        # connections down while a peer still uses them (that aborts the process).
+        ctx.barrier()
+        return result
     finally:
         D.teardown(ctx)
 
