@@ -302,6 +302,19 @@ def _add_short_rows(text, table, line_no, short, names, sep, quoting, first):
     return merged.take(pa.array(order)), all_no[order]
 
 
+def _matching(
+    parsed: Parsed, col: pa.Array, path: str | Path, errors: ErrorLog, field_name: str,
+    pattern: str, what: str,
+) -> pa.Array:
+    """``col`` trimmed; values not matching ``pattern`` are reported as ``what`` and become null."""
+    col = pc.utf8_trim_whitespace(col)
+    ok = np.asarray(pc.match_substring_regex(col, pattern).fill_null(False))
+    if not ok.all():
+        errors.bad_rows(path, parsed.line_no, ~ok, parsed.keep, field_name, what)
+        col = pc.if_else(pa.array(ok), col, pa.scalar(None, pa.string()))
+    return col
+
+
 def parse_int(
     parsed: Parsed,
     col: pa.Array,
@@ -312,11 +325,7 @@ def parse_int(
     allowed: tuple[int, ...] | None = None,
 ) -> pa.Array:
     """Cast a string column to integers; non-integers are reported and become null."""
-    col = pc.utf8_trim_whitespace(col)
-    ok = np.asarray(pc.match_substring_regex(col, _INT_RE).fill_null(False))
-    if not ok.all():
-        errors.bad_rows(path, parsed.line_no, ~ok, parsed.keep, field_name, "not an integer")
-        col = pc.if_else(pa.array(ok), col, pa.scalar(None, pa.string()))
+    col = _matching(parsed, col, path, errors, field_name, _INT_RE, "not an integer")
     values = pc.cast(col, pa.int64())
     if allowed is not None:
         good = np.asarray(pc.is_in(values, pa.array(allowed, pa.int64())).fill_null(True))
@@ -331,11 +340,7 @@ def parse_float(
     parsed: Parsed, col: pa.Array, path: str | Path, errors: ErrorLog, field_name: str
 ) -> pa.Array:
     """Cast a string column to float64; non-numbers are reported and become null."""
-    col = pc.utf8_trim_whitespace(col)
-    ok = np.asarray(pc.match_substring_regex(col, _FLOAT_RE).fill_null(False))
-    if not ok.all():
-        errors.bad_rows(path, parsed.line_no, ~ok, parsed.keep, field_name, "not a number")
-        col = pc.if_else(pa.array(ok), col, pa.scalar(None, pa.string()))
+    col = _matching(parsed, col, path, errors, field_name, _FLOAT_RE, "not a number")
     return pc.cast(col, pa.float64())
 
 
