@@ -151,11 +151,14 @@ class CTRModel(nn.Module):
         items: Tensor,
         cats: Tensor,
         return_alphas: bool = False,
+        compute_dtype: torch.dtype | None = None,
     ) -> ModelOutput:
         """Score N candidates for one user: user (), history (T,), candidates (N,) -> logits (N,).
 
         The generic version repeats the history N times; models with attention override
-        it to compute the history part once.
+        it to compute the history part once (``compute_dtype``: the dtype of their
+        attention's products, see :func:`dinrec.nn.attention.din_fcn_attention_candidates`;
+        ignored here).
         """
         from dinrec.data.batches import Batch
 

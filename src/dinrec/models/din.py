@@ -74,15 +74,37 @@ class DIN(CTRModel):
         items: Tensor,
         cats: Tensor,
         return_alphas: bool = False,
+        compute_dtype: torch.dtype | None = None,
     ) -> ModelOutput:
-        """user (), history (T,), candidates (N,): the history part is computed once."""
+        """user (), history (T,), candidates (N,): the history part is computed once.
+
+        In eval mode the MLP's first layer is split by input block: the user and history
+        sum parts are the same for every candidate (one row), and the target and
+        ``target * hist_sum`` parts fold into one weight, ``W_t + W_p diag(hist_sum)``.
+        """
         emb = self.embedding
         n = items.shape[0]
         mask = hist_items != 0  # (T,)
         history = emb.behaviours(hist_items, hist_cats)  # (T, 2E)
         targets = emb.behaviours(items, cats)  # (N, 2E)
-        hist_sum = (mask.to(history.dtype) @ history).expand(n, -1)  # (N, 2E)
-        att, alphas = self.attention.score_candidates(targets, history, mask, return_alphas=True)
-        u = emb.user(user.reshape(1)).expand(n, -1) if self.config.use_user else None  # (N, E)
-        logits = self._head(u, targets, hist_sum, att.squeeze(1))
+        hist_sum = mask.to(history.dtype) @ history  # (2E,)
+        att, alphas = self.attention.score_candidates(
+            targets, history, mask, return_alphas=True, compute_dtype=compute_dtype
+        )  # (N, 1, 2E), (N, 1, T)
+        att = att.squeeze(1)  # (N, 2E)
+        u = emb.user(user.reshape(1)) if self.config.use_user else None  # (1, E)
+        if self.training:
+            u_n = None if u is None else u.expand(n, -1)
+            logits = self._head(u_n, targets, hist_sum.expand(n, -1), att)
+        else:
+            w, b = self.mlp.input_layer()  # (H1, F), (H1,)
+            d = targets.shape[1]
+            blocks = list(w.split([*(() if u is None else (u.shape[1],)), d, d, d, d], dim=1))
+            w_a, w_p, w_h, w_t = blocks.pop(), blocks.pop(), blocks.pop(), blocks.pop()  # (H1, 2E)
+            shared = torch.addmv(b, w_h, hist_sum)  # (H1,)
+            if u is not None:
+                shared = torch.addmv(shared, blocks.pop(), u[0])
+            w_cand = torch.cat([w_t + w_p * hist_sum, w_a], dim=1)  # (H1, 4E)
+            pre = torch.addmm(shared, torch.cat([targets, att], dim=1), w_cand.t())  # (N, H1)
+            logits = self.mlp.forward_from_input_layer(pre).squeeze(-1)  # (N,)
         return ModelOutput(logits=logits, alphas=alphas.squeeze(1) if return_alphas else None)

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinrec.errors import ShapeError
+from dinrec.nn.candidate_scores import candidate_scores
 
 #: The reference's padding score for invalid positions.
 PADDING_SCORE: float = -(2.0**32) + 1
@@ -333,6 +334,21 @@ def din_fcn_attention(
     return _weighted_output(scores, facts, mode, return_alphas)
 
 
+def _candidate_scores_autograd(q: Tensor, history: Tensor, w: AttentionWeights) -> Tensor:
+    """Scores (N, 1, T) of N projected queries (N, D) against one history (T, D), with autograd."""
+    n = q.shape[0]
+    t, d = history.shape
+    w_query, w_key, w_prod = _split_first_layer(w, d)  # (A, D) each
+    q_part = F.linear(q, w_query, w.att1_bias)  # (N, A)
+    k_part = F.linear(history, w_key)  # (T, A): the history part, once
+    w_pairs = q.t().unsqueeze(2) * w_prod.t().unsqueeze(1)  # (D, N, A): q[n, d] * W_p[a, d]
+    h1 = (history @ w_pairs.reshape(d, -1)).view(t, n, -1)  # (T, N, A)
+    h1 = torch.sigmoid(h1 + k_part.unsqueeze(1) + q_part.unsqueeze(0)).view(t * n, -1)  # (T*N, A)
+    h2 = torch.sigmoid(F.linear(h1, w.att2_weight, w.att2_bias))  # (T*N, 40)
+    s = F.linear(h2, w.att3_weight, w.att3_bias)  # (T*N, 1)
+    return s.view(t, n).t().unsqueeze(1)  # (N, 1, T)
+
+
 def din_fcn_attention_candidates(
     candidates: Tensor,
     history: Tensor,
@@ -343,6 +359,7 @@ def din_fcn_attention_candidates(
     softmax: bool = True,
     return_alphas: bool = False,
     for_cnn: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Score N candidate queries against one shared history; the history part is computed once.
 
@@ -353,6 +370,9 @@ def din_fcn_attention_candidates(
         candidates: ``(N, Q)`` candidate queries.
         history: ``(T, D)`` (or ``(1, T, D)``) the one user's facts.
         mask: ``(T,)`` (or ``(1, T)``) validity of each history position, or ``None``.
+        compute_dtype: without autograd, the dtype of the attention MLP's products
+            (``torch.bfloat16``: faster on CPUs with bfloat16 dot products, ~1e-2
+            relative error in the scores); see :mod:`dinrec.nn.candidate_scores`.
 
     Returns:
         ``output`` ``(N, 1, D)`` in SUM mode, ``(N, T, D)`` otherwise, and with
@@ -370,21 +390,20 @@ def din_fcn_attention_candidates(
             mask = mask[0]
         _check_mask(mask, (t,), "(T,)")
     _check_weights(weights, candidates.shape[1], d)
-    n = candidates.shape[0]
     q = _project_query(candidates, weights)  # (N, D)
-    w_query, w_key, w_prod = _split_first_layer(weights, d)  # (A, D) each
-    q_part = F.linear(q, w_query, weights.att1_bias)  # (N, A)
-    k_part = F.linear(history, w_key)  # (T, A): the history part, once
-    # W_p (q_n * k_t) for all pairs as one GEMM: (T, D) @ (D, N*A), kept time-major so
-    # that every later step works in place on contiguous memory (no transposed copies).
-    w_pairs = q.t().unsqueeze(2) * w_prod.t().unsqueeze(1)  # (D, N, A): q[n, d] * W_p[a, d]
-    h1 = (history @ w_pairs.view(d, -1)).view(t, n, -1)  # (T, N, A)
-    h1 += k_part.unsqueeze(1)
-    h1 += q_part.unsqueeze(0)
-    h1 = h1.sigmoid_().view(t * n, -1)  # (T*N, A)
-    h2 = torch.addmm(weights.att2_bias, h1, weights.att2_weight.t()).sigmoid_()  # (T*N, 40)
-    s = torch.addmm(weights.att3_bias, h2, weights.att3_weight.t())  # (T*N, 1)
-    scores = s.view(t, n).t().unsqueeze(1)  # (N, 1, T)
+    needs_grad = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (q, history, weights.att1_weight, weights.att2_weight, weights.att3_weight)
+    )
+    if needs_grad:
+        scores = _candidate_scores_autograd(q, history, weights)  # (N, 1, T)
+    else:
+        w_query, w_key, w_prod = _split_first_layer(weights, d)  # (A, D) each
+        valid_t = None if (mask is None or for_cnn) else _valid(mask)
+        scores = candidate_scores(
+            q, history, valid_t, w_query, w_key, w_prod, weights.att1_bias,
+            weights.att2_weight, weights.att2_bias, weights.att3_weight, weights.att3_bias,
+            compute_dtype=compute_dtype,
+        ).unsqueeze(1)  # (N, 1, T)
     valid = None if (mask is None or for_cnn) else _valid(mask).view(1, 1, t)  # (1, 1, T)
     scores = _mask_softmax(scores, valid, softmax)
     if mode != "SUM":
@@ -511,6 +530,7 @@ class DinFcnAttention(nn.Module):
         history: Tensor,
         mask: Tensor | None = None,
         return_alphas: bool | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """candidates (N, Q) against one history (T, D), mask (T,): see :func:`din_fcn_attention_candidates`."""
         if self.bi_rnn:
@@ -524,6 +544,7 @@ class DinFcnAttention(nn.Module):
             softmax=self.softmax,
             return_alphas=self.return_alphas if return_alphas is None else return_alphas,
             for_cnn=self.for_cnn,
+            compute_dtype=compute_dtype,
         )
 
     def extra_repr(self) -> str:

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from dinrec.errors import DinrecError, ShapeError
@@ -153,3 +154,37 @@ class MLP(nn.Module):
         h = self.hidden_layers(h)  # (N, hidden[-1])
         out = self.out(h)  # (N, out_features)
         return out.reshape(*lead, cfg.out_features)  # (..., out_features)
+
+    # ------------------------------------------------------------------ inference helpers
+    def input_layer(self) -> tuple[Tensor, Tensor]:
+        """The first dense layer as ``(W (H1, F), b (H1,))`` with the input BatchNorm
+        folded in, so that ``x @ W.T + b`` is its pre-activation. Eval mode only (BatchNorm
+        is then the affine map of its running statistics).
+
+        Lets a caller that knows the structure of ``x`` compute that product cheaper
+        (e.g. once for the parts shared by many rows); continue with
+        :meth:`forward_from_input_layer`.
+        """
+        if self.training:
+            raise DinrecError("MLP.input_layer folds the input BatchNorm: call it in eval mode")
+        first = self.hidden_layers[0] if len(self.hidden_layers) else self.out
+        w, b = first.weight, first.bias  # (H1, F), (H1,)
+        bn = self.input_bn
+        if bn is None:
+            return w, b
+        assert bn.running_var is not None and bn.running_mean is not None
+        scale = bn.running_var.add(bn.eps).rsqrt()  # (F,)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale  # (F,)
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        return w * scale, torch.addmv(b, w, shift)
+
+    def forward_from_input_layer(self, pre: Tensor) -> Tensor:
+        """(N, H1) pre-activations of the first dense layer -> (N, out_features)."""
+        if not len(self.hidden_layers):
+            return pre
+        h = self.hidden_layers[1:](pre)  # (N, hidden[-1])
+        return self.out(h)
+

@@ -1,0 +1,155 @@
+"""The inference kernel for N candidates against one history (nn/candidate_scores.py),
+checked against the row-by-row attention with the history repeated N times."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from dinrec.nn import candidate_scores as cs
+from dinrec.nn.attention import DinFcnAttention, _project_query, _split_first_layer
+from dinrec.nn.mlp import MLP
+
+
+def _unit(q: int, d: int, a: int = 16, seed: int = 0, **kw) -> DinFcnAttention:
+    g = torch.Generator().manual_seed(seed)
+    unit = DinFcnAttention(q, d, a, **kw).double()
+    with torch.no_grad():
+        for p in unit.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    return unit
+
+
+def _case(n: int, t: int, q: int = 5, d: int = 8, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    cands = torch.randn(n, q, generator=g, dtype=torch.float64)
+    history = torch.randn(t, d, generator=g, dtype=torch.float64)
+    return cands, history
+
+
+MASKS = {
+    "gaps": lambda t: torch.arange(t) % 3 != 1,  # padding between valid positions too
+    "tail": lambda t: torch.arange(t) < t - 2,
+    "none_valid": lambda t: torch.zeros(t, dtype=torch.bool),
+    "all_valid": lambda t: torch.ones(t, dtype=torch.bool),
+    "int": lambda t: (torch.arange(t) < 4).long() * 1,
+    "no_mask": lambda t: None,
+}
+
+
+@pytest.mark.parametrize("mask_kind", list(MASKS))
+@pytest.mark.parametrize(("mode", "softmax", "for_cnn"), [
+    ("SUM", True, False), ("LIST", True, False), ("SUM", False, False), ("SUM", True, True),
+])
+def test_inference_kernel_equals_repeated_rows(mask_kind, mode, softmax, for_cnn):
+    n, t = 23, 9
+    cands, history = _case(n, t)
+    mask = MASKS[mask_kind](t)
+    unit = _unit(5, 8, mode=mode, softmax=softmax, for_cnn=for_cnn)
+    with torch.inference_mode():  # the kernel path (no autograd)
+        out, alphas = unit.score_candidates(cands, history, mask, return_alphas=True)
+        rows_mask = None if mask is None else mask.expand(n, t)
+        want, want_alphas = unit(cands, history.expand(n, t, 8), rows_mask, return_alphas=True)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(alphas, want_alphas)
+
+
+def test_kernel_chunks_and_valid_positions_match_the_autograd_form():
+    """Many chunks (chunk_rows tiny) and the valid-only compaction give the same scores."""
+    n, t, d = 37, 11, 8
+    cands, history = _case(n, t, d=d)
+    unit = _unit(5, d)
+    w = unit.weights()
+    valid = torch.arange(t) % 4 != 0
+    with torch.no_grad():
+        q = _project_query(cands, w)
+        wq, wk, wp = _split_first_layer(w, d)
+        args = (q, history, valid, wq, wk, wp, w.att1_bias, w.att2_weight, w.att2_bias,
+                w.att3_weight, w.att3_bias)
+        full = cs.candidate_scores(*args[:2], None, *args[3:], chunk_rows=10**6)  # (N, T)
+        for rows in (1, 7, 50, 10**6):
+            got = cs.candidate_scores(*args, chunk_rows=rows)
+            torch.testing.assert_close(got[:, valid], full[:, valid])
+            assert (got[:, ~valid] == 0).all()
+        # The reference first layer, written out: [q, k, q-k, q*k] @ W1 -> sigmoid -> ...
+        qq, kk = q[:, None, :].expand(n, t, d), history[None].expand(n, t, d)
+        din = torch.cat([qq, kk, qq - kk, qq * kk], -1)
+        h = torch.sigmoid(din @ w.att1_weight.t() + w.att1_bias)
+        h = torch.sigmoid(h @ w.att2_weight.t() + w.att2_bias)
+        torch.testing.assert_close(full, (h @ w.att3_weight.t() + w.att3_bias).squeeze(-1))
+
+
+def test_results_never_alias_the_reused_buffers():
+    unit = _unit(5, 8, softmax=False, for_cnn=True)
+    cands, history = _case(1, 6)  # N = 1: the transposed scores are already contiguous
+    with torch.inference_mode():
+        first = unit.score_candidates(cands, history, None).clone()
+        kept = unit.score_candidates(cands, history, None)
+        unit.score_candidates(cands * 3, history + 1, None)
+    torch.testing.assert_close(kept, first)
+
+
+def test_buffers_are_reused_and_per_thread():
+    unit = _unit(5, 8)
+    cands, history = _case(20, 6)
+    cs.clear_buffers()
+    with torch.inference_mode():
+        unit.score_candidates(cands, history)
+        ptrs = {k: v.data_ptr() for k, v in cs._local.buffers.items()}
+        unit.score_candidates(cands[:10], history[:4])  # smaller: same memory
+    assert {k: v.data_ptr() for k, v in cs._local.buffers.items()} == ptrs
+
+    results: dict[int, torch.Tensor] = {}
+
+    def work(i: int) -> None:
+        with torch.inference_mode():
+            for _ in range(20):
+                results[i] = unit.score_candidates(cands * (i + 1), history)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    with torch.inference_mode():
+        for i in range(3):
+            torch.testing.assert_close(results[i], unit.score_candidates(cands * (i + 1), history))
+
+
+def test_bfloat16_compute_is_close_to_float32():
+    n, t = 200, 50
+    cands, history = (x.float() for x in _case(n, t, q=16, d=16))
+    unit = _unit(16, 16, 36).float()
+    mask = torch.arange(t) < 40
+    with torch.inference_mode():
+        out, alphas = unit.score_candidates(cands, history, mask, return_alphas=True)
+        out_b, alphas_b = unit.score_candidates(
+            cands, history, mask, return_alphas=True, compute_dtype=torch.bfloat16
+        )
+    assert out_b.dtype == torch.float32
+    assert not torch.equal(alphas_b, alphas)  # it did compute in bfloat16
+    torch.testing.assert_close(alphas_b, alphas, rtol=0.05, atol=2e-3)
+    torch.testing.assert_close(out_b, out, rtol=0.05, atol=2e-2)
+    assert (alphas_b[..., 40:] == 0).all()
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"use_input_bn": False}, {"hidden": ()}, {"activation": "dice"}, {"dropout": 0.2},
+])
+def test_mlp_input_layer_folding(kw):
+    torch.manual_seed(0)
+    mlp = MLP(12, **{"hidden": (9, 5), **kw}).double()
+    x = torch.randn(64, 12, dtype=torch.float64) * 2 + 1
+    mlp.train()
+    for _ in range(3):  # give BatchNorm / Dice non-trivial running statistics
+        mlp(x)
+    mlp.eval()
+    with torch.no_grad():
+        w, b = mlp.input_layer()
+        got = mlp.forward_from_input_layer(x @ w.t() + b)
+        torch.testing.assert_close(got, mlp(x))
+    mlp.train()
+    with pytest.raises(Exception, match="eval mode"):
+        mlp.input_layer()
