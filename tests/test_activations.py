@@ -138,3 +138,16 @@ def test_dice_state_dict_and_errors():
         m(torch.zeros(2, 4))
     with pytest.raises(DinrecError):
         Dice(3, momentum=1.5)
+
+
+def test_prelu_gradients_match_the_two_sided_formula():
+    """The fused kernel's gradients, for x and the slopes, on (B, T, C) and (B, C) inputs."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(5, 3, 4), (6, 4)]:
+        x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        alpha = torch.rand(4, generator=g, dtype=torch.float64, requires_grad=True)
+        torch.autograd.gradcheck(prelu, (x, alpha))
+        up = torch.randn(shape, generator=g, dtype=torch.float64)
+        got = torch.autograd.grad(prelu(x, alpha), (x, alpha), up)
+        want = torch.autograd.grad(torch.clamp_min(x, 0) + alpha * torch.clamp_max(x, 0), (x, alpha), up)
+        torch.testing.assert_close(got, want)
