@@ -118,7 +118,12 @@ def test_buffers_are_reused_and_per_thread():
             torch.testing.assert_close(results[i], unit.score_candidates(cands * (i + 1), history))
 
 
-def test_bfloat16_compute_is_close_to_float32():
+@pytest.mark.parametrize("fused", [True, False])
+def test_bfloat16_compute_is_close_to_float32(fused, monkeypatch):
+    if not fused:  # the separate-ops fallback (torch without oneDNN's fused linear)
+        monkeypatch.setattr(cs, "_FUSED", False)
+    elif cs._fused_linear_sigmoid() is None:
+        pytest.skip("this torch has no oneDNN fused linear")
     n, t = 200, 50
     cands, history = (x.float() for x in _case(n, t, q=16, d=16))
     unit = _unit(16, 16, 36).float()

@@ -22,7 +22,8 @@ against every candidate query. :func:`candidate_scores` computes the attention s
   request cost page faults (measured: some processes ran 2x slower from it).
 * **Optional bfloat16 GEMMs** (``compute_dtype=torch.bfloat16``): the two large
   products and sigmoids in bfloat16 with float32 accumulation, for CPUs with native
-  bfloat16 dot products (AVX512-BF16, AMX). Scores then differ from float32 by about
+  bfloat16 dot products (AVX512-BF16, AMX); where torch has oneDNN, each sigmoid runs
+  in its GEMM's epilogue (measured 1.25x over separate bfloat16 ops). Scores then differ from float32 by about
   1e-2 relative; rankings rarely change. float32 (the default) equals the reference.
 
 The last layer's bias is added to every score of a row, which softmax ignores, but it
@@ -54,6 +55,32 @@ def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     if buf is None or buf.numel() < n:
         buf = store[(name, dtype)] = torch.empty(max(n, 1), dtype=dtype)
     return buf[:n].view(shape)
+
+
+def _fused_linear_sigmoid():  # type: ignore[no-untyped-def]
+    """``f(x, w, b) = sigmoid(x @ w.T + b)`` as one oneDNN call, or None where torch lacks it.
+
+    ``torch.ops.mkldnn._linear_pointwise`` is the fused kernel that torch's own compiler
+    emits on CPU; it is internal, so its absence (or failure) falls back to separate ops.
+    """
+    global _FUSED
+    if _FUSED is False:
+        return None
+    if _FUSED is None:
+        try:
+            op = torch.ops.mkldnn._linear_pointwise
+            x = torch.ones(2, 3, dtype=torch.bfloat16)
+            ok = torch.backends.mkldnn.is_available() and torch.allclose(
+                op(x, torch.zeros(4, 3, dtype=torch.bfloat16), None, "sigmoid", [], "").float(),
+                torch.full((2, 4), 0.5),
+            )
+        except (AttributeError, RuntimeError):
+            ok = False
+        _FUSED = (lambda x, w, b: op(x, w, b, "sigmoid", [], "")) if ok else False
+    return _FUSED or None
+
+
+_FUSED = None
 
 
 def clear_buffers() -> None:
@@ -121,9 +148,18 @@ def candidate_scores(
     hidden = w2.shape[0]
     scores_v = q.new_empty(n, tv)  # the result (or its valid columns): never a buffer
     step = max(1, min(n, chunk_rows // max(tv, 1)))
+    fused = _fused_linear_sigmoid() if cdt == torch.bfloat16 else None
+    if fused is not None:
+        m_t = m.t().contiguous()  # (Tv*A, D+1): oneDNN takes (out, in) weights
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
         nc = c1 - c0
+        if fused is not None:  # sigmoid in the GEMM epilogue, from the float32 accumulators
+            h2 = fused(fused(q_aug[c0:c1], m_t, None).view(nc * tv, a), w2, b2)  # (nc*Tv, 40)
+            s3 = _buffer("s3", (nc * tv, 1), cdt)
+            torch.mm(h2, w3.t(), out=s3)  # (nc*Tv, 1): faster than mv in bfloat16
+            scores_v[c0:c1] = s3.view(nc, tv)
+            continue
         h1 = _buffer("h1", (nc, tv * a), cdt)
         torch.mm(q_aug[c0:c1], m, out=h1)  # (nc, Tv*A): rows n, columns (t, a)
         h1.sigmoid_()
