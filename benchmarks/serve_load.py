@@ -68,14 +68,15 @@ def percentiles(ms: np.ndarray) -> str:
 
 
 def in_process(
-    run: Path, n_candidates: int, history: int, runs: int, threads: int, onnx: Path | None = None
+    run: Path, n_candidates: int, history: int, runs: int, threads: int, onnx: Path | None = None,
+    precision: str = "float32",
 ) -> None:
     import torch
 
     from dinrec.serve.ranker import Ranker
 
     torch.set_num_threads(threads)
-    ranker = Ranker(run, onnx=onnx, threads=threads)
+    ranker = Ranker(run, onnx=onnx, threads=threads, precision=precision)
     rng = np.random.default_rng(0)
     n_items = ranker.vocab_sizes["item"]
     hist = rng.integers(2, n_items, history)  # (T,)
@@ -97,10 +98,30 @@ def in_process(
 
     ids = timed(lambda: ranker.score_candidate_ids(2, hist, cands))
     tok = timed(lambda: ranker.rank(user, hist_tok, cand_tok, k=10, explain=3))
-    print(f"in-process, {ranker.model_name} ({ranker.backend.name}), T={history}, N={n_candidates}, torch threads={threads}, "
-          f"{runs} runs:")
+    print(f"in-process, {ranker.model_name} ({ranker.backend.name}, {precision}), T={history}, "
+          f"N={n_candidates}, torch threads={threads}, {runs} runs:")
     print(f"  ids    (score_candidate_ids)   {percentiles(ids)}")
     print(f"  tokens (rank, k=10, explain=3) {percentiles(tok)}")
+
+
+def precision_agreement(run: Path, n_candidates: int, history: int, requests: int = 50) -> None:
+    """How far bfloat16 ranking is from float32: max |p diff| and top-10 overlap."""
+    from dinrec.serve.ranker import Ranker
+
+    exact, fast = Ranker(run), Ranker(run, precision="bfloat16")
+    rng = np.random.default_rng(1)
+    n_items = exact.vocab_sizes["item"]
+    diffs, overlap = [], []
+    for _ in range(requests):
+        hist = rng.integers(2, n_items, history)
+        cands = rng.choice(np.arange(2, n_items), size=min(n_candidates, n_items - 2), replace=False)
+        p = exact.score_candidate_ids(2, hist, cands).probabilities
+        q = fast.score_candidate_ids(2, hist, cands).probabilities
+        diffs.append(np.abs(p - q).max())
+        overlap.append(len(set(np.argsort(-p)[:10]) & set(np.argsort(-q)[:10])) / 10)
+    print(f"bfloat16 vs float32 over {requests} requests: max |p diff| {max(diffs):.2e} "
+          f"(median {np.median(diffs):.2e}); top-10 overlap mean {np.mean(overlap):.3f}, "
+          f"min {min(overlap):.1f}")
 
 
 def make_payloads(run: Path, n: int, n_candidates: int, history: int, seed: int = 0) -> list[bytes]:
@@ -209,6 +230,8 @@ def http_load(args: argparse.Namespace, run: Path) -> None:
            "--workers", str(args.workers), "--threads", str(args.server_threads), "--log-level", "warning"]
     if args.onnx:
         cmd += ["--onnx", str(args.onnx)]
+    else:
+        cmd += ["--precision", args.precision]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(args.server_threads)})
     try:
         wait_healthy(url, proc)
@@ -233,7 +256,7 @@ def http_load(args: argparse.Namespace, run: Path) -> None:
             proc.kill()
     print(f"HTTP /recommend, {args.candidates} candidates, T={args.history}, concurrency "
           f"{args.concurrency}, {args.workers} workers x {args.server_threads} thread"
-          f"{' (ONNX)' if args.onnx else ''}:")
+          f"{' (ONNX)' if args.onnx else f' ({args.precision})'}:")
     print(f"  {res.sent:,} sent in {res.seconds:.1f} s: {res.ok / res.seconds:,.0f} req/s; "
           f"non-2xx {res.non_2xx}, failed {res.failed}; /healthz after: {health}")
     print(f"  latency {percentiles(res.latencies_ms)}")
@@ -254,6 +277,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--server-threads", type=int, default=1)
     p.add_argument("--onnx", type=Path, default=None, help="serve this ONNX export instead")
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="`dinrec serve --precision` for the HTTP load")
     p.add_argument("--export-onnx", action="store_true",
                    help="export the run to ONNX first and serve that (`dinrec serve --onnx`)")
     p.add_argument("--inproc-candidates", type=int, default=1000)
@@ -271,9 +296,11 @@ def main() -> None:
             t0 = time.perf_counter()
             run = train_run(Path(tmp), args.preset, args.steps)
             print(f"trained DIN on preset {args.preset!r}, {args.steps} steps ({time.perf_counter() - t0:.0f} s)")
-        in_process(run, args.inproc_candidates, args.history, args.inproc_runs, 1)
-        if args.inproc_threads > 1:
-            in_process(run, args.inproc_candidates, args.history, args.inproc_runs, args.inproc_threads)
+        for threads in sorted({1, args.inproc_threads}):
+            for precision in ("float32", "bfloat16"):
+                in_process(run, args.inproc_candidates, args.history, args.inproc_runs, threads,
+                           precision=precision)
+        precision_agreement(run, args.inproc_candidates, args.history)
         if args.export_onnx:
             import logging
 

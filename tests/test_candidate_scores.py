@@ -99,6 +99,8 @@ def test_buffers_are_reused_and_per_thread():
         unit.score_candidates(cands, history)
         ptrs = {k: v.data_ptr() for k, v in cs._local.buffers.items()}
         unit.score_candidates(cands[:10], history[:4])  # smaller: same memory
+    with torch.no_grad():  # buffers made in inference mode still work outside it
+        unit.score_candidates(cands, history)
     assert {k: v.data_ptr() for k, v in cs._local.buffers.items()} == ptrs
 
     results: dict[int, torch.Tensor] = {}
@@ -158,3 +160,29 @@ def test_mlp_input_layer_folding(kw):
     mlp.train()
     with pytest.raises(Exception, match="eval mode"):
         mlp.input_layer()
+
+
+def test_din_candidate_scorer_is_a_snapshot_of_eval_mode():
+    from dinrec.errors import DinrecError
+    from dinrec.models import build_model
+
+    torch.manual_seed(2)
+    model = build_model("din", n_users=20, n_items=60, n_cats=9, embedding_dim=4, hidden=[8, 4])
+    with pytest.raises(DinrecError, match="eval mode"):
+        model.candidate_scorer()
+    model.eval()
+    args = (torch.tensor(3), torch.tensor([5, 9, 2, 0]), torch.tensor([3, 4, 2, 0]),
+            torch.arange(10, 30), torch.arange(10, 30) % 9)
+    scorer = model.candidate_scorer()
+    before = scorer(*args, return_alphas=True)
+    want = model.score_candidates(*args, return_alphas=True)
+    torch.testing.assert_close(before.logits, want.logits)
+    torch.testing.assert_close(before.alphas, want.alphas)
+    with torch.no_grad():
+        model.mlp.out.bias += 1.0
+        model.attention.att2.bias += 0.5
+    torch.testing.assert_close(scorer(*args).logits, before.logits)  # the snapshot
+    fresh = model.candidate_scorer()(*args, return_alphas=True)
+    torch.testing.assert_close(fresh.logits, model.score_candidates(*args).logits)
+    assert not torch.allclose(fresh.logits, before.logits)
+    assert not torch.allclose(fresh.alphas, before.alphas)

@@ -118,3 +118,22 @@ def test_bad_arguments_and_sampling(ranker):
     exclude = _items(ranker, 20)
     picked = ranker.sample_candidates(15, exclude=exclude, seed=1)
     assert len(set(picked)) == 15 and not set(picked) & set(exclude)
+
+
+def test_bfloat16_precision_is_close_to_float32(tiny_din_run, ranker):
+    fast = Ranker(tiny_din_run, precision="bfloat16")
+    assert fast.precision == "bfloat16" and ranker.precision == "float32"
+    users = ranker.index["user"].tokens[2:5]
+    history, candidates = _items(ranker, 30), _items(ranker, 200, 40)
+    for user in users:
+        want = ranker.score_candidate_ids(ranker.index["user"].encode([user])[0],
+                                          ranker.index["item"].encode(history),
+                                          ranker.index["item"].encode(candidates))
+        got = fast.score_candidate_ids(ranker.index["user"].encode([user])[0],
+                                       ranker.index["item"].encode(history),
+                                       ranker.index["item"].encode(candidates))
+        np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=0, atol=5e-3)
+    with pytest.raises(DinrecError, match="precision"):
+        Ranker(tiny_din_run, precision="float8")
+    with pytest.raises(DinrecError, match="ONNX"):
+        Ranker(tiny_din_run, precision="bfloat16", onnx=tiny_din_run / "model.onnx")

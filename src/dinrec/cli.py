@@ -374,6 +374,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="score with this ONNX export of the run (from `dinrec export`)")
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (one per core)")
     p.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads per worker")
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="attention products when ranking (bfloat16: faster on CPUs with "
+                   "bfloat16 dot products, scores within ~1e-3; see docs/serving.md)")
     p.add_argument("--max-candidates", type=int, default=1000)
     p.add_argument("--max-history", type=int, default=1000)
     p.add_argument("--max-rows", type=int, default=1000, help="rows per /score request")
@@ -394,7 +397,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             raise DinrecError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     limits = Limits(max_candidates=args.max_candidates, max_history=args.max_history,
                     max_rows=args.max_rows, max_body_bytes=args.max_body_bytes)
-    cfg = ServeConfig(run=str(args.run), onnx=args.onnx, threads=args.threads, limits=limits)
+    cfg = ServeConfig(run=str(args.run), onnx=args.onnx, threads=args.threads,
+                      precision=args.precision, limits=limits)
     serve(cfg, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
     return 0
 

@@ -13,6 +13,7 @@ history.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -142,6 +143,11 @@ class CTRModel(nn.Module):
 
     def forward(self, batch: Batch, return_alphas: bool = False) -> ModelOutput:  # pragma: no cover
         raise NotImplementedError
+
+    def candidate_scorer(self) -> Callable[..., ModelOutput]:
+        """``score_candidates`` for a server to call many times: models that can prepare
+        weight-only work once (DIN) return a frozen scorer; the others this bound method."""
+        return self.score_candidates
 
     def score_candidates(
         self,

@@ -16,6 +16,7 @@ as the DIEN reference's DIN model. ``attention="fcn"`` (default) uses
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -78,33 +79,84 @@ class DIN(CTRModel):
     ) -> ModelOutput:
         """user (), history (T,), candidates (N,): the history part is computed once.
 
-        In eval mode the MLP's first layer is split by input block: the user and history
-        sum parts are the same for every candidate (one row), and the target and
-        ``target * hist_sum`` parts fold into one weight, ``W_t + W_p diag(hist_sum)``.
+        In eval mode this is :meth:`candidate_scorer` built and called once; a server
+        should build that once and reuse it.
         """
+        if not self.training:
+            return self.candidate_scorer()(
+                user, hist_items, hist_cats, items, cats, return_alphas=return_alphas,
+                compute_dtype=compute_dtype,
+            )
         emb = self.embedding
         n = items.shape[0]
         mask = hist_items != 0  # (T,)
         history = emb.behaviours(hist_items, hist_cats)  # (T, 2E)
         targets = emb.behaviours(items, cats)  # (N, 2E)
+        hist_sum = (mask.to(history.dtype) @ history).expand(n, -1)  # (N, 2E)
+        att, alphas = self.attention.score_candidates(targets, history, mask, return_alphas=True)
+        u = emb.user(user.reshape(1)).expand(n, -1) if self.config.use_user else None  # (N, E)
+        logits = self._head(u, targets, hist_sum, att.squeeze(1))
+        return ModelOutput(logits=logits, alphas=alphas.squeeze(1) if return_alphas else None)
+
+    def candidate_scorer(self) -> DINCandidateScorer:
+        """The eval-mode :meth:`score_candidates` with its weight-only work done once."""
+        return DINCandidateScorer(self)
+
+
+class DINCandidateScorer:
+    """DIN's candidate ranking for inference: a snapshot of the weights, prepared once.
+
+    Equal to ``DIN.score_candidates`` in eval mode. The attention is a
+    :class:`~dinrec.nn.attention.CandidateAttention`, and the MLP's first layer (input
+    BatchNorm folded in) is split by input block: the user and history-sum parts are the
+    same for every candidate (one row), and the target and ``target * hist_sum`` parts
+    fold into one weight ``W_t + W_p diag(hist_sum)``, so the first layer is one
+    ``(N, 4E) @ (4E, H1)`` product. Make a new one after the weights change.
+    """
+
+    def __init__(self, model: DIN) -> None:
+        if model.training:
+            raise DinrecError("DINCandidateScorer: put the model in eval mode first")
+        emb = model.embedding
+        with torch.no_grad():
+            self.item_table = emb.item.weight.detach()  # (n_items, E)
+            self.cat_table = emb.cat.weight.detach()  # (n_cats, E)
+            self.user_table = emb.user.weight.detach() if model.config.use_user else None
+            self.attention = model.attention.candidate_attention()
+            w, self.bias = (x.detach() for x in model.mlp.input_layer())  # (H1, F), (H1,)
+            d = model.behaviour_dim
+            blocks = list(w.split([*(() if self.user_table is None else (self.user_table.shape[1],)),
+                                   d, d, d, d], dim=1))
+            self.w_att, self.w_prod, self.w_sum, self.w_target = (blocks.pop() for _ in range(4))
+            self.w_user = blocks.pop() if blocks else None  # (H1, E) or None
+        self.mlp = copy.deepcopy(model.mlp)  # the layers after the first: part of the snapshot
+
+    def _behaviours(self, items: Tensor, cats: Tensor) -> Tensor:
+        return torch.cat([self.item_table[items], self.cat_table[cats]], dim=-1)  # (..., 2E)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        user: Tensor,
+        hist_items: Tensor,
+        hist_cats: Tensor,
+        items: Tensor,
+        cats: Tensor,
+        return_alphas: bool = False,
+        compute_dtype: torch.dtype | None = None,
+    ) -> ModelOutput:
+        """user (), history (T,), candidates (N,) -> logits (N,), alphas (N, T) on request."""
+        mask = hist_items != 0  # (T,)
+        history = self._behaviours(hist_items, hist_cats)  # (T, 2E)
+        targets = self._behaviours(items, cats)  # (N, 2E)
         hist_sum = mask.to(history.dtype) @ history  # (2E,)
-        att, alphas = self.attention.score_candidates(
+        att, alphas = self.attention(
             targets, history, mask, return_alphas=True, compute_dtype=compute_dtype
         )  # (N, 1, 2E), (N, 1, T)
-        att = att.squeeze(1)  # (N, 2E)
-        u = emb.user(user.reshape(1)) if self.config.use_user else None  # (1, E)
-        if self.training:
-            u_n = None if u is None else u.expand(n, -1)
-            logits = self._head(u_n, targets, hist_sum.expand(n, -1), att)
-        else:
-            w, b = self.mlp.input_layer()  # (H1, F), (H1,)
-            d = targets.shape[1]
-            blocks = list(w.split([*(() if u is None else (u.shape[1],)), d, d, d, d], dim=1))
-            w_a, w_p, w_h, w_t = blocks.pop(), blocks.pop(), blocks.pop(), blocks.pop()  # (H1, 2E)
-            shared = torch.addmv(b, w_h, hist_sum)  # (H1,)
-            if u is not None:
-                shared = torch.addmv(shared, blocks.pop(), u[0])
-            w_cand = torch.cat([w_t + w_p * hist_sum, w_a], dim=1)  # (H1, 4E)
-            pre = torch.addmm(shared, torch.cat([targets, att], dim=1), w_cand.t())  # (N, H1)
-            logits = self.mlp.forward_from_input_layer(pre).squeeze(-1)  # (N,)
+        shared = torch.addmv(self.bias, self.w_sum, hist_sum)  # (H1,)
+        if self.w_user is not None and self.user_table is not None:
+            shared = torch.addmv(shared, self.w_user, self.user_table[user.reshape(())])
+        w_cand = torch.cat([self.w_target + self.w_prod * hist_sum, self.w_att], dim=1)  # (H1, 4E)
+        pre = torch.addmm(shared, torch.cat([targets, att.squeeze(1)], dim=1), w_cand.t())  # (N, H1)
+        logits = self.mlp.forward_from_input_layer(pre).squeeze(-1)  # (N,)
         return ModelOutput(logits=logits, alphas=alphas.squeeze(1) if return_alphas else None)

@@ -390,25 +390,61 @@ def din_fcn_attention_candidates(
             mask = mask[0]
         _check_mask(mask, (t,), "(T,)")
     _check_weights(weights, candidates.shape[1], d)
-    q = _project_query(candidates, weights)  # (N, D)
     needs_grad = torch.is_grad_enabled() and any(
-        x.requires_grad for x in (q, history, weights.att1_weight, weights.att2_weight, weights.att3_weight)
+        x is not None and x.requires_grad for x in (candidates, history, *weights)
     )
     if needs_grad:
+        q = _project_query(candidates, weights)  # (N, D)
         scores = _candidate_scores_autograd(q, history, weights)  # (N, 1, T)
     else:
-        w_query, w_key, w_prod = _split_first_layer(weights, d)  # (A, D) each
-        valid_t = None if (mask is None or for_cnn) else _valid(mask)
-        scores = candidate_scores(
-            q, history, valid_t, w_query, w_key, w_prod, weights.att1_bias,
-            weights.att2_weight, weights.att2_bias, weights.att3_weight, weights.att3_bias,
-            compute_dtype=compute_dtype,
-        ).unsqueeze(1)  # (N, 1, T)
+        unit = CandidateAttention(weights, mode=mode, softmax=softmax, for_cnn=for_cnn)
+        return unit(candidates, history, mask, return_alphas=return_alphas, compute_dtype=compute_dtype)
     valid = None if (mask is None or for_cnn) else _valid(mask).view(1, 1, t)  # (1, 1, T)
     scores = _mask_softmax(scores, valid, softmax)
     if mode != "SUM":
         history = history.unsqueeze(0)  # (1, T, D), broadcast over N
     return _weighted_output(scores, history, mode, return_alphas)
+
+
+class CandidateAttention:
+    """:func:`din_fcn_attention_candidates` for inference, with the weight-only work done once.
+
+    Takes a snapshot of ``weights`` (detached; the first layer already split as
+    ``W_q + W_d``, ``W_k - W_d``, ``W_p``), so a serving process that scores many requests
+    with one model pays for it once. Make a new one after the weights change. Inputs are
+    not checked (see the function for the shapes); no autograd.
+    """
+
+    def __init__(self, weights: AttentionWeights, *, mode: str = "SUM", softmax: bool = True,
+                 for_cnn: bool = False) -> None:
+        with torch.no_grad():
+            self.weights = AttentionWeights(*(None if x is None else x.detach() for x in weights))
+            d = weights.att1_weight.shape[1] // 4
+            w_query, w_key, w_prod = _split_first_layer(self.weights, d)  # (A, D) each
+            w = self.weights
+            self.layers = (w_query, w_key, w_prod, w.att1_bias, w.att2_weight, w.att2_bias,
+                           w.att3_weight, w.att3_bias)
+        self.mode, self.softmax, self.for_cnn = mode, softmax, for_cnn
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        candidates: Tensor,
+        history: Tensor,
+        mask: Tensor | None = None,
+        return_alphas: bool = False,
+        compute_dtype: torch.dtype | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """candidates (N, Q), history (T, D), mask (T,) -> as :func:`din_fcn_attention_candidates`."""
+        t = history.shape[0]
+        q = _project_query(candidates, self.weights)  # (N, D)
+        valid = None if (mask is None or self.for_cnn) else _valid(mask)  # (T,)
+        scores = candidate_scores(q, history, valid, *self.layers, compute_dtype=compute_dtype)
+        scores = _mask_softmax(scores.unsqueeze(1), None if valid is None else valid.view(1, 1, t),
+                               self.softmax)  # (N, 1, T)
+        if self.mode != "SUM":
+            history = history.unsqueeze(0)  # (1, T, D), broadcast over N
+        return _weighted_output(scores, history, self.mode, return_alphas)
 
 
 # --------------------------------------------------------------------------- module
@@ -546,6 +582,12 @@ class DinFcnAttention(nn.Module):
             for_cnn=self.for_cnn,
             compute_dtype=compute_dtype,
         )
+
+    def candidate_attention(self) -> CandidateAttention:
+        """A frozen inference form of :meth:`score_candidates` (a snapshot of the weights)."""
+        if self.bi_rnn:
+            raise ShapeError("history: score_candidates takes one (T, D) history, not a Bi-RNN tuple")
+        return CandidateAttention(self.weights(), mode=self.mode, softmax=self.softmax, for_cnn=self.for_cnn)
 
     def extra_repr(self) -> str:
         return (

@@ -53,7 +53,8 @@ def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         n *= s
     buf = store.get((name, dtype))
     if buf is None or buf.numel() < n:
-        buf = store[(name, dtype)] = torch.empty(max(n, 1), dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            buf = store[(name, dtype)] = torch.empty(max(n, 1), dtype=dtype)
     return buf[:n].view(shape)
 
 

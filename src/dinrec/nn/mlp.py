@@ -185,6 +185,9 @@ class MLP(nn.Module):
         """(N, H1) pre-activations of the first dense layer -> (N, out_features)."""
         if not len(self.hidden_layers):
             return pre
-        h = self.hidden_layers[1:](pre)  # (N, hidden[-1])
-        return self.out(h)
+        h = pre
+        for i, layer in enumerate(self.hidden_layers):  # all but the first (dense) layer
+            if i:
+                h = layer(h)  # (N, ...)
+        return self.out(h)  # (N, out_features)
 

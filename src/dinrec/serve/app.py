@@ -57,6 +57,7 @@ class ServeConfig:
     run: str  # run folder
     onnx: str | None = None  # score with this ONNX export instead of the PyTorch model
     threads: int = 1  # torch / ONNX Runtime threads per worker
+    precision: str = "float32"  # or "bfloat16": the attention's products (see Ranker)
     limits: Limits = field(default_factory=Limits)
 
     def to_json(self) -> str:
@@ -106,6 +107,7 @@ class MetadataResponse(BaseModel):
     model: str
     dinrec_version: str
     backend: str
+    precision: str
     has_attention: bool
     max_len: int
     vocab_sizes: dict[str, int]
@@ -235,7 +237,7 @@ def create_app(config: ServeConfig, ranker: Ranker | None = None) -> FastAPI:
         import torch
 
         torch.set_num_threads(max(1, config.threads))
-        ranker = Ranker(config.run, onnx=config.onnx, threads=config.threads)
+        ranker = Ranker(config.run, onnx=config.onnx, threads=config.threads, precision=config.precision)
     limits = config.limits
     RecommendRequest, ScoreRequest = request_models(limits)
     model_name = ranker.model_name
@@ -243,6 +245,7 @@ def create_app(config: ServeConfig, ranker: Ranker | None = None) -> FastAPI:
         "model": model_name,
         "dinrec_version": __version__,
         "backend": ranker.backend.name,
+        "precision": ranker.precision,
         "has_attention": ranker.has_attention,
         "max_len": ranker.max_len,
         "vocab_sizes": ranker.vocab_sizes,

@@ -103,14 +103,20 @@ class TokenIndex:
         return np.asarray(ids, dtype=np.int64)
 
 
+#: ``Ranker(precision=...)`` -> the dtype of the attention's products in candidate ranking.
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+
+
 class _TorchBackend:
     """Scores with the run's PyTorch model."""
 
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, device: str) -> None:
+    def __init__(self, model: torch.nn.Module, device: str, compute_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.device = device
+        self.compute_dtype = compute_dtype
+        self.score = model.candidate_scorer()  # weight-only work done once, not per request
 
     @torch.inference_mode()
     def score_rows(
@@ -136,10 +142,11 @@ class _TorchBackend:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """history (T,), candidates (N,) -> probabilities (N,), alphas (N, T) or None."""
         d = self.device
-        out = self.model.score_candidates(
+        out = self.score(
             torch.tensor(user, device=d), torch.from_numpy(hist_items).to(d),
             torch.from_numpy(hist_cats).to(d), torch.from_numpy(items).to(d),
             torch.from_numpy(cats).to(d), return_alphas=return_alphas,
+            compute_dtype=self.compute_dtype,
         )
         probs = torch.sigmoid(out.logits.float()).cpu().numpy()  # (N,)
         alphas = out.alphas.float().cpu().numpy() if return_alphas and out.alphas is not None else None
@@ -206,6 +213,10 @@ class Ranker:
         device: torch device for the PyTorch model.
         onnx: score with this ONNX export of the run instead of the PyTorch model.
         threads: ONNX Runtime intra-op threads (default: torch's thread count).
+        precision: ``"float32"`` (default: the training numbers) or ``"bfloat16"``: the
+            attention's products when ranking candidates in bfloat16 (PyTorch backend;
+            faster on CPUs with bfloat16 dot products, scores within ~1e-3, see
+            docs/serving.md).
     """
 
     def __init__(
@@ -215,14 +226,22 @@ class Ranker:
         device: str = "cpu",
         onnx: str | Path | None = None,
         threads: int | None = None,
+        precision: str = "float32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise DinrecError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision != "float32" and onnx is not None:
+            raise DinrecError(f"precision {precision!r} is for the PyTorch model; the ONNX export runs in float32")
+        self.precision = precision
         self.run_dir = Path(run_dir)
         self.device = device
         self.model: torch.nn.Module | None
         if onnx is None:
             self.model, self.run_config = load_run_model(self.run_dir, which)
             self.model.to(device)
-            self.backend: _TorchBackend | _OnnxBackend = _TorchBackend(self.model, device)
+            self.backend: _TorchBackend | _OnnxBackend = _TorchBackend(
+                self.model, device, PRECISIONS[precision]
+            )
         else:
             self.model, self.run_config = None, read_run_config(self.run_dir)
             self.backend = _OnnxBackend(onnx, threads)
