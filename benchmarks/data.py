@@ -1,13 +1,17 @@
 """Data-pipeline figures: prepare throughput and peak memory, batch assembly rate.
 
     python benchmarks/data.py            # 1M events, batches at B=128 and 1024, T=100
-    python benchmarks/data.py --large    # also 10M events (1-2 minutes on 2 cores, ~6 GB RSS)
+    python benchmarks/data.py --large    # also 10M events (~15-30 s on 2 cores, ~3.5 GB RSS)
 
 Each prepare runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own.
 Synthetic generation is timed separately and not counted in the prepare rate; "cpu s" is
 the prepare's CPU time over all threads (steadier than wall time on a shared machine).
-The 10M preset ("large") has a mean history of ~50, so it writes ~1e9 history ids per
-list column: the rate there is bound by Parquet encoding of the histories.
+Histories are not written per sample: each user's sequence is stored once
+(``sequences.arrow``, ~16 bytes per event) and a sample row holds ``(seq, hist_end)``, so
+the Parquet shards hold only small scalar columns (~1.95 rows per event with one sampled
+negative per positive). The rate is bound by the NumPy work of building the samples
+(sort, negatives, the training split's shuffle), not by encoding. The peak RSS includes
+the generated events table. Batches gather each history from the memory-mapped sequences.
 Prints a table; asserts nothing about time.
 """
 

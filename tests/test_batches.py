@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -27,7 +29,17 @@ def store(tmp_path_factory):
 
 
 def reference_rows(store: SampleStore, split: str) -> list[dict]:
-    return pq.read_table(store.files(split)).to_pylist()
+    """Rows of a split with their histories resolved one by one in plain Python, from the
+    files alone: ``sequences[seq][max(0, hist_end - max_len) : hist_end]``."""
+    seqs = pa.ipc.open_file(store.path / "sequences.arrow").read_all().to_pylist()
+    cut = json.loads((store.path / "prepare.json").read_text())["max_len"]
+    rows = pq.read_table(store.files(split)).to_pylist()
+    for r in rows:
+        q, end = seqs[r["seq"]], r["hist_end"]
+        assert 0 <= end <= len(q["items"])
+        r["hist_items"] = q["items"][max(0, end - cut) : end]
+        r["hist_cats"] = q["cats"][max(0, end - cut) : end]
+    return rows
 
 
 def reference_batch(rows: list[dict], max_len: int) -> dict[str, np.ndarray]:
@@ -193,3 +205,62 @@ def test_batch_to_device(store):
     b = next(iter(BatchLoader(store, "valid", batch_size=4, neg_history=1)))
     c = b.to("cpu")
     assert len(c) == 4 and torch.equal(c.hist_items, b.hist_items)
+
+
+def full_keys(b: Batch) -> list[tuple]:
+    """Every field of every row of a batch (history items and cats up to the mask)."""
+    out = []
+    for i in range(len(b)):
+        n = int(b.mask[i].sum())
+        assert b.mask[i, :n].all() and not b.mask[i, n:].any()  # left-aligned
+        assert not b.hist_items[i, n:].any() and not b.hist_cats[i, n:].any()  # 0-padded
+        out.append((int(b.user[i]), int(b.item[i]), int(b.cat[i]), float(b.label[i]),
+                    tuple(b.hist_items[i, :n].tolist()), tuple(b.hist_cats[i, :n].tolist())))
+    return out
+
+
+def ref_keys(rows: list[dict], max_len: int) -> list[tuple]:
+    return [(r["user"], r["item"], r["cat"], float(r["label"]), tuple(r["hist_items"][-max_len:]),
+             tuple(r["hist_cats"][-max_len:])) for r in rows]
+
+
+@pytest.mark.parametrize("max_len", [5, 40])
+def test_unshuffled_bucketed_batches_equal_reference(store, max_len):
+    """No shuffle + bucketing: each unit of ``bucket_batches`` batches is the next rows in
+    file order, stably sorted by history length and cut into batches in that order."""
+    rows = reference_rows(store, "valid")
+    B, ub = 16, 3
+    loader = BatchLoader(store, "valid", batch_size=B, max_len=max_len, shuffle=False,
+                         bucket=True, bucket_batches=ub, neg_history=2)
+    got = list(loader)
+    want = []
+    for u in range(0, len(rows), B * ub):
+        unit = rows[u : u + B * ub]
+        unit = [unit[i] for i in np.argsort([min(len(r["hist_items"]), max_len) for r in unit],
+                                            kind="stable")]
+        want += [unit[k : k + B] for k in range(0, len(unit), B)]
+    assert len(got) == len(want)
+    for b, w in zip(got, want, strict=True):
+        ref = reference_batch(w, max_len)
+        for key, val in ref.items():
+            np.testing.assert_array_equal(getattr(b, key).numpy(), val, err_msg=key)
+        assert b.neg_items.shape == (*ref["hist_items"].shape, 2)
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+def test_shuffled_batches_hold_the_reference_rows(store, bucket):
+    """Shuffled, with or without bucketing and with neg_history: the epoch's rows are the
+    reference rows (every field, histories cut to max_len), each batch padded to its own
+    longest history."""
+    rows = reference_rows(store, "train")
+    for max_len in (7, 100):
+        loader = BatchLoader(store, "train", batch_size=100, max_len=max_len, seed=4,
+                             bucket=bucket, bucket_batches=5, shuffle_buffer=2000, neg_history=2)
+        got = []
+        for b in loader:
+            keys = full_keys(b)
+            assert b.hist_items.shape[1] == max(1, max(len(k[4]) for k in keys))
+            assert b.neg_items.shape == (*b.hist_items.shape, 2)
+            assert not (b.neg_items == b.hist_items[:, :, None])[b.mask].any()
+            got += keys
+        assert Counter(got) == Counter(ref_keys(rows, max_len))

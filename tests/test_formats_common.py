@@ -33,6 +33,21 @@ def read_split(store: Path, split: str) -> pa.Table:
     return pa.concat_tables([pq.read_table(f) for f in files])
 
 
+def rows_with_histories(store: Path, split: str) -> list[dict]:
+    """Rows of one split, each with ``hist_items`` / ``hist_cats`` id lists resolved in plain
+    Python from ``sequences.arrow``: ``sequence[max(0, hist_end - max_len) : hist_end]``."""
+    import json
+
+    seqs = pa.ipc.open_file(Path(store) / "sequences.arrow").read_all().to_pylist()
+    cut = json.loads((Path(store) / "prepare.json").read_text())["max_len"]
+    rows = read_split(store, split).to_pylist()
+    for r in rows:
+        q, end = seqs[r["seq"]], r["hist_end"]
+        r["hist_items"] = q["items"][max(0, end - cut) : end]
+        r["hist_cats"] = q["cats"][max(0, end - cut) : end]
+    return rows
+
+
 def check_no_leaks(store: Path, time_order: bool = True) -> None:
     """No sampled negative of a user is one of their positives; in leave-last-out every
     valid/test positive is not earlier than that user's training positives."""

@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dinrec.data.prepare import prepare
+from dinrec.data.store import SampleStore
 from dinrec.errors import DataFormatError
-from test_formats_common import FIX, read_split, read_with, write
+from test_formats_common import FIX, read_split, read_with, rows_with_histories, write
 
 DIEN = [FIX / "dien" / "local_train", FIX / "dien" / "local_test"]
 DIN = FIX / "din"
@@ -37,6 +38,26 @@ def test_dien_text_prepare_stats(tmp_path):
     assert report.stats["categories"] == 2 + 3  # pad, oov + Books, Music, Toys
     test = read_split(tmp_path / "s", "test")
     assert test.column("cat").to_pylist()[1] == 1  # "Garden" is not in train: <oov>
+
+
+@pytest.mark.parametrize(("fmt", "inputs"), [("dien-text", DIEN), ("din-csv", [DIN])])
+def test_prepared_histories_round_trip(tmp_path, fmt, inputs):
+    """A stored history is exactly the input's (as ids); a positive and its negative with
+    the same history share one stored sequence."""
+    result, _ = read_with(fmt, inputs)
+    report = prepare(fmt, inputs, tmp_path / "s")
+    v = SampleStore(tmp_path / "s").vocabs
+    want = result.splits["test"].to_pylist()  # the test split keeps the input order
+    got = rows_with_histories(tmp_path / "s", "test")
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g["hist_items"] == [v.item.token_to_id(t) for t in w["hist_items"]]
+        assert g["hist_cats"] == [v.cat.token_to_id(t) for t in w["hist_cats"]]
+        assert g["item"] == v.item.token_to_id(w["item"]) and g["label"] == w["label"]
+    distinct = {(tuple(r["hist_items"]), tuple(r["hist_cats"]))
+                for t in result.splits.values() for r in t.to_pylist()}
+    assert report.stats["sequences"]["count"] == len(distinct)
+    assert len(distinct) <= sum(report.stats["rows"].values()) * 0.6
 
 
 @pytest.mark.parametrize(

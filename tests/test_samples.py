@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dinrec.data.samples import (
+    BuiltSamples,
     PrepareConfig,
-    SampleSet,
     build_event_samples,
     build_ready_samples,
 )
@@ -21,20 +21,19 @@ from dinrec.data.vocab import OOV_ID
 from dinrec.errors import DinrecError
 
 
-def rows_of(ss: SampleSet) -> list[tuple]:
+def rows_of(built: BuiltSamples, split: str) -> list[tuple]:
+    """(label, user, item, cat, history items, history cats) of every row, the history cut
+    from its sequence row by row: ``sequence[max(0, hist_end - max_len) : hist_end]``."""
+    ss, q = built.splits[split].rows(), built.sequences  # columns in row order
     out = []
-    for r in range(len(ss)):
-        a, n = ss.hist_start[r], ss.hist_len[r]
-        out.append(
-            (
-                int(ss.label[r]),
-                int(ss.user[r]),
-                int(ss.item[r]),
-                int(ss.cat[r]),
-                tuple(ss.hist_item_pool[a : a + n].tolist()),
-                tuple(ss.hist_cat_pool[a : a + n].tolist()),
-            )
-        )
+    for r in range(len(ss["label"])):
+        s, end = int(ss["seq"][r]), int(ss["hist_end"][r])
+        items = q.items[q.offsets[s] : q.offsets[s + 1]].tolist()
+        cats = q.cats[q.offsets[s] : q.offsets[s + 1]].tolist()
+        assert 0 <= end <= len(items)
+        a = max(0, end - built.max_len)
+        out.append((int(ss["label"][r]), int(ss["user"][r]), int(ss["item"][r]), int(ss["cat"][r]),
+                    tuple(items[a:end]), tuple(cats[a:end])))  # fmt: skip
     return out
 
 
@@ -104,7 +103,7 @@ def test_histories_match_reference(events, max_len, min_history):
              tuple(v.cat.encode(list(hc)).tolist()) if hc else ())
             for lab, u, i, c, hi, hc in ref[split]
         )  # fmt: skip
-        assert sorted(rows_of(built.splits[split])) == want, split
+        assert sorted(rows_of(built, split)) == want, split
 
 
 def test_explicit_negatives_never_enter_history():
@@ -118,14 +117,14 @@ def test_explicit_negatives_never_enter_history():
     built = build_event_samples(table, PrepareConfig(neg_per_pos=0))
     v = built.vocabs.item
     negs = set(v.encode(["n1", "n2"]).tolist()) - {OOV_ID}
-    for ss in built.splits.values():
-        for row in rows_of(ss):
+    for name in built.splits:
+        for row in rows_of(built, name):
             assert not negs & set(row[4])
     # n1 (after p1, before p2 the 2nd of 4 positives) -> train; n2 precedes p3 (valid)
-    train = rows_of(built.splits["train"])
+    train = rows_of(built, "train")
     assert sorted(r[0] for r in train) == [0, 1]
-    assert [r[0] for r in rows_of(built.splits["valid"])] == [0, 1]
-    assert [r[0] for r in rows_of(built.splits["test"])] == [1]
+    assert [r[0] for r in rows_of(built, "valid")] == [0, 1]
+    assert [r[0] for r in rows_of(built, "test")] == [1]
 
 
 @pytest.fixture(scope="module")
@@ -270,11 +269,54 @@ def test_ready_samples():
     assert len(built.splits["valid"]) == 2  # 10% of 20 users carved from train
     assert len(built.splits["train"]) == 18
     assert "only_test" not in v.item and "new" not in v.item
-    rows = sorted(rows_of(built.splits["test"]))
+    rows = sorted(rows_of(built, "test"))
     want_hist = tuple(v.item.encode(["y"]).tolist()) + (OOV_ID,)  # last 2 of x, y, new
     assert any(r[4] == want_hist and r[2] == OOV_ID for r in rows)
     assert any(r[4] == () for r in rows)
-    tr = rows_of(built.splits["train"])
+    tr = rows_of(built, "train")
     assert all(r[4] == tuple(v.item.encode(["z", "w"]).tolist()) for r in tr)
     with pytest.raises(DinrecError, match="hist_cats"):
         build_ready_samples({"train": train.drop_columns(["hist_cats"])}, PrepareConfig())
+
+
+@pytest.mark.parametrize("split", ["leave-last-out", "by-user", "time"])
+def test_sampled_negatives_follow_their_positive(tiny, split):
+    """Unshuffled splits hold each sample event's row, then (for a positive) its sampled
+    negatives sharing its user, timestamp and history; every event sample appears once."""
+    events, _ = tiny
+    lab = (np.random.default_rng(0).random(events.num_rows) < 0.8).astype(np.int8)
+    events = events.append_column("label", pa.array(lab))
+    plain = build_event_samples(events, PrepareConfig(split=split, neg_per_pos=0))
+    built = build_event_samples(events, PrepareConfig(split=split, neg_per_pos=2))
+    for name in ("train", "valid", "test"):
+        ss = built.splits[name]
+        r = ss.take(np.argsort(ss.order)) if name == "train" else ss  # the order as built
+        own = np.ones(len(r), dtype=bool)  # the event's own row (label 1, or an explicit 0)
+        is_pos = r.label == 1
+        starts = np.flatnonzero(is_pos)
+        for j in (1, 2):  # the two rows after a positive are its negatives
+            at = starts + j
+            assert (r.label[at] == 0).all()
+            own[at] = False
+            for col in ("user", "ts", "seq", "hist_end"):
+                assert np.array_equal(getattr(r, col)[at], getattr(r, col)[starts])
+        assert own.sum() + 2 * len(starts) == len(r)
+        ref = plain.splits[name]
+        ref = ref.take(np.argsort(ref.order)) if name == "train" else ref
+        for col in ("label", "user", "item", "cat", "ts", "seq", "hist_end"):
+            assert np.array_equal(getattr(r, col)[own], getattr(ref, col)), (name, col)
+
+
+def test_distinct_histories_stay_exact_on_hash_collisions(monkeypatch):
+    from dinrec.data import samples as samples_mod
+
+    hists = [["x", "y"], ["x", "y"], ["y", "x"], [], ["x"], ["y", "x"], ["x", "y", "z"]]
+    train = _ready([f"u{k}" for k in range(len(hists))], ["a"] * len(hists), hists)
+    splits = {"train": train, "valid": train.slice(0, 0), "test": train.slice(0, 0)}
+    want = build_ready_samples(splits, PrepareConfig())
+    assert len(want.sequences) == 5  # xy, yx, [], x, xyz
+    monkeypatch.setattr(samples_mod, "_window_hash",
+                        lambda items, cats, lens: np.zeros(len(lens), np.uint64))
+    got = build_ready_samples(splits, PrepareConfig())  # every history has the same hash
+    assert rows_of(got, "train") == rows_of(want, "train")
+    assert len(got.sequences) >= 5

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dinrec.data import store as store_mod
-from dinrec.data.samples import BuiltSamples, PrepareConfig, SampleSet
+from dinrec.data.samples import BuiltSamples, PrepareConfig, SampleSet, Sequences
 from dinrec.data.store import SampleStore, prepare_events, prepare_samples, write_store
 from dinrec.data.synthetic import generate, preset
 from dinrec.data.vocab import Vocab, Vocabularies
@@ -35,13 +35,18 @@ def test_layout_and_stats(tmp_path, events):
         assert rows == s.shard_rows(split) and max(rows) <= 1000
         assert s.num_rows(split) == stats["rows"][split] == sum(rows)
         schema = pq.read_schema(files[0])
-        assert schema.field("hist_items").type == pa.list_(pa.int64())
+        assert schema.names == ["label", "user", "item", "cat", "seq", "hist_end", "ts"]
+        assert schema.field("seq").type == pa.int64() and schema.field("hist_end").type == pa.int32()
         assert schema.field("label").type == pa.int8() and schema.field("ts").type == pa.int64()
         h = stats["splits"][split]["history_length"]
         assert 1 <= h["min"] <= h["median"] <= h["p90"] <= h["max"] <= 8
     assert len(s.files("train")) > 1
     assert stats["items"] == len(s.vocabs.item) and stats["users"] == len(s.vocabs.user)
     assert s.item_cat.shape == (len(s.vocabs.item),)
+    seqs = pa.ipc.open_file(out / "sequences.arrow").read_all()
+    assert seqs.schema.field("items").type == pa.large_list(pa.int64())
+    assert seqs.num_rows == stats["sequences"]["count"] == len(s.sequences)
+    assert stats["sequences"]["ids"] == int(s.sequences.offsets[-1])
     tr = stats["splits"]["train"]
     assert tr["positives"] == tr["negatives"]  # neg_per_pos=1
     assert not list(tmp_path.glob(".store.*"))  # no temporary left behind
@@ -127,17 +132,19 @@ def test_int64_ids_beyond_2_24_survive(tmp_path):
         user=big,
         item=big[::-1].copy(),
         cat=big,
-        hist_start=np.array([0, 1, 0]),
-        hist_len=np.array([2, 2, 0]),
-        hist_item_pool=big,
-        hist_cat_pool=big[::-1].copy(),
+        seq=np.array([1, 0, 1]),
+        hist_end=np.array([2, 2, 0]),
     )
+    seqs = Sequences(np.array([0, 2, 3]), big, big[::-1].copy())  # [b0, b1], [b2]
     v = Vocab.build(["a"])
-    built = BuiltSamples({"train": ss, "valid": ss, "test": ss}, Vocabularies(v, v, v))
+    built = BuiltSamples({"train": ss, "valid": ss, "test": ss}, seqs, Vocabularies(v, v, v), 5)
     write_store(built, tmp_path / "s", PrepareConfig())
-    t = pq.read_table(SampleStore(tmp_path / "s").files("train")).to_pylist()
+    s = SampleStore(tmp_path / "s")
+    t = pq.read_table(s.files("train")).to_pylist()
     assert [r["user"] for r in t] == big.tolist()
-    assert t[1]["hist_items"] == big[1:3].tolist() and t[0]["hist_cats"] == big[::-1][:2].tolist()
+    assert s.sequences.history(t[1]["seq"], t[1]["hist_end"], 5) == (
+        big[:2].tolist(), big[::-1][:2].tolist())
+    assert s.sequences.history(1, 1, 5) == ([big[2]], [big[0]])
 
 
 def test_prepare_samples_store(tmp_path):
@@ -155,3 +162,118 @@ def test_prepare_samples_store(tmp_path):
     stats = prepare_samples({"train": t, "test": t.slice(0, 4)}, tmp_path / "s", PrepareConfig())
     assert stats["rows"]["test"] == 4 and stats["rows"]["valid"] == 3
     assert stats["rows"]["train"] == 27 and not SampleStore(tmp_path / "s").stats["has_ts"]
+
+
+def test_old_format_store_is_refused(tmp_path, events):
+    from dinrec.data import BatchLoader
+
+    out = tmp_path / "s"
+    prepare_events(events, out, PrepareConfig())
+    stats = json.loads((out / "stats.json").read_text())
+    for old in (1, None):  # version 1 (per-row history lists), or no version at all
+        if old is None:
+            del stats["version"]
+        else:
+            stats["version"] = old
+        (out / "stats.json").write_text(json.dumps(stats))
+        with pytest.raises(DinrecError, match=r"older dinrec.*run `dinrec prepare` again"):
+            SampleStore(out)
+        with pytest.raises(DinrecError, match="older dinrec"):
+            BatchLoader(out, "train")
+    prepare_events(events, out, PrepareConfig())  # an old store is replaced
+    assert SampleStore(out).stats["version"] == store_mod.STORE_VERSION
+
+
+def test_missing_or_corrupt_sequences_is_a_clear_error(tmp_path, events):
+    from dinrec.data import BatchLoader
+
+    out = tmp_path / "s"
+    prepare_events(events, out, PrepareConfig())
+    (out / "sequences.arrow").write_bytes(b"not arrow")
+    with pytest.raises(DinrecError, match="sequences.arrow is missing or corrupt"):
+        BatchLoader(out, "train")
+    (out / "sequences.arrow").unlink()
+    with pytest.raises(DinrecError, match="prepare the store again"):
+        _ = SampleStore(out).sequences
+    store_mod.write_sequences(Sequences(np.array([0, 1]), np.array([5]), np.array([3])),
+                              out / "sequences.arrow")  # fewer sequences than the rows use
+    with pytest.raises(DinrecError, match="points outside the store's sequences"):
+        next(iter(BatchLoader(out, "train")))
+
+
+def _store_rows(out) -> dict[str, list[dict]]:
+    """Every row of a store with its history resolved in plain Python from the files."""
+    seqs = pa.ipc.open_file(out / "sequences.arrow").read_all().to_pylist()
+    cut = json.loads((out / "prepare.json").read_text())["max_len"]
+    s = SampleStore(out)
+    rows = {}
+    for split in ("train", "valid", "test"):
+        rows[split] = pq.read_table(s.files(split)).to_pylist()
+        for r in rows[split]:
+            q = seqs[r["seq"]]
+            r["hist"] = q["items"][max(0, r["hist_end"] - cut) : r["hist_end"]]
+            r["hist_cats"] = q["cats"][max(0, r["hist_end"] - cut) : r["hist_end"]]
+    return rows
+
+
+def test_histories_are_exactly_the_previous_positives(tmp_path):
+    # three users, explicit negatives, out-of-order timestamps, histories longer than max_len
+    rng = np.random.default_rng(0)
+    n = 90
+    users = rng.choice(["u0", "u1", "u2"], n)
+    ts = rng.permutation(n)  # distinct times: each (user, ts) names one event
+    items = [f"i{k}" for k in rng.integers(0, 12, n)]
+    labels = (rng.random(n) < 0.8).astype(np.int8)
+    t = pa.table({"user": users, "item": items, "cat": [i[:2] for i in items],
+                  "ts": pa.array(ts, pa.int64()), "label": labels})
+    out = tmp_path / "s"
+    prepare_events(t, out, PrepareConfig(max_len=4, neg_per_pos=2))
+    v = SampleStore(out).vocabs
+    rows = _store_rows(out)
+    n_rows = 0
+    for split, split_rows in rows.items():
+        for r in split_rows:
+            user = v.user.id_to_token(r["user"])  # every user has training events here
+            before = sorted((int(ts[e]), items[e]) for e in range(n)
+                            if users[e] == user and labels[e] == 1 and ts[e] < r["ts"])
+            want = [i for _, i in before][-4:]
+            assert v.item.decode(r["hist"]) == [
+                w if w in v.item else "<oov>" for w in want], (split, r)
+            assert r["hist_cats"] == v.cat.encode([w[:2] for w in want]).tolist()
+            n_rows += 1
+    assert n_rows == sum(SampleStore(out).stats["rows"].values())
+    # one sequence per user: all of their positives in time order
+    seqs = pa.ipc.open_file(out / "sequences.arrow").read_all().to_pylist()
+    lens = sorted(len(q["items"]) for q in seqs)
+    assert lens == sorted(int(((users == u) & (labels == 1)).sum()) for u in ("u0", "u1", "u2"))
+
+
+def test_ready_samples_dedupe_identical_histories(tmp_path):
+    hist = [["a", "b", "c"], ["a", "b", "c"], ["x"], ["x"], ["a", "b", "c"], [], [],
+            ["z", "b", "c"], ["q", "a", "b", "c"]]  # the last is ["a", "b", "c"] after the cut
+    n = len(hist)
+    t = pa.table({
+        "label": pa.array([1, 0] * (n // 2) + [1], pa.int8()),
+        "user": [f"u{k // 2}" for k in range(n)],
+        "item": ["a"] * n,
+        "cat": ["c"] * n,
+        "hist_items": pa.array(hist, pa.list_(pa.string())),
+        "hist_cats": pa.array([["k" + h for h in x] for x in hist], pa.list_(pa.string())),
+    })
+    cfg = PrepareConfig(max_len=3)
+    stats = prepare_samples({"train": t, "valid": t, "test": t}, tmp_path / "s", cfg)
+    # distinct histories after the cut: abc, x, [], zbc (the same in every split)
+    assert stats["sequences"] == {"count": 4, "ids": 3 + 1 + 0 + 3}
+    s = SampleStore(tmp_path / "s")
+    rows = _store_rows(tmp_path / "s")
+    assert [s.vocabs.item.decode(r["hist"]) for r in rows["test"]] == [h[-3:] for h in hist]
+    assert [s.vocabs.cat.decode(r["hist_cats"]) for r in rows["test"]] == [
+        ["k" + x for x in h[-3:]] for h in hist]
+    assert sorted(tuple(s.vocabs.item.decode(r["hist"])) for r in rows["train"]) == sorted(
+        tuple(h[-3:]) for h in hist)
+    # the same items with other categories are another history
+    t2 = t.set_column(5, "hist_cats", pa.array([["k"] * len(x) for x in hist],
+                                               pa.list_(pa.string())))
+    t2 = pa.concat_tables([t, t2])
+    stats = prepare_samples({"train": t2, "valid": t2, "test": t2}, tmp_path / "s2", cfg)
+    assert stats["sequences"]["count"] == 4 + 3  # [] is the same either way

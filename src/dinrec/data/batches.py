@@ -15,8 +15,11 @@ Because the plan depends only on ``(seed, epoch)`` and the shards' row counts (i
 ``stats.json``), :meth:`BatchLoader.state_dict` is just ``(epoch, position)`` and resuming
 skips straight to the right window without reading the batches before it.
 
-Batches are assembled from Arrow list offsets with NumPy fancy indexing: each history
-keeps its most recent ``max_len`` items, left-aligned (oldest first), 0-padded at the end.
+Shards hold ``(seq, hist_end)`` per row, not histories: when a shard is read, each row
+becomes a window ``(start, length)`` of the store's memory-mapped sequence values (see
+:mod:`dinrec.data.store`), and a batch is one fancy-index gather per column of those
+values: each history keeps its most recent ``max_len`` items (and never more than the
+store's ``max_len``), left-aligned (oldest first), 0-padded at the end.
 With ``neg_history=K`` every valid history position also gets K negative items, sampled
 by popularity (training counts) or uniformly from the item vocabulary, never equal to the
 positive item at that position, with categories from the store's item -> category table.
@@ -32,18 +35,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
+from dinrec.data.samples import Sequences
 from dinrec.data.store import SampleStore
 from dinrec.data.vocab import NUM_SPECIAL
 from dinrec.errors import DinrecError
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = ["label", "user", "item", "cat", "hist_items", "hist_cats"]
+_COLUMNS = ["label", "user", "item", "cat", "seq", "hist_end"]
 
 
 @dataclass
@@ -82,31 +85,33 @@ class Batch:
 # ---------------------------------------------------------------------- blocks of rows
 @dataclass
 class _Block:
-    """Rows in memory: scalar columns plus histories as offsets into flat values.
-
-    ``hist_items[-1]`` / ``hist_cats[-1]`` is a 0 sentinel, the gather target of padding.
-    """
+    """Rows in memory: scalar columns plus each history as a window of the store's flat
+    sequence values (already cut to ``max_len``)."""
 
     label: np.ndarray  # (n,) int8
     user: np.ndarray  # (n,) int64
     item: np.ndarray  # (n,) int64
     cat: np.ndarray  # (n,) int64
-    offsets: np.ndarray  # (n+1,) int64, offsets[0] == 0
-    hist_items: np.ndarray  # (V+1,) int64
-    hist_cats: np.ndarray  # (V+1,) int64
+    starts: np.ndarray  # (n,) int64 first history entry in the sequences' flat values
+    lens: np.ndarray  # (n,) int64 history length, <= max_len
 
     def __len__(self) -> int:
         return len(self.label)
 
-
-def _list_parts(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    offs = arr.offsets.to_numpy().astype(np.int64)
-    vals = arr.values.to_numpy(zero_copy_only=False)[offs[0] : offs[-1]]
-    return offs - offs[0], vals
+    def take(self, rows: np.ndarray) -> _Block:
+        return _Block(*(getattr(self, f.name).take(rows) for f in fields(self)))
 
 
-def _read_piece(path: Path, start: int, stop: int, n_rows: int) -> _Block:
+def _concat_blocks(blocks: list[_Block]) -> _Block:
+    if len(blocks) == 1:
+        return blocks[0]
+    return _Block(*(np.concatenate([getattr(b, f.name) for b in blocks]) for f in fields(_Block)))
+
+
+def _read_piece(
+    path: Path, start: int, stop: int, n_rows: int, seqs: Sequences, max_len: int
+) -> _Block:
+    """Rows ``[start, stop)`` of a shard, their histories resolved to windows of ``seqs``."""
     table = pq.read_table(path, columns=_COLUMNS, memory_map=True)
     if table.num_rows != n_rows:
         raise DinrecError(
@@ -114,83 +119,22 @@ def _read_piece(path: Path, start: int, stop: int, n_rows: int) -> _Block:
         )
     if start or stop != n_rows:
         table = table.slice(start, stop - start)
-    offs, items = _list_parts(table.column("hist_items"))
-    offs_c, cats = _list_parts(table.column("hist_cats"))
-    if not np.array_equal(offs, offs_c):
-        raise DinrecError(f"{path}: hist_items and hist_cats have different lengths")
+    col = {k: table.column(k).to_numpy() for k in _COLUMNS}
+    seq, hist_end = col["seq"].astype(np.int64), col["hist_end"].astype(np.int64)  # (n,)
+    bad = len(seq) > 0 and (seq.min() < 0 or seq.max() >= len(seqs) or hist_end.min() < 0)
+    if len(seq) and not bad:
+        seq_len = seqs.offsets.take(seq + 1) - seqs.offsets.take(seq)  # (n,)
+        bad = bool((hist_end > seq_len).any())
+    if bad:
+        raise DinrecError(f"{path} points outside the store's sequences; prepare again")
+    starts, lens = seqs.windows(seq, hist_end, max_len)
     return _Block(
-        label=table.column("label").to_numpy().astype(np.int8),
-        user=table.column("user").to_numpy().astype(np.int64),
-        item=table.column("item").to_numpy().astype(np.int64),
-        cat=table.column("cat").to_numpy().astype(np.int64),
-        offsets=offs,
-        hist_items=np.append(items.astype(np.int64), 0),
-        hist_cats=np.append(cats.astype(np.int64), 0),
-    )
-
-
-def _concat_blocks(blocks: list[_Block]) -> _Block:
-    if len(blocks) == 1:
-        return blocks[0]
-    shifts = np.cumsum([0] + [len(b.hist_items) - 1 for b in blocks[:-1]])
-    offsets = np.concatenate(
-        [blocks[0].offsets[:1]] + [b.offsets[1:] + s for b, s in zip(blocks, shifts, strict=True)]
-    )
-    return _Block(
-        label=np.concatenate([b.label for b in blocks]),
-        user=np.concatenate([b.user for b in blocks]),
-        item=np.concatenate([b.item for b in blocks]),
-        cat=np.concatenate([b.cat for b in blocks]),
-        offsets=offsets,
-        hist_items=np.concatenate([b.hist_items[:-1] for b in blocks] + [np.zeros(1, np.int64)]),
-        hist_cats=np.concatenate([b.hist_cats[:-1] for b in blocks] + [np.zeros(1, np.int64)]),
-    )
-
-
-@dataclass
-class _Unit:
-    """Rows picked from one or more blocks: scalars plus windows into flat history values.
-
-    The history of row ``r`` is ``hist_items[starts[r] : starts[r] + lens[r]]`` (already
-    cut to ``max_len``); the last element of ``hist_items`` / ``hist_cats`` is a 0 sentinel.
-    """
-
-    label: np.ndarray  # (n,)
-    user: np.ndarray  # (n,)
-    item: np.ndarray  # (n,)
-    cat: np.ndarray  # (n,)
-    starts: np.ndarray  # (n,)
-    lens: np.ndarray  # (n,)
-    hist_items: np.ndarray  # (V+1,)
-    hist_cats: np.ndarray  # (V+1,)
-
-
-def _pick(parts: list[tuple[_Block, np.ndarray]], max_len: int) -> _Unit:
-    """Rows of blocks, each history cut to its last ``max_len`` items (no copy of histories
-    unless the rows come from several blocks)."""
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("label", "user", "item", "cat")}
-    starts, lens = [], []
-    shift = 0
-    for block, rows in parts:
-        end = block.offsets[rows + 1]  # (n,)
-        ln = np.minimum(end - block.offsets[rows], max_len)  # (n,)
-        starts.append(end - ln + shift)
-        lens.append(ln)
-        shift += len(block.hist_items) - 1
-        for k, v in cols.items():
-            v.append(getattr(block, k)[rows])
-    if len(parts) == 1:
-        items, cats = parts[0][0].hist_items, parts[0][0].hist_cats
-    else:
-        zero = [np.zeros(1, np.int64)]
-        items = np.concatenate([b.hist_items[:-1] for b, _ in parts] + zero)
-        cats = np.concatenate([b.hist_cats[:-1] for b, _ in parts] + zero)
-    return _Unit(
-        **{k: np.concatenate(v) for k, v in cols.items()},
-        starts=np.concatenate(starts),
-        lens=np.concatenate(lens),
-        hist_items=items,
-        hist_cats=cats,
+        label=col["label"].astype(np.int8),
+        user=col["user"].astype(np.int64),
+        item=col["item"].astype(np.int64),
+        cat=col["cat"].astype(np.int64),
+        starts=starts,
+        lens=lens,
     )
 
 
@@ -272,6 +216,13 @@ class BatchLoader:
         ]
         self._num_batches = min(counts)
         self._stream_rows = min(self._rows, self._num_batches * batch_size)
+        self._seqs = self.store.sequences  # memory-mapped, shared by every window
+        self._hist_len = min(max_len, self.store.max_len)  # the store cut at its max_len
+        # the gather source of padding positions when the store holds no history id at all
+        self._values = (
+            (self._seqs.items, self._seqs.cats) if len(self._seqs.items) else
+            (np.zeros(1, np.int64), np.zeros(1, np.int64))
+        )  # fmt: skip
         if neg_history:
             self._item_cat = self.store.item_cat
             n_items = len(self._item_cat)
@@ -374,7 +325,8 @@ class BatchLoader:
                 for old in [k for k in loaded if k < w]:
                     del loaded[old]  # release shards behind us
                 blocks = [
-                    _read_piece(self._files[f], a, b, self._file_rows[f]) for f, a, b in windows[w]
+                    _read_piece(self._files[f], a, b, self._file_rows[f], self._seqs, self._hist_len)
+                    for f, a, b in windows[w]
                 ]
                 block = _concat_blocks(blocks)
                 perm = (
@@ -385,7 +337,7 @@ class BatchLoader:
                 loaded[w] = (block, perm)
             return loaded[w]
 
-        def stream_rows(a: int, b: int) -> _Unit:
+        def stream_rows(a: int, b: int) -> _Block:
             parts = []
             w = int(np.searchsorted(w_start, a, side="right") - 1)
             while a < b:
@@ -393,7 +345,7 @@ class BatchLoader:
                 stop = min(b, int(w_start[w + 1]))
                 parts.append((block, perm[a - w_start[w] : stop - w_start[w]]))
                 a, w = stop, w + 1
-            return _pick(parts, self.max_len)
+            return _concat_blocks([block.take(rows) for block, rows in parts])
 
         while self.position < nb:
             p = self.position
@@ -419,15 +371,18 @@ class BatchLoader:
         self.position = 0
 
     # ------------------------------------------------------------------ assembly
-    def _make_batch(self, rows: _Unit, sel: Any, index: int) -> Batch:
+    def _make_batch(self, rows: _Block, sel: Any, index: int) -> Batch:
         lens = rows.lens[sel]  # (B,)
         T = max(1, int(lens.max(initial=0)))
         pos = np.arange(T)  # (T,)
-        valid = pos[None, :] < lens[:, None]  # (B, T)
-        idx = np.where(valid, rows.starts[sel][:, None] + pos, len(rows.hist_items) - 1)  # (B, T)
-        hist_items = rows.hist_items.take(idx)  # (B, T)
-        hist_cats = rows.hist_cats.take(idx)  # (B, T)
-        mask = valid
+        mask = pos[None, :] < lens[:, None]  # (B, T)
+        idx = rows.starts[sel][:, None] + pos  # (B, T) flat positions, one gather per column
+        idx *= mask  # padding reads position 0, then is zeroed
+        items, cats = self._values
+        hist_items = items.take(idx)  # (B, T)
+        hist_cats = cats.take(idx)  # (B, T)
+        hist_items *= mask
+        hist_cats *= mask
         neg_items = neg_cats = None
         if self.neg_history:
             neg = self._sample_neg_history(hist_items, mask, index)  # (B, T, K)

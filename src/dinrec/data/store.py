@@ -1,14 +1,30 @@
-"""The Parquet sample store: write it atomically, open it, and describe it.
+"""The sample store: write it atomically, open it, and describe it.
 
-Layout of a store directory ``DIR``::
+Layout of a store directory ``DIR`` (store version 2)::
 
+    DIR/sequences.arrow                behaviour sequences, one row each: items, cats
+                                       large_list<int64> (oldest first); Arrow IPC file
     DIR/train/part-00000.parquet ...   rows: label int8, user, item, cat int64,
-    DIR/valid/part-00000.parquet ...         hist_items, hist_cats list<int64> (oldest
-    DIR/test/part-00000.parquet  ...         first), ts int64 when the input had times
+    DIR/valid/part-00000.parquet ...         seq int64, hist_end int32,
+    DIR/test/part-00000.parquet  ...         ts int64 when the input had times
     DIR/vocab/{user,item,cat}.arrow    vocabularies (Arrow IPC: token, count)
     DIR/vocab/item_cat.arrow           category id of every item id
     DIR/stats.json                     counts, history lengths, label balance, shard rows
     DIR/prepare.json                   the PrepareConfig used
+
+A row's history is ``sequences[seq][max(0, hist_end - max_len) : hist_end]`` (items and
+cats), ``max_len`` from ``prepare.json``: every sequence is stored once (one per user for
+event inputs, one per distinct history for ready-made samples) instead of a copy of up to
+``max_len`` ids per sample row. Store version 1 (per-row ``hist_items`` / ``hist_cats``
+list columns) is refused with a message to prepare again.
+
+Why Arrow IPC for the sequences, not Parquet: the file is written uncompressed, so opening
+it is a memory map and the offsets and values are NumPy views of it with no decoding.
+Measured with 10M events (two columns of 10M ids): the IPC file (162 MB) opens in ~1 ms;
+the same table as lz4 + byte-stream-split Parquet (41 MB) takes 0.7-1.1 s to decode, into
+private memory, on every open in every process. Batch assembly gathers from the mapped
+values directly, and processes on one machine (ranks) share its pages. Sample shards stay
+Parquet: they are read one at a time (the store may be larger than memory), by row ranges.
 
 Every split has at least one shard (possibly with zero rows), at most ``shard_rows`` rows
 each. Training rows are shuffled (seeded) when written, so streaming readers with a
@@ -41,6 +57,7 @@ from dinrec.data.samples import (
     BuiltSamples,
     PrepareConfig,
     SampleSet,
+    Sequences,
     build_event_samples,
     build_ready_samples,
 )
@@ -50,7 +67,7 @@ from dinrec.errors import DinrecError
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = "dinrec-sample-store"
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: histories as (seq, hist_end) into sequences.arrow
 
 STORE_SCHEMA = pa.schema(
     [
@@ -58,9 +75,13 @@ STORE_SCHEMA = pa.schema(
         ("user", pa.int64()),
         ("item", pa.int64()),
         ("cat", pa.int64()),
-        ("hist_items", pa.list_(pa.int64())),
-        ("hist_cats", pa.list_(pa.int64())),
+        ("seq", pa.int64()),
+        ("hist_end", pa.int32()),
     ]
+)
+SEQUENCES_FILE = "sequences.arrow"
+SEQUENCES_SCHEMA = pa.schema(
+    [("items", pa.large_list(pa.int64())), ("cats", pa.large_list(pa.int64()))]
 )
 
 
@@ -95,24 +116,53 @@ def _length_stats(lens: np.ndarray) -> dict[str, float]:
     }
 
 
-# Measured on 500k-row shards of the "medium" synthetic store (mean history 31; see
-# benchmarks/data.py): the history lists are ~95% of the bytes. BYTE_STREAM_SPLIT puts the
-# 8 bytes of each int64 id in 8 streams, so the mostly-zero high bytes compress to almost
-# nothing: with lz4 that writes 1.6x faster than plain lz4, files are 45% smaller and they
-# read 3x faster. zstd-1 is 10% smaller again but 15% slower to write; dictionary encoding
-# of the lists costs a hash per id for no gain. The logical schema (list<int64>) is
-# unchanged: any Parquet reader decodes it.
-_HIST_COLUMNS = ["hist_items.list.element", "hist_cats.list.element"]
+# Sample shards hold only scalar columns (histories live in sequences.arrow). Measured on a
+# 500k-row training shard of the "medium" synthetic store (benchmarks/data.py), median of 5:
+# BYTE_STREAM_SPLIT + lz4 on the integer columns writes in 30 ms and 6.1 MB, dictionary
+# encoding of user / item / cat + lz4 in 50 ms and 8.4 MB, plain lz4 in 105 ms and 11 MB;
+# all read in ~11 ms. BYTE_STREAM_SPLIT puts the 8 bytes of each id in 8 streams, so the
+# mostly-zero high bytes compress to almost nothing. Any Parquet reader decodes it.
 PARQUET_OPTIONS: dict[str, Any] = {
     "compression": "lz4",
-    "use_dictionary": ["user", "item", "cat"],
-    "use_byte_stream_split": _HIST_COLUMNS,
-    "write_statistics": ["label", "user", "item", "cat", "ts"],  # not per history id
+    "use_dictionary": False,
+    "use_byte_stream_split": ["user", "item", "cat", "seq", "hist_end", "ts"],
+    "write_statistics": ["label", "user", "item", "cat", "ts"],
 }
 # Parquet encoding releases the GIL, so shards are encoded on writer threads while the main
-# thread assembles the next one: one thread per core in all. On the shared 2-core box a
-# second writer measured slower (5.1 s vs 6.4 s median for 1M events; more CPU, not less).
+# thread gathers the next shard's rows: one thread per core in all.
 WRITE_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def write_sequences(seqs: Sequences, path: Path) -> None:
+    """Write ``seqs`` as one uncompressed Arrow IPC record batch (memory-mappable)."""
+    batch = seqs.to_batch()
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+
+
+def read_sequences(path: Path) -> Sequences:
+    """Memory-map a sequences file: the arrays are read-only views of the mapping."""
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        if reader.num_record_batches == 1:
+            batch = reader.get_batch(0)
+        else:
+            batch = reader.read_all().combine_chunks().to_batches()[0]
+        if not batch.schema.equals(SEQUENCES_SCHEMA):
+            raise DinrecError(f"{path} has columns {batch.schema}, expected {SEQUENCES_SCHEMA}")
+        items, cats = batch.column("items"), batch.column("cats")
+        offsets = items.offsets.to_numpy()
+        vals_i = items.values.to_numpy()
+        vals_c = cats.values.to_numpy()
+        ok = (
+            len(offsets) >= 1 and offsets[0] == 0 and offsets[-1] == len(vals_i) == len(vals_c)
+            and np.array_equal(offsets, cats.offsets.to_numpy())
+        )  # fmt: skip
+    except (OSError, pa.ArrowException, KeyError, IndexError) as exc:
+        raise DinrecError(f"{path} is missing or corrupt ({exc}); prepare the store again") from exc
+    if not ok:
+        raise DinrecError(f"{path} is corrupt (items and cats differ); prepare the store again")
+    return Sequences(offsets, vals_i, vals_c)
 
 
 def _write_splits(built: BuiltSamples, root: Path, shard_rows: int) -> dict[str, list[int]]:
@@ -133,6 +183,7 @@ def _write_splits(built: BuiltSamples, root: Path, shard_rows: int) -> dict[str,
     pending: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
         try:
+            pending.append(pool.submit(write_sequences, built.sequences, root / SEQUENCES_FILE))
             for ss, start, stop, path, schema in jobs:
                 table = ss.to_table(start, stop).cast(schema)
                 while len(pending) >= WRITE_THREADS:
@@ -167,7 +218,7 @@ def compute_stats(built: BuiltSamples, shard_rows: dict[str, list[int]]) -> dict
             "negatives": len(ss) - n_pos,
             "positive_rate": round(n_pos / len(ss), 6) if len(ss) else 0.0,
             "users": _distinct(ss.user),
-            "history_length": _length_stats(ss.hist_len),
+            "history_length": _length_stats(np.minimum(ss.hist_end, built.max_len)),
         }
     return {
         "format": STORE_FORMAT,
@@ -178,6 +229,7 @@ def compute_stats(built: BuiltSamples, shard_rows: dict[str, list[int]]) -> dict
         "items": len(v.item),
         "categories": len(v.cat),
         "vocab_sizes_include_pad_and_oov": True,
+        "sequences": {"count": len(built.sequences), "ids": int(built.sequences.offsets[-1])},
         "splits": splits,
         "shards": shard_rows,
         "has_ts": built.splits["train"].ts is not None,
@@ -243,10 +295,17 @@ class SampleStore:
             raise DinrecError(f"{stats_file} is corrupt: {exc}") from exc
         if self.stats.get("format") != STORE_FORMAT:
             raise DinrecError(f"{self.path} is not a dinrec sample store")
-        if self.stats.get("version", 0) > STORE_VERSION:
+        version = self.stats.get("version", 0)
+        if version > STORE_VERSION:
             raise DinrecError(
                 f"{self.path} was written by a newer dinrec (store version "
                 f"{self.stats['version']}); upgrade dinrec"
+            )
+        if version < STORE_VERSION:
+            raise DinrecError(
+                f"sample store {self.path} was written by an older dinrec (store version "
+                f"{version}, this dinrec reads version {STORE_VERSION}); run `dinrec prepare` "
+                "again"
             )
         try:
             self.config = PrepareConfig.from_dict(
@@ -255,6 +314,7 @@ class SampleStore:
         except (OSError, ValueError) as exc:
             raise DinrecError(f"{self.path}: prepare.json is missing or corrupt") from exc
         self._vocabs: Vocabularies | None = None
+        self._sequences: Sequences | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> SampleStore:
@@ -272,6 +332,18 @@ class SampleStore:
         if self._vocabs is None:
             self._vocabs = Vocabularies.load(self.path / "vocab")
         return self._vocabs
+
+    @property
+    def max_len(self) -> int:
+        """Histories keep their most recent ``max_len`` entries (from ``prepare.json``)."""
+        return int(self.config.max_len)
+
+    @property
+    def sequences(self) -> Sequences:
+        """The store's behaviour sequences, memory-mapped on first use (read-only arrays)."""
+        if self._sequences is None:
+            self._sequences = read_sequences(self.path / SEQUENCES_FILE)
+        return self._sequences
 
     @property
     def item_cat(self) -> np.ndarray:

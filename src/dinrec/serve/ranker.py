@@ -364,11 +364,12 @@ class Ranker:
             if split not in store.splits:
                 continue
             for path in reversed(store.files(split)):
-                t = pq.read_table(path, columns=["label", "user", "item", "hist_items"])
+                t = pq.read_table(path, columns=["label", "user", "item", "seq", "hist_end"])
                 t = t.filter(pc.and_(pc.equal(t["user"], uid), pc.equal(t["label"], 1)))
                 if t.num_rows:
-                    last = t.slice(t.num_rows - 1)
-                    ids = [*last["hist_items"][0].as_py(), last["item"][0].as_py()]
+                    last = t.slice(t.num_rows - 1).to_pylist()[0]
+                    hist, _ = store.sequences.history(last["seq"], last["hist_end"], store.max_len)
+                    ids = [*hist, last["item"]]
                     return store.vocabs.item.decode(np.asarray(ids[-self.max_len:]))
         raise DinrecError(f"user {user!r} has no positive sample in {store.path}")
 
