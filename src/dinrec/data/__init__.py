@@ -1,4 +1,4 @@
-"""dinrec.data: vocabularies, sample building, the Parquet sample store, batches, synthetic data.
+"""dinrec.data: vocabularies, sample building, the sample store, batches, synthetic data.
 
 The public API others code against::
 
@@ -8,7 +8,13 @@ The public API others code against::
 """
 
 from dinrec.data.batches import Batch, BatchLoader
-from dinrec.data.samples import PrepareConfig, SampleSet, build_event_samples, build_ready_samples
+from dinrec.data.samples import (
+    PrepareConfig,
+    SampleSet,
+    Sequences,
+    build_event_samples,
+    build_ready_samples,
+)
 from dinrec.data.store import SampleStore, prepare_events, prepare_samples, write_store
 from dinrec.data.synthetic import PRESETS, GroundTruth, SyntheticConfig, generate, preset
 from dinrec.data.vocab import OOV_ID, PAD_ID, Vocab, Vocabularies
@@ -23,6 +29,7 @@ __all__ = [
     "PrepareConfig",
     "SampleSet",
     "SampleStore",
+    "Sequences",
     "SyntheticConfig",
     "Vocab",
     "Vocabularies",
