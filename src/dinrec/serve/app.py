@@ -292,7 +292,10 @@ def create_app(config: ServeConfig, ranker: Ranker | None = None) -> FastAPI:
         rec = ranker.rank(req.user, req.history, req.candidates, k=req.k, explain=req.explain)
         ranked = [
             {"item": s.item, "category": s.category, "score": s.score,
-             "explanation": [asdict(e) for e in s.explanation]}
+             "explanation": [  # plain dicts: dataclasses.asdict deep-copies, 3x slower here
+                 {"item": e.item, "category": e.category, "position": e.position, "weight": e.weight}
+                 for e in s.explanation
+             ]}
             for s in rec.ranked
         ]
         return _json({"model": model_name, "user": rec.user, "ranked": ranked, "unknown": rec.unknown})
