@@ -5,10 +5,12 @@ median (and min) over repeats, measured round-robin so every variant sees the sa
 machine load:
 
 * ``nn.GRU``: the fused PyTorch GRU on the whole padded batch (no masking at all);
-* the masked interest extractor, each ``impl`` (padded / packed / fused);
+* the masked interest extractor, each ``impl`` (padded / packed / fused, i.e. the C
+  loops where they compile / fused_script, the TorchScript loops);
 * a naive per-step ``nn.GRUCell`` Python loop with masking;
-* AUGRU: autograd (literal eager cell), fused loop in plain Python, fused loop in
-  TorchScript (the default), and ``torch.compile`` of the autograd path (``--compile``);
+* AUGRU: autograd (literal eager cell), the fused loops in plain Python, in TorchScript
+  and in C (the default ``"fused"``), and ``torch.compile`` of the autograd path
+  (``--compile``);
 * AGRU and AIGRU (fused);
 * the auxiliary loss; and extractor + attention + AUGRU + auxiliary loss together.
 
@@ -29,7 +31,7 @@ from torch import nn
 
 from dinrec.nn.attention import DinFcnAttention
 from dinrec.nn.auxiliary import AuxiliaryNet, auxiliary_loss
-from dinrec.nn.rnn import AttentionGRU, AttentionGRUConfig, InterestExtractor
+from dinrec.nn.rnn import AttentionGRU, AttentionGRUConfig, InterestExtractor, _c_kernel
 
 
 def _inputs(b: int, t: int, e: int, seed: int = 0):
@@ -117,14 +119,16 @@ def main() -> None:
         "nn.GRU (whole padded batch, no mask)": lambda: gru(x)[0].sum(),
         "extractor impl=padded": extractor_fn("padded"),
         "extractor impl=packed": extractor_fn("packed"),
+        "extractor impl=fused_script": extractor_fn("fused_script"),
         "extractor impl=fused": extractor_fn("fused"),
         "naive GRUCell loop": naive_cell_loop,
         "AUGRU autograd (eager cell)": agru_fn("augru", "autograd"),
         "AUGRU fused, eager loop": agru_fn("augru", "fused_eager"),
-        "AUGRU fused, scripted loop": agru_fn("augru", "fused"),
-        "AUGRU paper gate, scripted": agru_fn("augru", "fused", "paper"),
-        "AGRU fused, scripted": agru_fn("agru", "fused"),
-        "AIGRU fused, scripted": agru_fn("aigru", "fused"),
+        "AUGRU fused, scripted loop": agru_fn("augru", "fused_script"),
+        "AUGRU fused (default)": agru_fn("augru", "fused"),
+        "AUGRU paper gate, fused": agru_fn("augru", "fused", "paper"),
+        "AGRU fused": agru_fn("agru", "fused"),
+        "AIGRU fused": agru_fn("aigru", "fused"),
         "auxiliary loss": aux_fn,
         "extractor+attention+AUGRU+aux": dien_block,
     }
@@ -150,7 +154,7 @@ def main() -> None:
             times[name].append(_time(fn))
     print(
         f"forward+backward, B={b} T={t} E=H={e}, lengths 5..{t}, threads={torch.get_num_threads()}, "
-        f"{args.repeats} repeats"
+        f"{args.repeats} repeats; fused loops: {'C' if _c_kernel() is not None else 'TorchScript'}"
     )
     print(f"{'':40s} {'median ms':>10s} {'min ms':>8s}")
     for name, ts in times.items():

@@ -140,3 +140,54 @@ def test_shape_errors():
         auxiliary_loss(net, states, clicked, neg[..., :2], mask)
     with pytest.raises(ValueError, match="reduction"):
         auxiliary_loss(net, states, clicked, neg, mask, reduction="avg")
+
+
+@pytest.mark.parametrize("norm", ["reference", "none"])
+@pytest.mark.parametrize("hidden", [(100, 50), (7,), (6, 5, 4)])
+def test_pair_logits_equal_the_concatenated_forward_with_gradients(norm, hidden):
+    """The split-first-layer MLP with its hand-written backward == net(cat([h, e])) through
+    autograd: values and the gradients of states, items and every parameter."""
+    g = torch.Generator().manual_seed(6)
+    torch.manual_seed(0)
+    net = AuxiliaryNet(H, E, hidden=hidden, norm=norm).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    states = torch.randn(9, H, generator=g, dtype=torch.float64)
+    items = torch.randn(3, 9, E, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 9, generator=g, dtype=torch.float64)
+    results = []
+    for fast in (True, False):
+        s, it = states.clone().requires_grad_(), items.clone().requires_grad_()
+        if fast:
+            logits = net.pair_logits(s, it)  # (M, N)
+        else:
+            logits = net(torch.cat([s.expand(3, 9, H), it], 2).reshape(27, -1)).view(3, 9)
+        (logits * w).sum().backward()
+        results.append([logits, s.grad, it.grad, *(p.grad.clone() for p in net.parameters())])
+        net.zero_grad()
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_pair_logits_pass_gradcheck():
+    g = torch.Generator().manual_seed(7)
+
+    class Pairs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _net()
+
+        def forward(self, s, it):
+            return self.net.pair_logits(s, it)
+
+    module = Pairs()
+    names = [n for n, _ in module.named_parameters()]
+    states = torch.randn(4, H, generator=g, dtype=torch.float64, requires_grad=True)
+    items = torch.randn(2, 4, E, generator=g, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+
+    def f(s, it, *ps):
+        return torch.func.functional_call(module, dict(zip(names, ps, strict=True)), (s, it))
+
+    assert torch.autograd.gradcheck(f, [states, items, *params], fast_mode=True)

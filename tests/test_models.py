@@ -132,6 +132,29 @@ def test_models_learn_a_planted_rule(name):
     assert after < 0.8 * before, (before, after)
 
 
+@pytest.mark.parametrize("gru", ["fused", "fused_script"])
+def test_dien_fused_paths_equal_the_literal_ones(gru):
+    """A DIEN training step (logits, auxiliary loss, every gradient) with the fused GRU
+    loops and the fast attention equals nn.GRU + the literal AUGRU cell + the reference
+    attention, in float64."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = build_model("dien", **SIZES).double().train()
+    batch = _batch()
+    results = []
+    for fast in (True, False):
+        model.extractor.impl = gru if fast else "padded"
+        model.evolution.config = dataclasses.replace(model.evolution.config, impl=gru if fast else "autograd")
+        model.attention.impl = "fast" if fast else "reference"
+        model.zero_grad()
+        out = model(batch)
+        (out.logits.sin().sum() + out.aux_loss).backward()
+        results.append([out.logits, out.aux_loss, *(p.grad for p in model.parameters())])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_dien_auxiliary_loss_and_gradient_paths():
     torch.manual_seed(0)
     model = build_model("dien", **SIZES)

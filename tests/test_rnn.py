@@ -1,5 +1,5 @@
 """Behaviour of `dinrec.nn.rnn`: masked GRU == per-sequence nn.GRU, padding-invariance,
-each gate convention against hand-written steps, fused (scripted / eager) == autograd."""
+each gate convention against hand-written steps, fused (C / scripted / eager) == autograd."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dinrec.errors import ShapeError
+from dinrec.nn import _gru_kernel, rnn
 from dinrec.nn.rnn import (
     AGRU,
     AIGRU,
@@ -24,6 +25,9 @@ B, T, E, H = 6, 7, 5, 4
 LENGTHS = torch.tensor([0, 7, 3, 1, 5, 7])
 KINDS = [("gru", "reference"), ("aigru", "reference"), ("agru", "reference"),
          ("augru", "reference"), ("augru", "paper")]  # fmt: skip
+FUSED = ["fused", "fused_script", "fused_eager"]  # "fused": the C build where it compiles
+EXTRACTOR_IMPLS = ["padded", "packed", *FUSED]
+has_c_kernel = pytest.mark.skipif(rnn._c_kernel() is None, reason="no C compiler / BLAS symbol")
 
 
 def _data(seed: int = 0, dtype=torch.float64):
@@ -54,7 +58,7 @@ def _unit(kind: str, gate: str, impl: str = "fused", reset_after: bool = True, s
 
 
 # --------------------------------------------------------------------------- extractor
-@pytest.mark.parametrize("impl", ["padded", "packed", "fused"])
+@pytest.mark.parametrize("impl", EXTRACTOR_IMPLS)
 def test_extractor_equals_nn_gru_on_each_unpadded_sequence(impl):
     x, mask, _ = _data()
     ex = InterestExtractor(E, H, impl=impl).double()
@@ -71,7 +75,7 @@ def test_extractor_equals_nn_gru_on_each_unpadded_sequence(impl):
         assert torch.all(out[i, n:] == 0)
 
 
-@pytest.mark.parametrize("impl", ["padded", "packed", "fused"])
+@pytest.mark.parametrize("impl", EXTRACTOR_IMPLS)
 def test_extractor_padding_never_changes_values_or_gradients(impl):
     x, mask, _ = _data()
     ex = InterestExtractor(E, H, impl=impl).double()
@@ -94,7 +98,7 @@ def test_extractor_padding_never_changes_values_or_gradients(impl):
 def test_extractor_all_empty_rows():
     x, _, _ = _data()
     mask = torch.zeros(B, T, dtype=torch.bool)
-    for impl in ("padded", "packed", "fused"):
+    for impl in EXTRACTOR_IMPLS:
         out, final = InterestExtractor(E, H, impl=impl).double()(x, mask)
         assert torch.all(out == 0) and torch.all(final == 0)
 
@@ -153,7 +157,7 @@ def _hand_loop(x, mask, a, unit, kind, gate, h0=None, reset_after=True):
 
 
 @pytest.mark.parametrize("kind,gate", KINDS)
-@pytest.mark.parametrize("impl", ["fused", "fused_eager", "autograd"])
+@pytest.mark.parametrize("impl", [*FUSED, "autograd"])
 def test_single_step_matches_hand_written_cell(kind, gate, impl):
     x, _, a = _data()
     unit = _unit(kind, gate, impl)
@@ -166,7 +170,7 @@ def test_single_step_matches_hand_written_cell(kind, gate, impl):
 
 
 @pytest.mark.parametrize("kind,gate", KINDS)
-@pytest.mark.parametrize("impl", ["fused", "autograd"])
+@pytest.mark.parametrize("impl", [*FUSED, "autograd"])
 def test_multi_step_matches_hand_loop(kind, gate, impl):
     x, mask, a = _data(1)
     unit = _unit(kind, gate, impl)
@@ -213,7 +217,7 @@ def test_scripted_eager_and_autograd_agree_on_values_and_gradients(kind, gate):
     x, mask, a = _data(4)
     h0 = torch.randn(B, H, dtype=torch.float64)
     results = {}
-    for impl in ("autograd", "fused_eager", "fused"):
+    for impl in ("autograd", *FUSED):
         unit = _unit(kind, gate, impl)
         xx, aa, hh = (v.clone().requires_grad_() for v in (x, a, h0))
         out, final = unit(xx, aa if kind != "gru" else None, mask, hh)
@@ -222,7 +226,7 @@ def test_scripted_eager_and_autograd_agree_on_values_and_gradients(kind, gate):
         if kind != "gru":
             grads.append(aa.grad)
         results[impl] = [out, final, *grads]
-    for impl in ("fused_eager", "fused"):
+    for impl in FUSED:
         for ref, got in zip(results["autograd"], results[impl], strict=True):
             torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
 
@@ -243,6 +247,90 @@ def test_gradients_reach_the_attention_scores_and_ignore_padding(cls, kw):
         grads.append((out, final, xx.grad, aa.grad))
     for g0, g1 in zip(*grads, strict=True):
         torch.testing.assert_close(g1, g0)
+
+
+@pytest.mark.parametrize("kind,gate,impl", [(k, g, "fused") for k, g in KINDS]
+                         + [("augru", "reference", "fused_script"), ("augru", "reference", "fused_eager")])  # fmt: skip
+def test_fused_gradients_pass_gradcheck(kind, gate, impl):
+    """float64 finite differences through the hand-written backward: inputs, scores, h0
+    and every weight, with an empty row, a full row and rows ending early."""
+    x, mask, a = _data(7)
+    x, a = x[:, :5], a[:, :5].clamp(0.05, 0.95)  # (B, 5, E): keep it small
+    mask = mask[:, :5]
+    h0 = torch.randn(B, H, dtype=torch.float64)
+    unit = _unit(kind, gate, impl)
+    params = list(unit.parameters())
+
+    def f(xx, aa, hh, *ps):
+        w = rnn.GRUWeights(*ps)
+        out, final = attention_gru(xx, aa if kind != "gru" else None, mask, w, kind=kind, gate=gate,
+                                   h0=hh, impl=impl)
+        return out, final
+
+    inputs = [v.clone().requires_grad_() for v in (x, a, h0, *params)]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+@has_c_kernel
+@pytest.mark.parametrize("kind,gate", KINDS)
+def test_c_kernel_equals_torchscript_loops_in_float32(kind, gate):
+    """The C build and the TorchScript loops, float32, at a realistic size (B 64, T 40)."""
+    g = torch.Generator().manual_seed(8)
+    b, t, e, h = 64, 40, 12, 16
+    x = torch.randn(b, t, e, generator=g)
+    lengths = torch.randint(0, t + 1, (b,), generator=g)
+    mask = torch.arange(t)[None] < lengths[:, None]
+    a = torch.rand(b, t, generator=g)
+    results = []
+    for impl in ("fused", "fused_script"):
+        torch.manual_seed(0)
+        unit = AttentionGRU(AttentionGRUConfig(e, h, kind=kind, gate=gate, impl=impl))  # type: ignore[arg-type]
+        xx, aa = x.clone().requires_grad_(), a.clone().requires_grad_()
+        out, final = unit(xx, aa if kind != "gru" else None, mask)
+        (out.sin().sum() + final.square().sum()).backward()
+        results.append([out, final, xx.grad, *(p.grad for p in unit.parameters())]
+                       + ([aa.grad] if kind != "gru" else []))
+    for c, script in zip(*results, strict=True):
+        torch.testing.assert_close(c, script, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("env", [("DINREC_GRU_KERNEL", "torchscript"), ("CC", "/no/such/cc")])
+def test_without_the_c_kernel_the_torchscript_loops_run(monkeypatch, env):
+    """Turned off, or no compiler: no C kernel, and "fused" runs the TorchScript loops."""
+    monkeypatch.setenv(*env)
+    _gru_kernel.kernel.cache_clear()
+    rnn._c_kernel.cache_clear()
+    try:
+        assert rnn._c_kernel() is None
+        x, mask, a = _data(9)
+        out, final = _unit("augru", "reference", "fused")(x, a, mask)
+        ref_out, ref_final = _unit("augru", "reference", "autograd")(x, a, mask)
+        torch.testing.assert_close(out, ref_out)
+        torch.testing.assert_close(final, ref_final)
+    finally:
+        monkeypatch.delenv(env[0])
+        _gru_kernel.kernel.cache_clear()
+        rnn._c_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_fused_under_bfloat16_autocast(impl):
+    """Under CPU autocast the input projection is bfloat16; the loop runs in the weights'
+    float32, and the gradients come back in the inputs' dtype."""
+    x, mask, a = _data(10, torch.float32)
+    torch.manual_seed(0)
+    unit = AUGRU(E, H, impl=impl)
+    results = []
+    for amp in (False, True):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out, final = unit(xx, a, mask)
+        assert out.dtype == final.dtype == torch.float32
+        (out.sum() + final.sum()).backward()
+        assert xx.grad.dtype == torch.float32 and torch.isfinite(xx.grad).all()
+        results.append((out, final, xx.grad))
+    for ref, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
 
 
 def test_steps_past_the_longest_length_are_skipped_but_shapes_kept():

@@ -135,8 +135,9 @@ class AuxiliaryNet(nn.Module):
         The first dense layer is linear in ``[h, e]``, so ``W [h; e] = W_h h + W_e e``: the
         state part is computed once per pair instead of M times and the (M N, H + E)
         concatenation never exists. The reference norm (a fixed affine map) is folded into
-        that layer's weights, ``W (g * x + b) = (W * g) x + W b``. A real ``BatchNorm1d``
-        (``norm="batch"``) needs the concatenated rows and takes the plain path.
+        that layer's weights, ``W (g * x + b) = (W * g) x + W b``. The layers then run in
+        :class:`_PairMLP` (in-place sigmoids, hand-written backward). A real
+        ``BatchNorm1d`` (``norm="batch"``) needs the concatenated rows and takes the plain path.
         """
         m, n, e = items.shape
         first = self.mlp[0]
@@ -148,8 +149,13 @@ class AuxiliaryNet(nn.Module):
             bias = torch.addmv(bias, weight, self.norm.bias)  # W b + b1
             weight = weight * (self.norm.weight * self.norm.scale)  # (D1, H + E)
         hid = self.state_size
-        z_h = F.linear(states, weight[:, :hid], bias)  # (N, D1), once per pair
-        z = F.linear(items.reshape(m * n, e), weight[:, hid:])  # (M N, D1)
+        w_h, w_e = weight[:, :hid], weight[:, hid:]  # (D1, H), (D1, E)
+        rest = [t for layer in self.mlp[2::2] for t in (layer.weight, layer.bias)]  # type: ignore[union-attr]
+        tensors = (states, items, w_h, w_e, bias, *rest)
+        if rest and _same_dtype(tensors) and not torch.is_autocast_enabled(states.device.type):
+            return _PairMLP.apply(*tensors)  # (M, N)
+        z_h = F.linear(states, w_h, bias)  # (N, D1), once per pair
+        z = F.linear(items.reshape(m * n, e), w_e)  # (M N, D1)
         x = (z.view(m, n, -1) + z_h).view(m * n, -1)  # (M N, D1)
         return self.mlp[1:](x).view(m, n)  # (M, N)
 
@@ -158,6 +164,66 @@ class AuxiliaryNet(nn.Module):
     ) -> Tensor:
         """:func:`auxiliary_loss` with this network."""
         return auxiliary_loss(self, states, clicked, non_clicked, mask, reduction=reduction)
+
+
+_sigmoid_backward_ = torch.ops.aten.sigmoid_backward.grad_input  # out= variant, in place
+
+
+def _same_dtype(tensors: Sequence[Tensor]) -> bool:
+    return all(t.dtype == tensors[0].dtype for t in tensors)
+
+
+class _PairMLP(torch.autograd.Function):
+    """The auxiliary MLP on pairs ``[h_i, e_{m,i}]`` with the first layer split, and a
+    hand-written backward.
+
+    forward(states (N, H), items (M, N, E), w_h (D1, H), w_e (D1, E), b1 (D1,),
+    w2, b2, ..., w_out (1, Dk), b_out (1,)) -> logits (M, N); sigmoid after every layer
+    but the last. ``W_h h + b1`` is computed once per pair and broadcast over the M items.
+    Autograd would keep a pre-activation and allocate a fresh gradient at every
+    elementwise step; here the sigmoids run in place and their backward overwrites the
+    incoming gradient. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, states, items, w_h, w_e, b1, *rest):  # type: ignore[override]
+        m, n, e = items.shape
+        x = items.reshape(m * n, e)  # (M N, E)
+        a_h = torch.addmm(b1, states, w_h.t())  # (N, D1)
+        h = torch.mm(x, w_e.t()).view(m, n, -1).add_(a_h).sigmoid_().view(m * n, -1)  # (M N, D1)
+        acts = [h]
+        layers = len(rest) // 2
+        for i in range(layers):
+            h = torch.addmm(rest[2 * i + 1], h, rest[2 * i].t())  # (M N, D_{i+2})
+            if i < layers - 1:
+                acts.append(h.sigmoid_())
+        ctx.layers = layers
+        ctx.save_for_backward(states, x, w_h, w_e, *rest[0::2], *acts)
+        return h.view(m, n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_logits):  # type: ignore[override]
+        layers = ctx.layers
+        states, x, w_h, w_e = ctx.saved_tensors[:4]
+        weights = ctx.saved_tensors[4 : 4 + layers]
+        acts = ctx.saved_tensors[4 + layers :]
+        m, n = g_logits.shape
+        g = g_logits.reshape(m * n, 1)  # (M N, 1)
+        rest: list[Tensor] = []
+        for i in reversed(range(layers)):
+            rest[:0] = [g.t().mm(acts[i]), g.sum(0)]  # d W, d b of layer i + 2
+            g = g.mm(weights[i])  # (M N, D_{i+1})
+            _sigmoid_backward_(g, acts[i], grad_input=g)  # in place: d pre-activation
+        need = ctx.needs_input_grad
+        g_items = g.mm(w_e).view(m, n, -1) if need[1] else None  # (M, N, E)
+        g_w_e = g.t().mm(x)  # (D1, E)
+        g3 = g.view(m, n, -1)
+        g_a = g3[0] if m == 1 else torch.add(g3[0], g3[1])  # (N, D1): the state part's gradient
+        for i in range(2, m):
+            g_a += g3[i]
+        g_states = g_a.mm(w_h) if need[0] else None  # (N, H)
+        return g_states, g_items, g_a.t().mm(states), g_w_e, g_a.sum(0), *rest
 
 
 def _check(states: Tensor, clicked: Tensor, non_clicked: Tensor, mask: Tensor) -> Tensor:

@@ -52,12 +52,22 @@ Speed. The recurrence is sequential and each step is small, so per-op overhead
 dominates on CPU. ``impl="fused"`` (default) computes the input projections of all
 steps in one matrix product, folds the variant, the attention and the mask into two
 per-step coefficients ``f = c0 + c1 * z`` (computed outside the loop, so autograd
-carries their gradients to ``a``), runs only up to the longest valid length, and
-runs a TorchScript loop of a few ops per step with a hand-written backward (the
-per-step gradients are mostly precomputed over all steps at once), all on one
-intra-op thread (:func:`_one_thread`). ``impl="autograd"``
-is the literal per-step cell through autograd: the readable definition and the
-yardstick in the tests.
+carries their gradients to ``a``), runs only up to the longest valid length, and runs
+a loop with a hand-written backward, on one intra-op thread (:func:`_one_thread`):
+
+* where a C compiler is available, a small C build of both loops
+  (:mod:`dinrec.nn._gru_kernel`: one BLAS call and one pass over the step's values per
+  step, the backward's per-step coefficients computed inside its loop);
+* otherwise (and with ``impl="fused_script"``) TorchScript loops of six ops per forward
+  step and three per backward step, the backward's coefficients precomputed over all
+  steps at once.
+
+Both carry the state as ``u = (1 + h) / 2`` and the candidate as ``s = (1 + n) / 2 =
+sigmoid(2 p)`` (``tanh(p) = 2 sigmoid(2 p) - 1``; a sigmoid is several times cheaper
+than a tanh on CPU), so that ``h' = h + f (n - h)`` is ``u' = u + f (s - u)``, one
+``lerp``; the gates still see ``W_hh h``, the outputs and gradients are those of ``h``.
+``impl="autograd"`` is the literal per-step cell through autograd: the readable
+definition and the yardstick in the tests.
 """
 
 from __future__ import annotations
@@ -76,6 +86,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinrec.errors import ShapeError
+from dinrec.nn import _gru_kernel
 
 __all__ = [
     "AGRU",
@@ -95,6 +106,8 @@ Gate = Literal["reference", "paper"]
 _KINDS = ("gru", "aigru", "agru", "augru")
 logger = logging.getLogger(__name__)
 _GATES = ("reference", "paper")
+#: The fused implementations and the loops they run (see :class:`_FusedGRUFunction`).
+_FUSED = {"fused": "c", "fused_script": "script", "fused_eager": "eager"}
 
 
 class GRUWeights(NamedTuple):
@@ -166,8 +179,9 @@ def masked_gru(
         impl: ``"padded"`` (default): the fused ``nn.GRU`` over the whole batch, cut at
             the longest length; a GRU is causal, so outputs at valid steps do not see
             the padding after them; the final state is gathered at ``length - 1``.
-            ``"packed"``: ``pack_padded_sequence``. ``"fused"``: this module's
-            TorchScript loop with a hand-written backward. All give the same values.
+            ``"packed"``: ``pack_padded_sequence``. ``"fused"``, ``"fused_script"``,
+            ``"fused_eager"``: this module's loop with a hand-written backward (see
+            :func:`attention_gru`). All give the same values.
 
     Returns:
         ``outputs (B, T, H)``, zero at padded steps, and ``final (B, H)``.
@@ -177,9 +191,11 @@ def masked_gru(
     hidden = gru.hidden_size
     lengths = _check_sequence(inputs, mask, h0, hidden)
     b, t, _ = inputs.shape
-    if impl == "fused":
+    if impl in _FUSED:
         weights = GRUWeights(gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
-        return _fused_gru(inputs, None, lengths, weights, kind="gru", gate="reference", h0=h0)
+        return _fused_gru(
+            inputs, None, lengths, weights, kind="gru", gate="reference", h0=h0, loops=_FUSED[impl]
+        )
     if h0 is None:
         h0 = inputs.new_zeros(b, hidden)  # (B, H)
     t_max = int(lengths.max()) if b > 0 else 0
@@ -197,7 +213,9 @@ def masked_gru(
         final = h0.index_copy(0, nonempty, h_n[0])  # (B, H)
         return outputs, final
     if impl != "padded":
-        raise ValueError(f"impl: expected 'padded', 'packed' or 'fused', got {impl!r}")
+        raise ValueError(
+            f"impl: expected 'padded', 'packed' or one of {', '.join(_FUSED)}, got {impl!r}"
+        )
     m = (torch.arange(t_max, device=inputs.device) < lengths[:, None]).unsqueeze(-1)  # (B, t_max, 1)
     x = inputs[:, :t_max].masked_fill(~m, 0.0)  # padding may hold anything, even NaN
     out, _ = gru(x, h0.unsqueeze(0).contiguous())  # (B, t_max, H)
@@ -275,9 +293,9 @@ def _one_thread() -> Iterator[None]:
     Each step is a handful of (B, 3H) ops, far below what pays for waking an OpenMP
     team; with more threads every step's matrix product synchronises them, and on a
     loaded machine the spinning workers steal the main thread's core (the loop ran 2.5x
-    slower at 2 threads than at 1). The (T, B, H) elementwise work around the loops is
-    too small to gain from a second thread either, so the whole kernel runs inside.
-    ``torch.set_num_threads`` costs well under a microsecond.
+    slower at 2 threads than at 1). Only the loops run inside: the large matrix products
+    and the (T, B, H) passes around them keep every thread. ``torch.set_num_threads``
+    (which also sets MKL's threads for this thread) costs well under a microsecond.
     """
     n = torch.get_num_threads()
     if n == 1:
@@ -290,48 +308,49 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def _forward_loop(x_n: Tensor, g: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
-    """The forward loop, in place. x_n (T, B, H) the candidate's input part ``W_in x + b_in``;
-    g (T, B, 3H), gate order (r, z, n), holds ``[x_r + b_hr, x_z + b_hz, b_hn]`` on entry
-    and on return ``[r, z, W_hn h + b_hn]`` (one ``addmm_`` and one ``sigmoid_`` a step);
-    c0/c1 (T, B, 1); h0 (B, H).
+def _forward_loop(g: Tensor, c0: Tensor, c1: Tensor, w2: Tensor, u0: Tensor) -> Tensor:
+    """The forward loop, in place, in the coordinates ``u = (1 + h) / 2``.
 
-    Per step: ``h' = h + (c0 + c1 z) (n - h)``. Returns hs (T + 1, B, H) (h0, then the
-    state after each step) and n (T, B, H), the candidates.
+    g (T, B, 4H) holds ``[2 x_n, x_r + b_r', x_z + b_z', b_n']`` on entry (see
+    :func:`_gate_inputs`) and ``[s, r, z, W_hn h + b_hn]`` on return, with ``s = (1 + n) / 2``;
+    c0/c1 (T, B, 1); w2 (3H, H) = ``2 W_hh``; u0 (B, H). Returns us (T + 1, B, H): u0, then
+    ``u`` after each step. Time-major, so that each step's slices are close together.
+
+    ``tanh(p) = 2 sigmoid(2 p) - 1`` (sigmoid is several times cheaper than tanh on CPU),
+    and in ``u``, ``h' = h + f (n - h)`` becomes ``u' = u + f (s - u)``: the same
+    ``lerp``, with the candidate ``s`` straight out of a sigmoid. ``W_hh h = 2 W_hh u -
+    W_hh 1``, so the gates see exactly the state ``h``. Six ops a step.
     """
     steps = g.shape[0]
-    b = h0.shape[0]
-    hid = h0.shape[1]
-    hs = g.new_empty(steps + 1, b, hid)
-    hs[0] = h0
-    n = g.new_empty(steps, b, hid)
-    w_t = w_hh.t()
+    b = g.shape[1]
+    hid = g.shape[2] // 4
+    us = g.new_empty(steps + 1, b, hid)
+    us[0] = u0
+    w_t = w2.t()
     # Per-step views made once (one unbind each), not a few slicing ops every step.
-    g_l = g.unbind(0)
-    rz_l = g[:, :, : 2 * hid].unbind(0)
-    r_l = g[:, :, :hid].unbind(0)
-    z_l = g[:, :, hid : 2 * hid].unbind(0)
-    gn_l = g[:, :, 2 * hid :].unbind(0)
-    xn_l = x_n.unbind(0)
-    n_l = n.unbind(0)
-    hs_l = hs.unbind(0)
+    gh_l = g[:, :, hid:].unbind(0)  # (B, 3H): [r, z, n] hidden parts
+    rz_l = g[:, :, hid : 3 * hid].unbind(0)
+    s_l = g[:, :, :hid].unbind(0)
+    r_l = g[:, :, hid : 2 * hid].unbind(0)
+    z_l = g[:, :, 2 * hid : 3 * hid].unbind(0)
+    gn_l = g[:, :, 3 * hid :].unbind(0)
+    us_l = us.unbind(0)
     c0_l = c0.unbind(0)
     c1_l = c1.unbind(0)
     f = g.new_empty(b, hid)
-    diff = g.new_empty(b, hid)
-    h = hs_l[0]
+    u = us_l[0]
     for t in range(steps):
-        g_l[t].addmm_(h, w_t)  # (B, 3H): [x_r + W_hr h + b_hr, ..., W_hn h + b_hn]
+        gh_l[t].addmm_(u, w_t)  # (B, 3H): [pre_r - x part, pre_z - x part, W_hn h + b_hn]
         rz_l[t].sigmoid_()  # (B, 2H): r, z
-        n_t = torch.addcmul(xn_l[t], r_l[t], gn_l[t], out=n_l[t]).tanh_()  # (B, H)
+        s = s_l[t].addcmul_(r_l[t], gn_l[t], value=2.0).sigmoid_()  # (B, H): (1 + n) / 2
         torch.addcmul(c0_l[t], c1_l[t], z_l[t], out=f)  # (B, H) candidate fraction
-        h = torch.addcmul(h, f, torch.sub(n_t, h, out=diff), out=hs_l[t + 1])  # (B, H)
-    return hs, n
+        u = torch.lerp(u, s, f, out=us_l[t + 1])  # (B, H)
+    return us
 
 
 def _backward_loop(coef: Tensor, keep: Tensor, g_out: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The backward loop. coef (T, B, 4H) as in :func:`_fused_backward`, keep (T, B, H) =
-    1 - f, g_out (T, B, H) = dL/d(hs[1:]), w_hh (3H, H).
+    1 - f, g_out (T, B, H) = dL/dh_t from outside the recurrence, w_hh (3H, H).
 
     Returns d (T, B, 4H) (coef times the total state gradient; the loop fills the
     d gh = ``d[:, :, H:]`` part the recurrence needs, the caller the rest), d_h_all
@@ -349,76 +368,71 @@ def _backward_loop(coef: Tensor, keep: Tensor, g_out: Tensor, w_hh: Tensor) -> t
     keep_l = keep.unbind(0)
     g_l = g_out.unbind(0)
     dh_l = d_h_all.unbind(0)
-    d_h_all[steps - 1] = g_out[steps - 1]
-    dh = dh_l[steps - 1]
+    dh = dh_l[steps - 1].copy_(g_l[steps - 1])
     for t in range(steps - 1, 0, -1):
         torch.mul(coef_l[t], dh.unsqueeze(1), out=dgh3_l[t])  # (B, 3, H)
-        dh = torch.addmm(torch.addcmul(g_l[t - 1], dh, keep_l[t]), dgh_l[t], w_hh, out=dh_l[t - 1])
+        dh = torch.addcmul(g_l[t - 1], dh, keep_l[t], out=dh_l[t - 1]).addmm_(dgh_l[t], w_hh)
     torch.mul(coef_l[0], dh.unsqueeze(1), out=dgh3_l[0])
     d_h0 = torch.addmm(dh * keep_l[0], dgh_l[0], w_hh)  # (B, H)
     return d, d_h_all, d_h0
 
 
-def _fused_forward(
-    xi: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, b_hh: Tensor, h0: Tensor, loop: Any = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """xi (T, B, 3H) input projections in gate order (n, r, z), c0/c1 (T, B, 1), w_hh (3H, H)
-    and b_hh (3H,) in order (r, z, n), h0 (B, H).
-
-    Returns hs (T + 1, B, H) (h0, then the state after each step) and, for the backward,
-    g (T, B, 3H) = ``[r, z, W_hn h + b_hn]`` and n (T, B, H).
-    """
-    hid = h0.shape[1]
-    steps, b = xi.shape[0], xi.shape[1]
-    g = torch.cat([xi[:, :, hid:] + b_hh[: 2 * hid], b_hh[2 * hid :].expand(steps, b, hid)], 2)
-    hs, n = (loop or _forward_loop)(xi[:, :, :hid], g, c0, c1, w_hh, h0)
-    return hs, g, n
+def _gate_inputs(xi: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
+    """The forward loop's buffer g (T, B, 4H) from the input projections xi (T, B, 3H)
+    in kernel order (n, r, z), biases ``b_ih`` included: ``[2 x_n, x_r + b_hr - W_hr 1,
+    x_z + b_hz - W_hz 1, b_hn - W_hn 1]``. The ``- W_hh 1`` terms turn the loop's
+    ``2 W_hh u`` back into ``W_hh h`` (``h = 2 u - 1``)."""
+    steps, b, three_h = xi.shape
+    hid = three_h // 3
+    shift = b_hh - w_hh.sum(1)  # (3H,), order (r, z, n)
+    g = xi.new_empty(steps, b, 4 * hid)
+    torch.mul(xi[:, :, :hid], 2.0, out=g[:, :, :hid])
+    torch.add(xi[:, :, hid:], shift[: 2 * hid], out=g[:, :, hid : 3 * hid])
+    g[:, :, 3 * hid :] = shift[2 * hid :]
+    return g
 
 
 def _fused_backward(
     g_out: Tensor,
-    hs: Tensor,
+    us: Tensor,
     g: Tensor,
-    n: Tensor,
     c0: Tensor,
     c1: Tensor,
     w_hh: Tensor,
     loop: Any = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """BPTT of :func:`_fused_forward` for g_out = dL/d(hs[1:]) (T, B, H).
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """BPTT of the forward loop for g_out = dL/dh_t (T, B, H), t = 1..T.
 
     Everything that does not depend on the carried gradient is computed over all steps
     at once, into one buffer ``coef (T, B, 4H)`` laid out as the per-step gradients
-    ``d = [d x_n, d x_r (= d gh_r), d x_z (= d gh_z), d gh_n]``; the loop is then three
-    small ops per step (``d x_n`` is filled after it, over all steps at once), and ``d[:, :3H]`` / ``d[:, H:]`` are the gradients of xi / gh
-    without any copy.
+    ``d = [d x_n, d x_r (= d gh_r), d x_z (= d gh_z), d gh_n]`` (``x_*`` the input
+    projections, ``gh_*`` the hidden ones, biases included); the loop is then three small
+    ops per step (``d x_n`` is filled after it, over all steps at once).
+
+    Returns d (T, B, 4H) (``d[:, :, :3H]`` is the gradient of xi, order (n, r, z),
+    ``d[:, :, H:]`` that of ``W_hh h + b_hh``, order (r, z, n)), h_prev (T, B, H) the state
+    before each step, d_c0 / d_c1 (T, B, 1) and dL/dh0 (B, H).
     """
-    steps = hs.shape[0] - 1
-    b = hs.shape[1]
-    hid = hs.shape[2]
-    h_prev = hs[:-1]  # (T, B, H)
-    r = g[:, :, :hid]
-    z = g[:, :, hid : 2 * hid]
+    steps, b, hid = g_out.shape
+    s, r, z, gn = g.split(hid, 2)  # (T, B, H) each; n = 2 s - 1
+    u_prev = us[:-1]  # (T, B, H), u = (1 + h) / 2
     f = torch.addcmul(c0, c1, z)  # (T, B, H)
-    diff = n - h_prev  # (T, B, H)
-    coef = hs.new_empty(steps, b, 4 * hid)
-    a_n = torch.addcmul(f, f * n, n, value=-1.0, out=coef[:, :, :hid])  # f (1 - n^2)
-    r_term = torch.addcmul(r, r, r, value=-1.0)  # r (1 - r)
-    torch.mul(a_n * g[:, :, 2 * hid :], r_term, out=coef[:, :, hid : 2 * hid])
-    z_term = torch.addcmul(z, z, z, value=-1.0)  # z (1 - z)
-    torch.mul(z_term * diff, c1, out=coef[:, :, 2 * hid : 3 * hid])
+    coef = g.new_empty(steps, b, 4 * hid)
+    q = torch.addcmul(s, s, s, value=-1.0)  # s (1 - s) = (1 - n^2) / 4
+    a_n = torch.mul(f, q, out=coef[:, :, :hid]).mul_(4.0)  # f (1 - n^2)
+    torch.mul(a_n * gn, torch.addcmul(r, r, r, value=-1.0), out=coef[:, :, hid : 2 * hid])
+    diff = torch.sub(s, u_prev).mul_(2.0)  # n - h_prev
+    torch.mul(torch.addcmul(z, z, z, value=-1.0) * diff, c1, out=coef[:, :, 2 * hid : 3 * hid])
     torch.mul(a_n, r, out=coef[:, :, 3 * hid :])
     keep = torch.rsub(f, 1.0)  # (T, B, H)
-    d, d_h_all, dh = (loop or _backward_loop)(coef, keep, g_out, w_hh)
+    with _one_thread():
+        d, d_h_all, d_h0 = (loop or _backward_loop)(coef, keep, g_out, w_hh)
     torch.mul(coef[:, :, :hid], d_h_all, out=d[:, :, :hid])  # d x_n, all steps at once
-    d_xi = d[:, :, : 3 * hid]  # (T, B, 3H), order (n, r, z)
-    d_gh = d.view(steps * b, 4 * hid)[:, hid:]  # (T*B, 3H), order (r, z, n)
     d_f = d_h_all * diff  # (T, B, H)
     d_c0 = d_f.sum(2, keepdim=True)  # (T, B, 1)
     d_c1 = (d_f * z).sum(2, keepdim=True)  # (T, B, 1)
-    d_w = d_gh.t().mm(h_prev.reshape(steps * b, hid))  # (3H, H)
-    d_b = d_gh.sum(0)  # (3H,)
-    return d_xi, d_c0, d_c1, d_w, d_b, dh
+    h_prev = torch.mul(u_prev, 2.0).sub_(1.0)  # (T, B, H)
+    return d, h_prev, d_c0, d_c1, d_h0
 
 
 @functools.cache
@@ -434,27 +448,100 @@ def _scripted() -> tuple[Any, Any]:
         return _forward_loop, _backward_loop
 
 
+@functools.cache
+def _c_kernel() -> _gru_kernel.GRUKernel | None:
+    """The C build of the loops (:mod:`dinrec.nn._gru_kernel`) once it has reproduced the
+    eager loops on a small problem in float32 and float64; ``None`` where it is unavailable."""
+    k = _gru_kernel.kernel()
+    if k is None:
+        return None
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        ok = _c_kernel_agrees(k)
+    if not ok:
+        logger.warning("the C GRU kernel disagrees with the eager loops; it stays off")
+    return k if ok else None
+
+
+def _c_kernel_agrees(k: _gru_kernel.GRUKernel) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+        steps, b, hid = 3, 5, 4
+        xi, w, bias, c0, c1, u0, g_out = (
+            torch.randn(*shape, generator=gen, dtype=dtype)
+            for shape in ((steps, b, 3 * hid), (3 * hid, hid), (3 * hid,), (steps, b, 1),
+                          (steps, b, 1), (b, hid), (steps, b, hid))
+        )  # fmt: skip
+        g_ref = _gate_inputs(xi, w, bias)
+        us_ref = _forward_loop(g_ref, c0, c1, w * 2.0, u0)
+        ref = (g_ref, us_ref, *_fused_backward(g_out, us_ref, g_ref, c0, c1, w, _backward_loop))
+        g, us = k.forward(xi, bias - w.sum(1), c0, c1, w * 2.0, u0)
+        got = (g, us, *k.backward(g_out, us, g, c0, c1, w))
+        if not all(torch.allclose(x, y, rtol=tol, atol=tol) for x, y in zip(got, ref, strict=True)):
+            return False
+    return True
+
+
 class _FusedGRUFunction(torch.autograd.Function):
-    """hs (T + 1, B, H) = loop(xi, c0, c1, w_hh, b_hh, h0); hand-written backward."""
+    """(outputs, final) = the GRU loop over xi; hand-written backward.
+
+    forward(xi (T, B, 3H) input projections in kernel order (n, r, z), c0 / c1 (T, B, 1),
+    m (T, B, 1) the float mask, t_out >= T, w_hh (3H, H), b_hh (3H,), h0 (B, H), loops) ->
+    outputs (B, t_out, H) (zero at padded steps), final (B, H) (the state after the row's
+    last valid step; h0 exactly for an empty row). ``loops``: ``"c"`` (the C build where it is
+    available, else TorchScript), ``"script"`` or ``"eager"``. Only the loops run on one
+    thread.
+    """
 
     @staticmethod
-    def forward(ctx, xi, c0, c1, w_hh, b_hh, h0, script):  # type: ignore[override]
-        loop = _scripted()[0] if script else _forward_loop
-        with _one_thread():
-            hs, g, n = _fused_forward(xi, c0, c1, w_hh, b_hh, h0, loop)
-        ctx.script = script
-        ctx.save_for_backward(hs, g, n, c0, c1, w_hh)
-        return hs
+    def forward(ctx, xi, c0, c1, m, t_out, w_hh, b_hh, h0, loops):  # type: ignore[override]
+        steps, b, _ = xi.shape
+        ctx.xi_dtype = xi.dtype
+        xi = xi.to(w_hh.dtype)  # under autocast the projection may be bfloat16; the loop is not
+        u0 = torch.add(h0, 1.0).mul_(0.5)  # (B, H), u = (1 + h) / 2
+        ck = None
+        if loops == "c" and _gru_kernel.supports(xi, c0, c1, w_hh, b_hh, h0):
+            ck = _c_kernel()
+        if ck is not None:
+            shift = b_hh - w_hh.sum(1)  # (3H,)
+            with _one_thread():
+                g, us = ck.forward(xi.contiguous(), shift, c0, c1, w_hh * 2.0, u0)
+        else:
+            loop = _forward_loop if loops == "eager" else _scripted()[0]
+            g = _gate_inputs(xi, w_hh, b_hh)  # (T, B, 4H)
+            with _one_thread():
+                us = loop(g, c0, c1, w_hh * 2.0, u0)  # (T + 1, B, H)
+        hid = h0.shape[1]
+        outputs = xi.new_empty(b, t_out, hid) if t_out == steps else xi.new_zeros(b, t_out, hid)
+        m_b = m.transpose(0, 1)  # (B, T, 1)
+        torch.addcmul(-m_b, us[1:].transpose(0, 1), m_b * 2.0, out=outputs[:, :steps])  # (2 u - 1) m
+        final = torch.where(m[0] > 0, us[-1] * 2.0 - 1.0, h0)  # (B, H)
+        ctx.kernel = ck
+        ctx.loops = loops
+        ctx.save_for_backward(us, g, c0, c1, m, w_hh)
+        return outputs, final
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_hs):  # type: ignore[override]
-        loop = _scripted()[1] if ctx.script else _backward_loop
-        with _one_thread():
-            d_xi, d_c0, d_c1, d_w, d_b, d_h = _fused_backward(
-                g_hs[1:].contiguous(), *ctx.saved_tensors, loop=loop
-            )
-        return d_xi, d_c0, d_c1, d_w, d_b, d_h + g_hs[0], None
+    def backward(ctx, g_outputs, g_final):  # type: ignore[override]
+        us, g, c0, c1, m, w_hh = ctx.saved_tensors
+        steps, b, _ = g.shape
+        hid = w_hh.shape[1]
+        g_out = g.new_empty(steps, b, hid)  # (T, B, H)
+        torch.mul(g_outputs[:, :steps].transpose(0, 1), m, out=g_out)  # outputs are masked
+        g_out[-1] += g_final  # final is the state after the last step (held since)
+        if ctx.kernel is not None:
+            with _one_thread():
+                d, h_prev, d_c0, d_c1, d_h0 = ctx.kernel.backward(
+                    g_out, us, g, c0, c1, w_hh.contiguous()
+                )
+        else:
+            loop = _backward_loop if ctx.loops == "eager" else _scripted()[1]
+            d, h_prev, d_c0, d_c1, d_h0 = _fused_backward(g_out, us, g, c0, c1, w_hh, loop)
+        d_gh = d.view(steps * b, 4 * hid)[:, hid:]  # (T B, 3H), order (r, z, n)
+        d_w = d_gh.t().mm(h_prev.view(steps * b, hid))  # (3H, H)
+        d_b = d_gh.sum(0)  # (3H,)
+        d_xi = d[:, :, : 3 * hid].to(ctx.xi_dtype)  # (T, B, 3H), order (n, r, z)
+        return d_xi, d_c0, d_c1, None, None, d_w, d_b, d_h0, None
 
 
 def _coefficients(kind: str, gate: str, a: Tensor | None, m: Tensor) -> tuple[Tensor, Tensor]:
@@ -479,7 +566,7 @@ def _fused_gru(
     kind: str,
     gate: str,
     h0: Tensor | None,
-    script: bool = True,
+    loops: str = "c",
 ) -> tuple[Tensor, Tensor]:
     b, t, _ = inputs.shape
     hid = weights.weight_hh.shape[1]
@@ -488,28 +575,26 @@ def _fused_gru(
     t_max = int(lengths.max()) if b > 0 else 0
     if t_max == 0:
         return inputs.new_zeros(b, t, hid), h0
-    m = (torch.arange(t_max, device=inputs.device) < lengths[:, None]).unsqueeze(-1)  # (B, t_max, 1)
-    x = inputs[:, :t_max].masked_fill(~m, 0.0)  # (B, t_max, E); padding may hold NaN
+    # Time-major from here on: each step's slices are contiguous for the loops.
+    pad = (torch.arange(t_max, device=inputs.device)[:, None] >= lengths).unsqueeze(-1)  # (t_max, B, 1)
+    x = inputs[:, :t_max].transpose(0, 1).clone(memory_format=torch.contiguous_format)
+    x = x.masked_fill_(pad, 0.0)  # (t_max, B, E); padding may hold anything, even NaN
     a = None
     if scores is not None:
-        a = scores[:, :t_max].unsqueeze(-1).masked_fill(~m, 0.0).to(inputs.dtype)  # (B, t_max, 1)
-    m = m.to(inputs.dtype)
+        a = scores[:, :t_max].t().unsqueeze(-1).masked_fill(pad, 0.0).to(inputs.dtype)  # (t_max, B, 1)
+    m = (~pad).to(inputs.dtype)  # (t_max, B, 1)
     if kind == "aigru":
         assert a is not None
         x = x * a  # i'_t = a_t * i_t
     w, bias = weights.weight_ih, weights.bias_ih
     w_ih = torch.cat([w[2 * hid :], w[: 2 * hid]])  # gate order (n, r, z) for the kernel
     b_ih = torch.cat([bias[2 * hid :], bias[: 2 * hid]])  # (cat: its backward is two slices)
-    xi = F.linear(x.transpose(0, 1), w_ih, b_ih).contiguous()  # (t_max, B, 3H)
-    c0, c1 = _coefficients(kind, gate, a, m)
-    c0 = c0.transpose(0, 1).contiguous()  # (t_max, B, 1)
-    c1 = c1.transpose(0, 1).contiguous()  # (t_max, B, 1)
-    hs = _FusedGRUFunction.apply(
-        xi, c0, c1, weights.weight_hh, weights.bias_hh, h0.contiguous(), script
-    )  # (t_max + 1, B, H)
-    final = hs[-1]  # (B, H): rows that ended earlier were held since
-    outputs = F.pad(hs[1:].transpose(0, 1) * m, (0, 0, 0, t - t_max))  # (B, T, H)
-    return outputs, final
+    xi = F.linear(x, w_ih, b_ih)  # (t_max, B, 3H), all steps in one matrix product
+    c0, c1 = _coefficients(kind, gate, a, m)  # (t_max, B, 1) each
+    return _FusedGRUFunction.apply(
+        xi, c0.contiguous(), c1.contiguous(), m, t, weights.weight_hh, weights.bias_hh,
+        h0.contiguous(), loops,
+    )  # (B, T, H), (B, H)
 
 
 # --------------------------------------------------------------------------- autograd path
@@ -608,8 +693,10 @@ def attention_gru(
             ``False``: TensorFlow GRUCell's ``tanh(x_n + W_hn (r h) + b_hn)`` (the
             reference's cell exactly; runs on the autograd path).
         h0: ``(B, H)`` initial state, zeros if ``None``.
-        impl: ``"fused"`` (TorchScript loop, hand-written backward), ``"fused_eager"``
-            (the same loop in plain Python, for comparison) or ``"autograd"``.
+        impl: ``"fused"`` (the fused loops with a hand-written backward, compiled C where
+            a C compiler is available, else TorchScript), ``"fused_script"`` (always
+            TorchScript), ``"fused_eager"`` (the same loops in plain Python, for
+            comparison) or ``"autograd"`` (the literal cell).
 
     Returns:
         ``outputs (B, T, H)`` (zero at padded steps) and ``final (B, H)``.
@@ -632,12 +719,12 @@ def attention_gru(
             raise ShapeError(
                 f"scores: expected shape (B, T) = {tuple(mask.shape)}, got {tuple(scores.shape)}"
             )
-    if impl in ("fused", "fused_eager") and reset_after:
+    if impl in _FUSED and reset_after:
         return _fused_gru(
-            inputs, scores, lengths, weights, kind=kind, gate=gate, h0=h0, script=impl == "fused"
+            inputs, scores, lengths, weights, kind=kind, gate=gate, h0=h0, loops=_FUSED[impl]
         )
-    if impl not in ("fused", "fused_eager", "autograd"):
-        raise ValueError(f"impl: expected 'fused', 'fused_eager' or 'autograd', got {impl!r}")
+    if impl not in (*_FUSED, "autograd"):
+        raise ValueError(f"impl: expected one of {', '.join(_FUSED)} or 'autograd', got {impl!r}")
     return _autograd_gru(
         inputs, scores, lengths, weights, kind=kind, gate=gate, reset_after=reset_after, h0=h0
     )
@@ -653,7 +740,7 @@ class AttentionGRUConfig:
     gate: Gate = "reference"
     reset_after: bool = True
     init: Literal["reference", "pytorch"] = "reference"
-    impl: Literal["fused", "fused_eager", "autograd"] = "fused"
+    impl: Literal["fused", "fused_script", "fused_eager", "autograd"] = "fused"
 
 
 class AttentionGRU(nn.Module):
