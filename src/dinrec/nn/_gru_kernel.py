@@ -13,7 +13,9 @@ or ``clang``; about a second) into ``$XDG_CACHE_HOME/dinrec`` (or the temp direc
 keyed by the source, the compiler, its flags and the CPU, then loaded with ``ctypes``.
 Where anything is missing (no compiler, no exported BLAS symbol, not Linux/macOS, a failed
 self-check), :func:`kernel` returns ``None`` and the TorchScript loops run instead.
-``DINREC_GRU_KERNEL=torchscript`` turns the C build off.
+``DINREC_GRU_KERNEL=torchscript`` turns the C build off. The build, cache and BLAS
+helpers (:func:`compile_library`, :func:`find_compiler`, :func:`torch_cpu_symbol`,
+``C_COMMON``) serve the other C kernels too.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["GRUKernel", "kernel"]
+__all__ = ["C_COMMON", "GRUKernel", "compile_library", "find_compiler", "kernel", "torch_cpu_symbol"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,9 @@ logger = logging.getLogger(__name__)
 #   w2 (3H, H)     2 W_hh (the forward), w (3H, H) W_hh (the backward)
 # BLAS is column-major: a row-major (R, C) matrix with row stride ld is the column-major
 # (C, R) matrix with leading dimension ld, so row-major Y = X W^T is Y^T = W X^T.
-_COMMON = r"""
+# The prelude shared with the other C kernels (:mod:`dinrec.nn._candidate_kernel`): the BLAS
+# gemm signature and exp without libm.
+C_COMMON = r"""
 #include <stdint.h>
 #include <string.h>
 
@@ -265,7 +269,7 @@ void gru_backward_SUF(int64_t T, int64_t B, int64_t H, const real* g, const real
 """
 
 _SOURCE = (
-    _COMMON
+    C_COMMON
     + _KERNELS.replace("real", "float").replace("SUF", "f32").replace("EXP", "exp_f32")
     + _KERNELS.replace("real", "double").replace("SUF", "f64").replace("EXP", "exp_f64")
 )
@@ -367,18 +371,21 @@ def _cache_dir() -> Path:
     return _private_dir(Path(tempfile.gettempdir()) / f"dinrec-{user}")
 
 
-def _compile(compiler: str) -> Path:
+def compile_library(source: str, stem: str, compiler: str, extra: tuple[str, ...] = ()) -> Path:
+    """``source`` compiled into a shared library in the private cache (reused when there),
+    keyed by the source, the compiler, its flags and the CPU; the best flags that work,
+    each time with the ``extra`` ones (e.g. ``-fopenmp``)."""
     suffix = ".dylib" if sys.platform == "darwin" else ".so"
     for flags in (["-O3", "-march=native", "-fopenmp-simd"], ["-O3", "-fopenmp-simd"], ["-O3"]):
-        args = [*flags, "-fPIC", "-shared", "-std=c99"]
-        key = hashlib.sha256("\0".join([_SOURCE, compiler, *args, _cpu_id()]).encode()).hexdigest()[:16]
-        target = _cache_dir() / f"gru_kernel_{key}{suffix}"
+        args = [*flags, *extra, "-fPIC", "-shared", "-std=c99"]
+        key = hashlib.sha256("\0".join([source, compiler, *args, _cpu_id()]).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"{stem}_{key}{suffix}"
         if target.exists():
             return target
         fd, tmp = tempfile.mkstemp(suffix=suffix, dir=target.parent)
         os.close(fd)
         src = Path(tmp).with_suffix(".c")
-        src.write_text(_SOURCE)
+        src.write_text(source)
         try:
             proc = subprocess.run(
                 [compiler, *args, str(src), "-o", tmp], capture_output=True, text=True, timeout=120
@@ -386,11 +393,35 @@ def _compile(compiler: str) -> Path:
             if proc.returncode == 0:
                 os.replace(tmp, target)  # atomic: concurrent processes may compile too
                 return target
-            logger.debug("C GRU kernel: %s %s failed: %s", compiler, " ".join(flags), proc.stderr[-2000:])
+            logger.debug("C kernel %s: %s %s failed: %s", stem, compiler, " ".join(flags), proc.stderr[-2000:])
         finally:
             src.unlink(missing_ok=True)
             Path(tmp).unlink(missing_ok=True)
-    raise RuntimeError(f"{compiler} could not compile the GRU kernel")
+    raise RuntimeError(f"{compiler} could not compile {stem}")
+
+
+def find_compiler() -> str:
+    """``$CC``, else the first of ``cc``, ``gcc``, ``clang`` on the PATH."""
+    compiler = os.environ.get("CC") or next(
+        (c for c in ("cc", "gcc", "clang") if shutil.which(c)), None
+    )
+    if compiler is None:
+        raise RuntimeError("no C compiler")
+    return compiler
+
+
+def torch_cpu_symbol(name: str) -> int:
+    """The address of ``name`` exported by PyTorch's CPU library (``RuntimeError`` / ``AttributeError``
+    where there is no such library or symbol)."""
+    if sys.byteorder != "little":
+        raise RuntimeError("big-endian machine")
+    lib_dir = Path(torch.__file__).parent / "lib"
+    names = {"linux": "libtorch_cpu.so", "darwin": "libtorch_cpu.dylib"}
+    lib_name = names.get(sys.platform)
+    if lib_name is None or not (lib_dir / lib_name).exists():
+        raise RuntimeError(f"no libtorch_cpu for {sys.platform}")
+    lib = ctypes.CDLL(str(lib_dir / lib_name))
+    return ctypes.cast(getattr(lib, name), _PTR).value  # AttributeError if not exported
 
 
 def _blas() -> dict[torch.dtype, int]:
@@ -399,28 +430,13 @@ def _blas() -> dict[torch.dtype, int]:
     Integer arguments are passed as int64: a 32-bit (LP64) BLAS reads their low half,
     which on a little-endian machine is the same value.
     """
-    if sys.byteorder != "little":
-        raise RuntimeError("big-endian machine")
-    lib_dir = Path(torch.__file__).parent / "lib"
-    names = {"linux": "libtorch_cpu.so", "darwin": "libtorch_cpu.dylib"}
-    name = names.get(sys.platform)
-    if name is None or not (lib_dir / name).exists():
-        raise RuntimeError(f"no libtorch_cpu for {sys.platform}")
-    lib = ctypes.CDLL(str(lib_dir / name))
-    return {
-        torch.float32: ctypes.cast(lib.sgemm_, _PTR).value,  # AttributeError if not exported
-        torch.float64: ctypes.cast(lib.dgemm_, _PTR).value,
-    }
+    return {torch.float32: torch_cpu_symbol("sgemm_"), torch.float64: torch_cpu_symbol("dgemm_")}
 
 
 def _load() -> GRUKernel:
-    compiler = os.environ.get("CC") or next(
-        (c for c in ("cc", "gcc", "clang") if shutil.which(c)), None
-    )
-    if compiler is None:
-        raise RuntimeError("no C compiler")
+    compiler = find_compiler()
     gemm = _blas()
-    lib = ctypes.CDLL(str(_compile(compiler)))
+    lib = ctypes.CDLL(str(compile_library(_SOURCE, "gru_kernel", compiler)))
     for suf in ("f32", "f64"):
         fwd = getattr(lib, f"gru_forward_{suf}")
         fwd.restype = None
