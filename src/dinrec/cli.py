@@ -375,8 +375,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (one per core)")
     p.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads per worker")
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
-                   help="attention products when ranking (bfloat16: faster on CPUs with "
-                   "bfloat16 dot products, scores within ~1e-3; see docs/serving.md)")
+                   help="attention products when ranking (bfloat16: for CPUs with fast "
+                   "bfloat16 GEMMs such as AMX, scores within ~5e-3; see docs/serving.md)")
     p.add_argument("--max-candidates", type=int, default=1000)
     p.add_argument("--max-history", type=int, default=1000)
     p.add_argument("--max-rows", type=int, default=1000, help="rows per /score request")

@@ -215,8 +215,8 @@ class Ranker:
         threads: ONNX Runtime intra-op threads (default: torch's thread count).
         precision: ``"float32"`` (default: the training numbers) or ``"bfloat16"``: the
             attention's products when ranking candidates in bfloat16 (PyTorch backend;
-            faster on CPUs with bfloat16 dot products, scores within ~1e-3, see
-            docs/serving.md).
+            for CPUs with fast bfloat16 GEMMs such as AMX, probabilities within ~5e-3,
+            see docs/serving.md).
     """
 
     def __init__(
