@@ -82,8 +82,8 @@ class DIN(CTRModel):
         In eval mode this is :meth:`candidate_scorer` built and called once; a server
         should build that once and reuse it.
         """
-        if not self.training:
-            return self.candidate_scorer()(
+        if not self.training:  # used once: no need for a snapshot of the MLP
+            return DINCandidateScorer(self, copy_mlp=False)(
                 user, hist_items, hist_cats, items, cats, return_alphas=return_alphas,
                 compute_dtype=compute_dtype,
             )
@@ -111,10 +111,12 @@ class DINCandidateScorer:
     BatchNorm folded in) is split by input block: the user and history-sum parts are the
     same for every candidate (one row), and the target and ``target * hist_sum`` parts
     fold into one weight ``W_t + W_p diag(hist_sum)``, so the first layer is one
-    ``(N, 4E) @ (4E, H1)`` product. Make a new one after the weights change.
+    ``(N, 4E) @ (4E, H1)`` product. Make a new one after the weights change
+    (``copy_mlp=False`` shares the MLP's later layers instead of copying them: for a
+    scorer that is used at once).
     """
 
-    def __init__(self, model: DIN) -> None:
+    def __init__(self, model: DIN, copy_mlp: bool = True) -> None:
         if model.training:
             raise DinrecError("DINCandidateScorer: put the model in eval mode first")
         emb = model.embedding
@@ -129,7 +131,8 @@ class DINCandidateScorer:
                                    d, d, d, d], dim=1))
             self.w_att, self.w_prod, self.w_sum, self.w_target = (blocks.pop() for _ in range(4))
             self.w_user = blocks.pop() if blocks else None  # (H1, E) or None
-        self.mlp = copy.deepcopy(model.mlp)  # the layers after the first: part of the snapshot
+        # the layers after the first: part of the snapshot unless the caller uses it at once
+        self.mlp = copy.deepcopy(model.mlp) if copy_mlp else model.mlp
 
     def _behaviours(self, items: Tensor, cats: Tensor) -> Tensor:
         return torch.cat([self.item_table[items], self.cat_table[cats]], dim=-1)  # (..., 2E)

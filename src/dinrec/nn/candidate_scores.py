@@ -67,18 +67,19 @@ C_SPLIT_ROWS: int = 4096
 _local = threading.local()
 
 
-def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """A per-thread reusable tensor of ``shape`` (contents undefined)."""
-    store: dict[tuple[str, torch.dtype], Tensor] | None = getattr(_local, "buffers", None)
+def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A per-thread reusable tensor of ``shape`` on ``device`` (contents undefined)."""
+    store: dict[tuple[str, torch.dtype, torch.device], Tensor] | None = getattr(_local, "buffers", None)
     if store is None:
         store = _local.buffers = {}
     n = 1
     for s in shape:
         n *= s
-    buf = store.get((name, dtype))
+    key = (name, dtype, device)
+    buf = store.get(key)
     if buf is None or buf.numel() < n:
         with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
-            buf = store[(name, dtype)] = torch.empty(max(n, 1), dtype=dtype)
+            buf = store[key] = torch.empty(max(n, 1), dtype=dtype, device=device)
     return buf[:n].view(shape)
 
 
@@ -148,10 +149,11 @@ def candidate_scores(
         hold 0 and must be masked by the caller.
     """
     ck = None
-    if impl == "auto" and q.dtype == torch.float32 and compute_dtype in (None, torch.float32):
-        ck = _c_kernel()
-    elif impl not in ("auto", "torch"):
+    if impl not in ("auto", "torch"):
         raise ValueError(f"impl must be 'auto' or 'torch', not {impl!r}")
+    if (impl == "auto" and q.dtype == torch.float32 and q.device.type == "cpu"
+            and compute_dtype in (None, torch.float32)):
+        ck = _c_kernel()  # every other input is cast to q's dtype and is on q's device
     return _candidate_scores(q, history, valid, w_query, w_key, w_prod, b1, w2, b2, w3, b3,
                              compute_dtype, chunk_rows, ck)
 
@@ -165,7 +167,7 @@ def _candidate_scores(
     n, d = q.shape
     t = history.shape[0]
     a = w_query.shape[0]
-    out_dtype = q.dtype
+    out_dtype, dev = q.dtype, q.device
     cdt = compute_dtype or out_dtype
     w_query, w_key, w_prod, b1, b3 = (x.to(out_dtype) for x in (w_query, w_key, w_prod, b1, b3))
     w2, b2, w3 = w2.to(cdt), b2.to(cdt), w3.to(cdt)
@@ -178,27 +180,25 @@ def _candidate_scores(
             keys = history.index_select(0, idx)  # (Tv, D)
     tv = keys.shape[0]
     # M (D+1, Tv, A), in the output dtype first (exact), then in the compute dtype.
-    m = _buffer("m", (d + 1, tv, a), out_dtype)
-    first = (keys, w_query, w_prod, m)
-    if ck is not None and all(x.dtype == torch.float32 and x.device.type == "cpu" for x in first):
-        keys, w_query, w_prod = (x.contiguous() for x in first[:3])
+    m = _buffer("m", (d + 1, tv, a), out_dtype, dev)
+    if ck is not None:
+        keys, w_query, w_prod = (x.contiguous() for x in (keys, w_query, w_prod))
         ck.first_layer(d, tv, a, keys.data_ptr(), w_query.data_ptr(), w_prod.data_ptr(), m.data_ptr())
     else:
         torch.addcmul(w_query.t().unsqueeze(1), keys.t().unsqueeze(2), w_prod.t().unsqueeze(1),
                       out=m[:d])
     torch.addmm(b1, keys, w_key.t(), out=m[d])
-    q_aug = _buffer("q", (n, d + 1), cdt)
+    q_aug = _buffer("q", (n, d + 1), cdt, dev)
     q_aug[:, :d] = q
     q_aug[:, d] = 1
     if cdt != out_dtype:
-        m = _buffer("m_c", (d + 1, tv, a), cdt).copy_(m)
+        m = _buffer("m_c", (d + 1, tv, a), cdt, dev).copy_(m)
     m = m.view(d + 1, tv * a)
     w2t = w2.t()  # (A, 40)
     w3v = w3.reshape(-1)  # (40,)
     hidden = w2.shape[0]
     scores_v = q.new_empty(n, tv)  # the result (or its valid columns): never a buffer
-    tensors = (q_aug, m, w2, b2, w3v, b3, scores_v)
-    if ck is not None and all(x.device.type == "cpu" and x.dtype == torch.float32 for x in tensors):
+    if ck is not None:
         _c_layers(ck, q_aug, m, w2, b2, w3v, b3, scores_v, min(chunk_rows, C_CHUNK_ROWS))
         return _expand(scores_v, idx, t)
     step = max(1, min(n, chunk_rows // max(tv, 1)))
@@ -210,20 +210,20 @@ def _candidate_scores(
         nc = c1 - c0
         if fused is not None:  # sigmoid in the GEMM epilogue, from the float32 accumulators
             h2 = fused(fused(q_aug[c0:c1], m_t, None).view(nc * tv, a), w2, b2)  # (nc*Tv, 40)
-            s3 = _buffer("s3", (nc * tv, 1), cdt)
+            s3 = _buffer("s3", (nc * tv, 1), cdt, dev)
             torch.mm(h2, w3.t(), out=s3)  # (nc*Tv, 1): faster than mv in bfloat16
             scores_v[c0:c1] = s3.view(nc, tv)
             continue
-        h1 = _buffer("h1", (nc, tv * a), cdt)
+        h1 = _buffer("h1", (nc, tv * a), cdt, dev)
         torch.mm(q_aug[c0:c1], m, out=h1)  # (nc, Tv*A): rows n, columns (t, a)
         h1.sigmoid_()
-        h2 = _buffer("h2", (nc * tv, hidden), cdt)
+        h2 = _buffer("h2", (nc * tv, hidden), cdt, dev)
         torch.addmm(b2, h1.view(nc * tv, a), w2t, out=h2)  # (nc*Tv, 40)
         h2.sigmoid_()
         if cdt == out_dtype:
             torch.mv(h2, w3v, out=scores_v[c0:c1].view(nc * tv))  # (nc*Tv,)
         else:
-            s3 = _buffer("s3", (nc * tv,), cdt)
+            s3 = _buffer("s3", (nc * tv,), cdt, dev)
             torch.mv(h2, w3v, out=s3)  # (nc*Tv,)
             scores_v[c0:c1] = s3.view(nc, tv)
     scores_v += b3
@@ -249,7 +249,7 @@ def _c_layers(ck: CandidateKernel, q_aug: Tensor, m: Tensor, w2: Tensor, b2: Ten
     w2, b2, w3, b3 = (x.contiguous() for x in (w2, b2, w3, b3))
     threads = min(torch.get_num_threads(), n) if n * tv >= C_SPLIT_ROWS else 1
     chunk = max(1, min(-(-n // threads), chunk_rows // max(tv, 1)))  # candidates per chunk
-    work = _buffer("c_work", (threads * chunk * tv * (a + hid),), torch.float32)
+    work = _buffer("c_work", (threads * chunk * tv * (a + hid),), torch.float32, out.device)
     ck.scores(n, tv, d1, a, hid, q_aug.data_ptr(), m.data_ptr(), w2.data_ptr(), b2.data_ptr(),
               w3.data_ptr(), b3.data_ptr(), out.data_ptr(), work.data_ptr(), chunk, threads)
 

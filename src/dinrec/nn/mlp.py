@@ -26,6 +26,7 @@ Notes on the reference:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -186,8 +187,7 @@ class MLP(nn.Module):
         if not len(self.hidden_layers):
             return pre
         h = pre
-        for i, layer in enumerate(self.hidden_layers):  # all but the first (dense) layer
-            if i:
-                h = layer(h)  # (N, ...)
+        for layer in itertools.islice(self.hidden_layers, 1, None):  # all but the first dense layer
+            h = layer(h)  # (N, ...)
         return self.out(h)  # (N, out_features)
 
