@@ -28,7 +28,7 @@ import torch
 
 from dinrec.data import BatchLoader, PrepareConfig, SampleStore, prepare_samples
 from dinrec.nn.attention import HIDDEN_SIZE, DinFcnAttention
-from dinrec.nn.rnn import _c_kernel
+from dinrec.nn import _ops
 from dinrec.train.trainer import TrainConfig, train
 
 
@@ -147,7 +147,7 @@ def main() -> None:
     stats = SampleStore(store).stats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; store {store}: "
           f"{stats['rows']['train']:,} train rows, history 5..100; DIEN's GRU loops: "
-          f"{'C' if _c_kernel() is not None else 'TorchScript'}")
+          f"{'C++ operators' if _ops.available() else 'reference (no C++ build)'}")
     gemm = matmul_gflops()
     att, att_ms = attention_gflops(store)
     print(f"float32 matmul 1024^3: {gemm:.1f} GFLOP/s; attention (fast path, A = 36, B = 128, "

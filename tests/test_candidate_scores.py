@@ -4,17 +4,15 @@ checked against the row-by-row attention with the history repeated N times."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import threading
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from dinrec.nn import _ops
 from dinrec.nn import candidate_scores as cs
 from dinrec.nn.attention import DinFcnAttention, _project_query, _split_first_layer
+from dinrec.nn.backend import backend
 from dinrec.nn.mlp import MLP
 
 
@@ -193,8 +191,8 @@ def test_din_candidate_scorer_is_a_snapshot_of_eval_mode():
     assert not torch.allclose(fresh.alphas, before.alphas)
 
 
-# --------------------------------------------------------------------------- the C build
-has_c_kernel = pytest.mark.skipif(cs._c_kernel() is None, reason="no C compiler / BLAS symbol")
+# --------------------------------------------------------------------------- the C++ operator
+has_kernels = pytest.mark.skipif(not _ops.available(), reason="no C++ build of the kernels")
 
 
 def _layers(n: int, t: int, d: int = 36, a: int = 36, hidden: int = 40, seed: int = 0,
@@ -209,10 +207,11 @@ def _layers(n: int, t: int, d: int = 36, a: int = 36, hidden: int = 40, seed: in
             r(1, hidden, scale=1.0), r(1))
 
 
-def _assert_c_equals_torch(args: tuple, **kw) -> torch.Tensor:
+def _assert_op_equals_torch(args: tuple, **kw) -> torch.Tensor:
     got = cs.candidate_scores(*args, **kw)
-    want = cs.candidate_scores(*args, impl="torch", **kw)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    want = cs.torch_candidate_scores(*args, **kw)
+    tol = (1e-5, 2e-6) if args[0].dtype == torch.float32 else (1e-10, 1e-12)
+    torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1])
     return got
 
 
@@ -226,32 +225,38 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
-@has_c_kernel
+@has_kernels
 @pytest.mark.parametrize(("n", "t"), [(1, 1), (1, 100), (7, 9), (100, 100), (1000, 100), (333, 37)])
 @pytest.mark.parametrize("mask_kind", ["gaps", "tail", "none_valid", "no_mask"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_c_kernel_equals_the_torch_ops(n, t, mask_kind, threads):
+def test_operator_equals_the_torch_ops(n, t, mask_kind, threads):
     args = list(_layers(n, t))
     args[2] = MASKS[mask_kind](t)
     with _threads(threads), torch.inference_mode():
-        got = _assert_c_equals_torch(tuple(args))
+        got = _assert_op_equals_torch(tuple(args))
     if args[2] is not None and args[2].any():
         assert (got[:, ~args[2]] == 0).all()
 
 
-@has_c_kernel
-@pytest.mark.parametrize("chunk_rows", [1, 7, 100, 101, 999, 10**6])
+@has_kernels
+@pytest.mark.parametrize(("n", "t", "d", "a"), [
+    (40, 100, 36, 80),  # 4,000 pairs: one thread
+    (41, 100, 36, 80),  # 4,100 pairs: split over the threads
+    (163, 50, 37, 80),  # two chunks, odd D
+    (1000, 100, 100, 80),  # large D, 13 chunks
+    (3, 9000, 8, 16),  # a history longer than a chunk: one candidate per chunk
+    (97, 13, 5, 7),  # every vector loop with a tail (A = 7, rows * A odd)
+])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_c_kernel_chunk_boundaries(chunk_rows, threads):
-    args = _layers(61, 50, d=8, a=16, seed=1)  # 3050 pairs: one thread; below, two
-    big = _layers(203, 50, d=8, a=16, seed=2)  # 10150 pairs >= C_SPLIT_ROWS
+def test_operator_chunks_threads_tails_and_dtypes(n, t, d, a, dtype, threads):
+    args = _layers(n, t, d=d, a=a, seed=n, dtype=dtype)
     with _threads(threads), torch.no_grad():
-        for a in (args, big):
-            _assert_c_equals_torch(a, chunk_rows=chunk_rows)
+        _assert_op_equals_torch(args)
 
 
-@has_c_kernel
-def test_c_kernel_results_do_not_depend_on_threads():
+@has_kernels
+def test_operator_results_do_not_depend_on_threads():
     args = _layers(1000, 100)
     with torch.inference_mode():
         with _threads(1):
@@ -261,78 +266,55 @@ def test_c_kernel_results_do_not_depend_on_threads():
     torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-6)  # only the chunking differs
 
 
-def test_other_dtypes_run_the_torch_ops(monkeypatch):
-    """float64 and bfloat16 never reach the C build."""
-    class Boom:
-        def __getattr__(self, name):
-            raise AssertionError("the C kernel ran")
+def test_bfloat16_and_the_reference_backend_run_the_torch_ops(monkeypatch):
+    """bfloat16 products and ``backend("reference")`` never reach the C++ operator."""
+    def boom(*a):
+        raise AssertionError("the C++ operator ran")
 
-    monkeypatch.setattr(cs, "_c_kernel", lambda: Boom())
+    monkeypatch.setattr(_ops, "candidate_scores", boom)
     with torch.no_grad():
-        args = _layers(20, 9, d=8, a=16, dtype=torch.float64)
-        torch.testing.assert_close(cs.candidate_scores(*args), cs.candidate_scores(*args, impl="torch"))
         args32 = _layers(20, 9, d=8, a=16)
         cs.candidate_scores(*args32, compute_dtype=torch.bfloat16)
-        with pytest.raises(AssertionError, match="the C kernel ran"):
+        with backend("reference"):
             cs.candidate_scores(*args32)
-        with pytest.raises(ValueError, match="impl"):
-            cs.candidate_scores(*args32, impl="c")
+        if _ops.available():
+            with pytest.raises(AssertionError, match="operator ran"):
+                cs.candidate_scores(*args32)
 
 
-@has_c_kernel
-def test_self_check_accepts_the_build_and_rejects_a_wrong_one(monkeypatch):
-    from dinrec.nn import _candidate_kernel
-
-    k = _candidate_kernel.kernel()
-    assert cs._c_kernel_agrees(k)
-
-    class Wrong:  # the real library, but every score off by 1e-3
-        parallel = k.parallel
-
-        def first_layer(self, *a):
-            k.first_layer(*a)
-
-        def scores(self, n, tv, *rest):
-            k.scores(n, tv, *rest)
-            out = rest[-4]
-            view = torch.from_numpy(np.ctypeslib.as_array((ctypes.c_float * (n * tv)).from_address(out)))
-            view += 1e-3
-
-    assert not cs._c_kernel_agrees(Wrong())
-    cs._c_kernel.cache_clear()
-    monkeypatch.setattr(_candidate_kernel, "kernel", lambda: Wrong())
-    try:
-        assert cs._c_kernel() is None  # it stays off
-        with torch.no_grad():
-            args = _layers(30, 9, d=8, a=16)
-            torch.testing.assert_close(cs.candidate_scores(*args), cs.candidate_scores(*args, impl="torch"))
-    finally:
-        cs._c_kernel.cache_clear()
-
-
-@pytest.mark.parametrize("env", [("DINREC_CANDIDATE_KERNEL", "torch"), ("CC", "/no/such/cc")])
-def test_without_the_c_kernel_the_torch_ops_run(monkeypatch, env):
-    """Turned off, or no compiler: no C kernel, and the torch ops give the same scores."""
-    from dinrec.nn import _candidate_kernel
-
+def test_without_a_build_the_torch_ops_run(monkeypatch):
+    """No compiler: the torch ops give the same scores, after one warning."""
     with torch.no_grad():
         args = _layers(50, 20, d=8, a=16)
-        want = cs.candidate_scores(*args, impl="torch")
-    monkeypatch.setenv(*env)
-    _candidate_kernel.kernel.cache_clear()
-    cs._c_kernel.cache_clear()
+        want = cs.torch_candidate_scores(*args)
+
+    def no_compiler() -> None:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(_ops, "builder", no_compiler)
+    _ops.available.cache_clear()
     try:
-        assert cs._c_kernel() is None
-        with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="pure-PyTorch"), torch.no_grad():
             torch.testing.assert_close(cs.candidate_scores(*args), want)
     finally:
-        monkeypatch.delenv(env[0])
-        _candidate_kernel.kernel.cache_clear()
-        cs._c_kernel.cache_clear()
+        _ops.available.cache_clear()
 
 
-@has_c_kernel
-def test_c_kernel_from_several_python_threads_at_once():
+def test_the_private_fused_bfloat16_op_falls_back(monkeypatch):
+    """``torch.ops.mkldnn._linear_pointwise`` (private) failing or absent: separate ops, same scores."""
+    args = _layers(30, 20, d=8, a=16)
+    with torch.no_grad():
+        want = cs.torch_candidate_scores(*args, compute_dtype=torch.bfloat16)
+        monkeypatch.setattr(cs, "_FUSED", False)
+        got = cs.torch_candidate_scores(*args, compute_dtype=torch.bfloat16)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    monkeypatch.setattr(cs, "_FUSED", None)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", None, raising=False)
+    assert cs._fused_linear_sigmoid() is None  # a broken op is detected, not used
+
+
+@has_kernels
+def test_operator_from_several_python_threads_at_once():
     cases = [_layers(400 + 100 * i, 60, seed=i) for i in range(4)]
     with torch.no_grad():
         want = [cs.candidate_scores(*c) for c in cases]
@@ -353,57 +335,8 @@ def test_c_kernel_from_several_python_threads_at_once():
             torch.testing.assert_close(got, want[i], rtol=1e-6, atol=1e-6)
 
 
-@has_c_kernel
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="Linux only")
-def test_c_kernel_runs_on_torchs_openmp_team_and_one_blas_thread_per_call():
-    """One libgomp in the process (PyTorch's), and no thread appears while the kernel runs:
-    each OpenMP thread's MKL call runs alone instead of starting a nested team."""
-    from dinrec.nn import _candidate_kernel
-
-    k = _candidate_kernel.kernel()
-    gomp = _candidate_kernel._gomp_paths()
-    if any(Path(x).name == "libgomp.so.1" for x in gomp):  # PyTorch's OpenMP runtime
-        assert k.parallel
-        assert len([x for x in gomp if Path(x).name == "libgomp.so.1"]) == 1
-    args = _layers(1000, 100)
-    with _threads(2), torch.no_grad():
-        torch.ones(10**6).exp_()  # start PyTorch's team
-        cs.candidate_scores(*args)
-        before = len(os.listdir("/proc/self/task"))
-        for _ in range(5):
-            cs.candidate_scores(*args)
-        assert len(os.listdir("/proc/self/task")) == before
-    if k.parallel:
-        assert k.set_threads is not None
-
-
-@has_c_kernel
-def test_portable_build_without_avx512_agrees(tmp_path):
-    """The plain C loops (no ``-march=native``: no AVX-512 intrinsics, no OpenMP) pass the
-    self-check too."""
-    import subprocess
-
-    from dinrec.nn import _candidate_kernel
-    from dinrec.nn._gru_kernel import find_compiler
-
-    src, lib_path = tmp_path / "k.c", tmp_path / "k.so"
-    src.write_text(_candidate_kernel._SOURCE)
-    subprocess.run([find_compiler(), "-O3", "-fopenmp-simd", *_candidate_kernel._FLAGS, "-fPIC",
-                    "-shared", "-std=c99", str(src), "-o", str(lib_path)], check=True)
-    lib = _candidate_kernel.bind(ctypes.CDLL(str(lib_path)))
-    assert lib.candidate_kernel_openmp() == 0
-    real = _candidate_kernel.kernel()
-    k = _candidate_kernel.CandidateKernel(lib, real.gemm, None, False)
-    assert cs._c_kernel_agrees(k)
-    args = _layers(300, 40)
-    with torch.no_grad():
-        want = cs.candidate_scores(*args, impl="torch")
-        got = cs._candidate_scores(*args, None, cs.CHUNK_ROWS, k)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
-
-
-@has_c_kernel
-def test_c_kernel_extreme_and_nan_inputs():
+@has_kernels
+def test_operator_extreme_and_nan_inputs():
     """Huge pre-activations saturate as in torch; a NaN query gives NaN scores in its row only."""
     q, history, _, *w = _layers(40, 30, d=8, a=16)
     q = q.clone()
@@ -413,7 +346,7 @@ def test_c_kernel_extreme_and_nan_inputs():
     q[6] = 300.0
     with torch.no_grad():
         got = cs.candidate_scores(q, history, None, *w)
-        want = cs.candidate_scores(q, history, None, *w, impl="torch")
+        want = cs.torch_candidate_scores(q, history, None, *w)
     assert got[5].isnan().all()
     assert not got[torch.arange(40) != 5].isnan().any()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6, equal_nan=True)

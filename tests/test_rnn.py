@@ -1,5 +1,5 @@
 """Behaviour of `dinrec.nn.rnn`: masked GRU == per-sequence nn.GRU, padding-invariance,
-each gate convention against hand-written steps, fused (C / scripted / eager) == autograd."""
+each gate convention against hand-written steps, fast (the C++ operator) == reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from dinrec.errors import ShapeError
-from dinrec.nn import _gru_kernel, rnn
+from dinrec.nn import _ops, rnn
+from dinrec.nn.backend import backend
 from dinrec.nn.rnn import (
     AGRU,
     AIGRU,
@@ -25,9 +26,9 @@ B, T, E, H = 6, 7, 5, 4
 LENGTHS = torch.tensor([0, 7, 3, 1, 5, 7])
 KINDS = [("gru", "reference"), ("aigru", "reference"), ("agru", "reference"),
          ("augru", "reference"), ("augru", "paper")]  # fmt: skip
-FUSED = ["fused", "fused_script", "fused_eager"]  # "fused": the C build where it compiles
-EXTRACTOR_IMPLS = ["padded", "packed", *FUSED]
-has_c_kernel = pytest.mark.skipif(rnn._c_kernel() is None, reason="no C compiler / BLAS symbol")
+FUSED = ["fast"]  # the C++ operator where it is built (else the reference runs)
+EXTRACTOR_IMPLS = ["reference", "fast"]
+has_kernels = pytest.mark.skipif(not _ops.available(), reason="no C++ build of the kernels")
 
 
 def _data(seed: int = 0, dtype=torch.float64):
@@ -47,7 +48,7 @@ def _garbage(x: torch.Tensor, mask: torch.Tensor, fill: float = float("nan")) ->
     return out
 
 
-def _unit(kind: str, gate: str, impl: str = "fused", reset_after: bool = True, seed: int = 0):
+def _unit(kind: str, gate: str, impl: str = "fast", reset_after: bool = True, seed: int = 0):
     torch.manual_seed(seed)
     cfg = AttentionGRUConfig(E, H, kind=kind, gate=gate, impl=impl, reset_after=reset_after)  # type: ignore[arg-type]
     unit = AttentionGRU(cfg).double()
@@ -157,7 +158,7 @@ def _hand_loop(x, mask, a, unit, kind, gate, h0=None, reset_after=True):
 
 
 @pytest.mark.parametrize("kind,gate", KINDS)
-@pytest.mark.parametrize("impl", [*FUSED, "autograd"])
+@pytest.mark.parametrize("impl", [*FUSED, "reference"])
 def test_single_step_matches_hand_written_cell(kind, gate, impl):
     x, _, a = _data()
     unit = _unit(kind, gate, impl)
@@ -170,7 +171,7 @@ def test_single_step_matches_hand_written_cell(kind, gate, impl):
 
 
 @pytest.mark.parametrize("kind,gate", KINDS)
-@pytest.mark.parametrize("impl", [*FUSED, "autograd"])
+@pytest.mark.parametrize("impl", [*FUSED, "reference"])
 def test_multi_step_matches_hand_loop(kind, gate, impl):
     x, mask, a = _data(1)
     unit = _unit(kind, gate, impl)
@@ -185,7 +186,7 @@ def test_multi_step_matches_hand_loop(kind, gate, impl):
 @pytest.mark.parametrize("kind,gate", KINDS)
 def test_tensorflow_reset_before_matches_hand_loop(kind, gate):
     x, mask, a = _data(2)
-    unit = _unit(kind, gate, "fused", reset_after=False)  # falls back to the autograd path
+    unit = _unit(kind, gate, "fast", reset_after=False)  # falls back to the autograd path
     out, final = unit(x, a, mask)
     ref_out, ref_final = _hand_loop(x, mask, a, unit, kind, gate, reset_after=False)
     torch.testing.assert_close(out, ref_out)
@@ -213,11 +214,11 @@ def test_gate_conventions_at_the_extremes():
 
 # --------------------------------------------------------------------------- implementations
 @pytest.mark.parametrize("kind,gate", KINDS)
-def test_scripted_eager_and_autograd_agree_on_values_and_gradients(kind, gate):
+def test_fast_and_reference_agree_on_values_and_gradients(kind, gate):
     x, mask, a = _data(4)
     h0 = torch.randn(B, H, dtype=torch.float64)
     results = {}
-    for impl in ("autograd", *FUSED):
+    for impl in ("reference", *FUSED):
         unit = _unit(kind, gate, impl)
         xx, aa, hh = (v.clone().requires_grad_() for v in (x, a, h0))
         out, final = unit(xx, aa if kind != "gru" else None, mask, hh)
@@ -227,7 +228,7 @@ def test_scripted_eager_and_autograd_agree_on_values_and_gradients(kind, gate):
             grads.append(aa.grad)
         results[impl] = [out, final, *grads]
     for impl in FUSED:
-        for ref, got in zip(results["autograd"], results[impl], strict=True):
+        for ref, got in zip(results["reference"], results[impl], strict=True):
             torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
 
 
@@ -249,9 +250,8 @@ def test_gradients_reach_the_attention_scores_and_ignore_padding(cls, kw):
         torch.testing.assert_close(g1, g0)
 
 
-@pytest.mark.parametrize("kind,gate,impl", [(k, g, "fused") for k, g in KINDS]
-                         + [("augru", "reference", "fused_script"), ("augru", "reference", "fused_eager")])  # fmt: skip
-def test_fused_gradients_pass_gradcheck(kind, gate, impl):
+@pytest.mark.parametrize("kind,gate,impl", [(k, g, "fast") for k, g in KINDS])
+def test_fast_gradients_pass_gradcheck(kind, gate, impl):
     """float64 finite differences through the hand-written backward: inputs, scores, h0
     and every weight, with an empty row, a full row and rows ending early."""
     x, mask, a = _data(7)
@@ -271,50 +271,80 @@ def test_fused_gradients_pass_gradcheck(kind, gate, impl):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 
-@has_c_kernel
-@pytest.mark.parametrize("kind,gate", KINDS)
-def test_c_kernel_equals_torchscript_loops_in_float32(kind, gate):
-    """The C build and the TorchScript loops, float32, at a realistic size (B 64, T 40)."""
+@has_kernels
+@pytest.mark.parametrize("kind,gate,h", [(k, g, 36) for k, g in KINDS]  # 16-lane loop + tail
+                         + [("augru", "reference", h) for h in (37, 16, 5)])  # odd, exact, tail only
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-10)])
+def test_fast_equals_reference_at_realistic_sizes(kind, gate, h, dtype, tol):
+    """The C++ operator against the literal cell: T = 100, a batch split over two threads,
+    H = 36 (the production width), both dtypes, values and every gradient."""
     g = torch.Generator().manual_seed(8)
-    b, t, e, h = 64, 40, 12, 16
-    x = torch.randn(b, t, e, generator=g)
+    b, t, e = 48, 100, 18
+    x = torch.randn(b, t, e, generator=g, dtype=dtype)
     lengths = torch.randint(0, t + 1, (b,), generator=g)
+    lengths[0] = t
     mask = torch.arange(t)[None] < lengths[:, None]
-    a = torch.rand(b, t, generator=g)
+    a = torch.rand(b, t, generator=g, dtype=dtype)
     results = []
-    for impl in ("fused", "fused_script"):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the batch splits over two threads (restored below)
+    for impl in ("fast", "reference"):
         torch.manual_seed(0)
-        unit = AttentionGRU(AttentionGRUConfig(e, h, kind=kind, gate=gate, impl=impl))  # type: ignore[arg-type]
+        unit = AttentionGRU(AttentionGRUConfig(e, h, kind=kind, gate=gate, impl=impl)).to(dtype)  # type: ignore[arg-type]
         xx, aa = x.clone().requires_grad_(), a.clone().requires_grad_()
         out, final = unit(xx, aa if kind != "gru" else None, mask)
         (out.sin().sum() + final.square().sum()).backward()
         results.append([out, final, xx.grad, *(p.grad for p in unit.parameters())]
                        + ([aa.grad] if kind != "gru" else []))
-    for c, script in zip(*results, strict=True):
-        torch.testing.assert_close(c, script, rtol=1e-4, atol=1e-5)
+    torch.set_num_threads(threads)
+    for fast, ref in zip(*results, strict=True):
+        torch.testing.assert_close(fast, ref, rtol=tol * 10, atol=tol * 10)
 
 
-@pytest.mark.parametrize("env", [("DINREC_GRU_KERNEL", "torchscript"), ("CC", "/no/such/cc")])
-def test_without_the_c_kernel_the_torchscript_loops_run(monkeypatch, env):
-    """Turned off, or no compiler: no C kernel, and "fused" runs the TorchScript loops."""
-    monkeypatch.setenv(*env)
-    _gru_kernel.kernel.cache_clear()
-    rnn._c_kernel.cache_clear()
+def test_the_fast_path_runs_the_operator(monkeypatch):
+    """Under the fast backend on CPU the recurrence is ``dinrec::gru_scan``; under
+    ``backend("reference")`` it is not called."""
+    if not _ops.available():
+        pytest.skip("no C++ build")
+    calls = []
+    real = _ops.gru_scan
+    monkeypatch.setattr(_ops, "gru_scan", lambda *a: calls.append(1) or real(*a))
+    x, mask, a = _data(9)
+    unit = _unit("augru", "reference", "fast")
+    fast = unit(x, a, mask)
+    assert len(calls) == 1
+    with backend("reference"):
+        ref = unit(x, a, mask)
+    assert len(calls) == 1
+    InterestExtractor(E, H).double()(x, mask)
+    assert len(calls) == 2
+    for f, r in zip(fast, ref, strict=True):
+        torch.testing.assert_close(f, r)
+
+
+def test_without_a_build_the_reference_runs_with_one_warning(monkeypatch):
+    """No compiler (the builder fails): one warning naming the pure-PyTorch path, and the
+    fast layers give the reference's values."""
+    def no_compiler() -> None:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(_ops, "builder", no_compiler)
+    _ops.available.cache_clear()
     try:
-        assert rnn._c_kernel() is None
         x, mask, a = _data(9)
-        out, final = _unit("augru", "reference", "fused")(x, a, mask)
-        ref_out, ref_final = _unit("augru", "reference", "autograd")(x, a, mask)
+        with pytest.warns(RuntimeWarning, match="pure-PyTorch") as record:
+            out, final = _unit("augru", "reference", "fast")(x, a, mask)
+            InterestExtractor(E, H).double()(x, mask)
+        assert len(record) == 1
+        ref_out, ref_final = _unit("augru", "reference", "reference")(x, a, mask)
         torch.testing.assert_close(out, ref_out)
         torch.testing.assert_close(final, ref_final)
     finally:
-        monkeypatch.delenv(env[0])
-        _gru_kernel.kernel.cache_clear()
-        rnn._c_kernel.cache_clear()
+        _ops.available.cache_clear()
 
 
 @pytest.mark.parametrize("impl", FUSED)
-def test_fused_under_bfloat16_autocast(impl):
+def test_fast_under_bfloat16_autocast(impl):
     """Under CPU autocast the input projection is bfloat16; the loop runs in the weights'
     float32, and the gradients come back in the inputs' dtype."""
     x, mask, a = _data(10, torch.float32)

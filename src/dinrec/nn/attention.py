@@ -15,11 +15,12 @@ This is an exact port of the TensorFlow 1.x function of the DIEN reference code
 9. ``mode == "SUM"``: ``scores @ facts`` -> ``(B, 1, D)``; any other mode: the facts
    weighted per step -> ``(B, T, D)`` and alphas ``(B, T)``.
 
-Two implementations compute it:
+Two implementations compute it, chosen by :func:`dinrec.nn.backend` (or pinned with
+``impl="reference"``):
 
-* ``impl="reference"`` mirrors the TensorFlow code line by line (tile, concatenate,
+* ``"reference"`` mirrors the TensorFlow code line by line (tile, concatenate,
   three dense layers). It is the readable definition and the yardstick.
-* ``impl="fast"`` (the default) uses that the first layer is linear in
+* ``"fast"`` (the default) uses that the first layer is linear in
   ``[q, k, q-k, q*k]``::
 
       W1 [q; k; q-k; q*k] = (W_q + W_d) q + (W_k - W_d) k + W_p (q * k)
@@ -28,7 +29,12 @@ Two implementations compute it:
   so the ``(B, T, 4D)`` tensor is never built, the query part is computed once per
   row, and the key and product parts become one batched matmul with a per-row
   ``(D, A)`` matrix. :func:`din_fcn_attention_candidates` scores N candidate
-  queries against one history and computes the history part once.
+  queries against one history: without autograd through the prepared candidate path
+  (:class:`CandidateAttention`, the history part computed once, the C++ operator
+  ``dinrec::candidate_scores`` on CPU), with autograd as N rows sharing the history.
+
+Query and facts widths are free (``Q != D``, odd or large ``D``): nothing assumes a
+vector width.
 
 Both give the same values and gradients up to float round-off (tested).
 
@@ -51,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinrec.errors import ShapeError
+from dinrec.nn.backend import resolve
 from dinrec.nn.candidate_scores import candidate_scores
 
 #: The reference's padding score for invalid positions.
@@ -314,7 +321,8 @@ def din_fcn_attention(
         return_alphas: also return the weights, ``(B, 1, T)`` in SUM mode, ``(B, T)``
             otherwise.
         for_cnn: ignore the mask entirely (the reference's ``forCnn``).
-        impl: ``"fast"`` (default) or ``"reference"`` (line-by-line port).
+        impl: ``"fast"`` (default: follow :func:`dinrec.nn.backend`) or ``"reference"``
+            (the line-by-line port, pinned).
 
     Returns:
         ``output`` or ``(output, alphas)``.
@@ -323,30 +331,17 @@ def din_fcn_attention(
     _check_inputs(query, facts, mask, for_cnn)
     _check_weights(weights, query.shape[1], facts.shape[2])
     q = _project_query(query, weights)  # (B, D)
-    if impl == "fast":
-        scores = _scores_fast(q, facts, weights)  # (B, 1, T)
-    elif impl == "reference":
-        scores = _scores_reference(q, facts, weights)  # (B, 1, T)
-    else:
-        raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
+    scores = _row_scores(q, facts, weights, resolve(impl))  # (B, 1, T)
     valid = None if (mask is None or for_cnn) else _valid(mask).unsqueeze(1)  # (B, 1, T)
     scores = _mask_softmax(scores, valid, softmax)
     return _weighted_output(scores, facts, mode, return_alphas)
 
 
-def _candidate_scores_autograd(q: Tensor, history: Tensor, w: AttentionWeights) -> Tensor:
-    """Scores (N, 1, T) of N projected queries (N, D) against one history (T, D), with autograd."""
-    n = q.shape[0]
-    t, d = history.shape
-    w_query, w_key, w_prod = _split_first_layer(w, d)  # (A, D) each
-    q_part = F.linear(q, w_query, w.att1_bias)  # (N, A)
-    k_part = F.linear(history, w_key)  # (T, A): the history part, once
-    w_pairs = q.t().unsqueeze(2) * w_prod.t().unsqueeze(1)  # (D, N, A): q[n, d] * W_p[a, d]
-    h1 = (history @ w_pairs.reshape(d, -1)).view(t, n, -1)  # (T, N, A)
-    h1 = torch.sigmoid(h1 + k_part.unsqueeze(1) + q_part.unsqueeze(0)).view(t * n, -1)  # (T*N, A)
-    h2 = torch.sigmoid(F.linear(h1, w.att2_weight, w.att2_bias))  # (T*N, 40)
-    s = F.linear(h2, w.att3_weight, w.att3_bias)  # (T*N, 1)
-    return s.view(t, n).t().unsqueeze(1)  # (N, 1, T)
+def _row_scores(q: Tensor, facts: Tensor, w: AttentionWeights, impl: str) -> Tensor:
+    """Steps 5-6 by the chosen implementation. q (B, D), facts (B, T, D) -> (B, 1, T)."""
+    if impl == "fast":
+        return _scores_fast(q, facts, w)
+    return _scores_reference(q, facts, w)
 
 
 def din_fcn_attention_candidates(
@@ -360,11 +355,16 @@ def din_fcn_attention_candidates(
     return_alphas: bool = False,
     for_cnn: bool = False,
     compute_dtype: torch.dtype | None = None,
+    impl: str = "fast",
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Score N candidate queries against one shared history; the history part is computed once.
+    """Score N candidate queries against one shared history.
 
-    Equal to :func:`din_fcn_attention` with the history repeated N times, without the
-    repetition.
+    Equal to :func:`din_fcn_attention` with the history repeated N times. Without
+    autograd (``torch.no_grad()``, or no input requiring a gradient) and with the fast
+    backend this is the prepared candidate path of :class:`CandidateAttention` (the
+    history part computed once, valid positions only, the C++ operator on CPU). With
+    autograd the N rows run the fast row path against the shared history (a view, not
+    a copy), exactly the batched row computation.
 
     Args:
         candidates: ``(N, Q)`` candidate queries.
@@ -373,6 +373,7 @@ def din_fcn_attention_candidates(
         compute_dtype: without autograd, the dtype of the attention MLP's products
             (``torch.bfloat16``: faster on CPUs with bfloat16 dot products, ~1e-2
             relative error in the scores); see :mod:`dinrec.nn.candidate_scores`.
+        impl: ``"fast"`` (follow :func:`dinrec.nn.backend`) or ``"reference"``.
 
     Returns:
         ``output`` ``(N, 1, D)`` in SUM mode, ``(N, T, D)`` otherwise, and with
@@ -393,12 +394,13 @@ def din_fcn_attention_candidates(
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (candidates, history, *weights)
     )
-    if needs_grad:
-        q = _project_query(candidates, weights)  # (N, D)
-        scores = _candidate_scores_autograd(q, history, weights)  # (N, 1, T)
-    else:
+    kind = resolve(impl)
+    if not needs_grad and kind == "fast":
         unit = CandidateAttention(weights, mode=mode, softmax=softmax, for_cnn=for_cnn)
         return unit(candidates, history, mask, return_alphas=return_alphas, compute_dtype=compute_dtype)
+    n = candidates.shape[0]
+    q = _project_query(candidates, weights)  # (N, D)
+    scores = _row_scores(q, history.expand(n, t, d), weights, kind)  # (N, 1, T)
     valid = None if (mask is None or for_cnn) else _valid(mask).view(1, 1, t)  # (1, 1, T)
     scores = _mask_softmax(scores, valid, softmax)
     if mode != "SUM":
@@ -464,7 +466,8 @@ class DinFcnAttention(nn.Module):
             ``2 * query_size`` features, as the reference's ``concat([query, query])``.
         query_projection: ``False`` gives the reference's plain ``din_attention`` (no query
             dense layer and PReLU: the raw query, of size D, goes into the MLP).
-        impl: ``"fast"`` or ``"reference"``.
+        impl: ``"fast"`` (default: follow :func:`dinrec.nn.backend`) or ``"reference"``
+            (pinned to the line-by-line port).
 
     Parameters and initialisation follow the reference: a query projection to D with
     per-feature PReLU (alpha 0.1), then ``A`` (sigmoid) -> 40 (sigmoid) -> 1, with
@@ -581,6 +584,7 @@ class DinFcnAttention(nn.Module):
             return_alphas=self.return_alphas if return_alphas is None else return_alphas,
             for_cnn=self.for_cnn,
             compute_dtype=compute_dtype,
+            impl=self.impl,
         )
 
     def candidate_attention(self) -> CandidateAttention:

@@ -26,16 +26,14 @@ against every candidate query. :func:`candidate_scores` computes the attention s
   in its GEMM's epilogue (measured 1.25x over separate bfloat16 ops). Scores then differ from float32 by about
   1e-2 relative; rankings rarely change. float32 (the default) equals the reference.
 
-* **An optional C build of the float32 layers** (:mod:`dinrec.nn._candidate_kernel`):
-  the first layer's matrix built in one pass, then per chunk of candidates (about
-  ``C_CHUNK_ROWS`` pairs) one ``sgemm`` per layer, one vectorised sigmoid pass, and one
-  fused pass from the second layer's pre-activations to the scores (no write-back of its
-  sigmoids, no separate product with ``w3``). With ``torch.get_num_threads()`` threads
-  (from ``C_SPLIT_ROWS`` pairs on) the candidates are split over PyTorch's own OpenMP
-  team, each thread's BLAS on one thread. It is checked against the torch ops once per
-  process before use; ``DINREC_CANDIDATE_KERNEL=torch`` or ``impl="torch"`` runs the
-  torch ops, as do bfloat16 and float64. Measured on a 2-core Zen4, T = 100, N = 1000:
-  8.9 ms against 10.9 ms on one thread, 4.9 ms against 6.2 ms on two.
+* **A C++ operator for float32 / float64 on CPU** (``dinrec::candidate_scores``,
+  :mod:`dinrec.nn._ops`, source ``dinrec/csrc/candidate_scores.cpp``): the first layer's
+  matrix built in one pass, then per chunk of candidates (about 8,192 pairs) one matrix
+  product per layer, one vectorised sigmoid pass, and one fused pass from the second
+  layer's pre-activations to the scores (no write-back of its sigmoids, no separate
+  product with ``w3``). From 4,096 pairs on, the chunks are spread over ATen's threads.
+  It runs under the ``"fast"`` backend where it is built; bfloat16, other devices and
+  machines without a build run the torch ops above.
 
 The last layer's bias is added to every score of a row, which softmax ignores, but it
 is kept so the raw scores (``softmax=False``) are the reference's too.
@@ -43,26 +41,19 @@ is kept so the raw scores (``softmax=False``) are the reference's too.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 
 import torch
 from torch import Tensor
 
-from dinrec.nn import _candidate_kernel
-from dinrec.nn._candidate_kernel import CandidateKernel
+from dinrec.nn import _ops
+from dinrec.nn.backend import resolve
 
 logger = logging.getLogger(__name__)
 
 #: About this many (position, candidate) pairs per chunk: ~2 MB per float32 layer.
 CHUNK_ROWS: int = 16384
-#: The C build's chunk (per thread). Measured on Zen4 (1 MB L2 per core), N = 1000, T = 100,
-#: 2 threads: 5.8 ms at 2048 pairs, 5.5 at 4096, 5.2 at 8192 and 16384 (larger GEMMs).
-C_CHUNK_ROWS: int = 8192
-#: The C build splits the candidates over the torch threads from this many pairs on
-#: (measured: a gain from about 5,000 pairs, none at 3,000).
-C_SPLIT_ROWS: int = 4096
 
 _local = threading.local()
 
@@ -87,7 +78,8 @@ def _fused_linear_sigmoid():  # type: ignore[no-untyped-def]
     """``f(x, w, b) = sigmoid(x @ w.T + b)`` as one oneDNN call, or None where torch lacks it.
 
     ``torch.ops.mkldnn._linear_pointwise`` is the fused kernel that torch's own compiler
-    emits on CPU; it is internal, so its absence (or failure) falls back to separate ops.
+    emits on CPU; it is internal, so it is checked once on a small input, and its absence,
+    failure or a wrong result falls back to separate ops (tested).
     """
     global _FUSED
     if _FUSED is False:
@@ -100,7 +92,7 @@ def _fused_linear_sigmoid():  # type: ignore[no-untyped-def]
                 op(x, torch.zeros(4, 3, dtype=torch.bfloat16), None, "sigmoid", [], "").float(),
                 torch.full((2, 4), 0.5),
             )
-        except (AttributeError, RuntimeError):
+        except Exception:  # absent (AttributeError), or failing in any way
             ok = False
         _FUSED = (lambda x, w, b: op(x, w, b, "sigmoid", [], "")) if ok else False
     return _FUSED or None
@@ -129,7 +121,6 @@ def candidate_scores(
     *,
     compute_dtype: torch.dtype | None = None,
     chunk_rows: int = CHUNK_ROWS,
-    impl: str = "auto",
 ) -> Tensor:
     """Raw attention scores of every (candidate, position) pair, no autograd.
 
@@ -140,30 +131,57 @@ def candidate_scores(
         w_query, w_key, w_prod: ``(A, D)`` each: ``W_q + W_d``, ``W_k - W_d``, ``W_p``.
         b1: ``(A,)``; w2 ``(40, A)``, b2 ``(40,)``; w3 ``(1, 40)``, b3 ``(1,)``.
         compute_dtype: dtype of the GEMMs and sigmoids (default: ``q``'s dtype).
-        chunk_rows: about this many pairs per chunk (the C build takes at most
-            ``C_CHUNK_ROWS``).
-        impl: ``"auto"`` (the C build for float32 where it is available) or ``"torch"``.
+        chunk_rows: about this many pairs per chunk of the torch ops.
 
     Returns:
         ``(N, T)`` scores in ``q``'s dtype; padded positions (when some are valid)
         hold 0 and must be masked by the caller.
+
+    Runs ``dinrec::candidate_scores`` under the ``"fast"`` backend for float32 / float64 on
+    CPU where it is built, otherwise :func:`torch_candidate_scores`.
     """
-    ck = None
-    if impl not in ("auto", "torch"):
-        raise ValueError(f"impl must be 'auto' or 'torch', not {impl!r}")
-    if (impl == "auto" and q.dtype == torch.float32 and q.device.type == "cpu"
-            and compute_dtype in (None, torch.float32)):
-        ck = _c_kernel()  # every other input is cast to q's dtype and is on q's device
+    use_op = (
+        resolve(None) == "fast"
+        and q.dtype in (torch.float32, torch.float64)
+        and q.device.type == "cpu"
+        and compute_dtype in (None, q.dtype)
+        and _ops.available()
+    )
+    if not use_op:
+        return torch_candidate_scores(q, history, valid, w_query, w_key, w_prod, b1, w2, b2, w3, b3,
+                                      compute_dtype=compute_dtype, chunk_rows=chunk_rows)
+    keys, idx = _valid_keys(history.to(q.dtype), valid)
+    weights = (x.to(q.dtype) for x in (w_query, w_key, w_prod, b1, w2, b2, w3, b3))
+    return _expand(_ops.candidate_scores(q, keys, *weights), idx, history.shape[0])
+
+
+def _valid_keys(history: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """history (T, D) -> its valid rows (Tv, D) and their indices, or itself and None when
+    all (or none: the reference scores an all-padded row in full) are valid."""
+    if valid is not None:
+        nv = int(valid.sum())
+        if 0 < nv < history.shape[0]:
+            idx = valid.nonzero().squeeze(1)  # (Tv,)
+            return history.index_select(0, idx), idx
+    return history, None
+
+
+def torch_candidate_scores(
+    q: Tensor, history: Tensor, valid: Tensor | None, w_query: Tensor, w_key: Tensor,
+    w_prod: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
+    *, compute_dtype: torch.dtype | None = None, chunk_rows: int = CHUNK_ROWS,
+) -> Tensor:
+    """:func:`candidate_scores` in torch ops (any device and dtype; bfloat16 products)."""
     return _candidate_scores(q, history, valid, w_query, w_key, w_prod, b1, w2, b2, w3, b3,
-                             compute_dtype, chunk_rows, ck)
+                             compute_dtype, chunk_rows)
 
 
 def _candidate_scores(
     q: Tensor, history: Tensor, valid: Tensor | None, w_query: Tensor, w_key: Tensor,
     w_prod: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
-    compute_dtype: torch.dtype | None, chunk_rows: int, ck: CandidateKernel | None,
+    compute_dtype: torch.dtype | None, chunk_rows: int,
 ) -> Tensor:
-    """:func:`candidate_scores` with the C build ``ck`` (float32 CPU only) or the torch ops."""
+    """:func:`torch_candidate_scores`."""
     n, d = q.shape
     t = history.shape[0]
     a = w_query.shape[0]
@@ -171,22 +189,12 @@ def _candidate_scores(
     cdt = compute_dtype or out_dtype
     w_query, w_key, w_prod, b1, b3 = (x.to(out_dtype) for x in (w_query, w_key, w_prod, b1, b3))
     w2, b2, w3 = w2.to(cdt), b2.to(cdt), w3.to(cdt)
-    history = history.to(out_dtype)
-    keys, idx = history, None
-    if valid is not None:
-        nv = int(valid.sum())
-        if 0 < nv < t:
-            idx = valid.nonzero().squeeze(1)  # (Tv,)
-            keys = history.index_select(0, idx)  # (Tv, D)
+    keys, idx = _valid_keys(history.to(out_dtype), valid)  # (Tv, D)
     tv = keys.shape[0]
     # M (D+1, Tv, A), in the output dtype first (exact), then in the compute dtype.
     m = _buffer("m", (d + 1, tv, a), out_dtype, dev)
-    if ck is not None:
-        keys, w_query, w_prod = (x.contiguous() for x in (keys, w_query, w_prod))
-        ck.first_layer(d, tv, a, keys.data_ptr(), w_query.data_ptr(), w_prod.data_ptr(), m.data_ptr())
-    else:
-        torch.addcmul(w_query.t().unsqueeze(1), keys.t().unsqueeze(2), w_prod.t().unsqueeze(1),
-                      out=m[:d])
+    torch.addcmul(w_query.t().unsqueeze(1), keys.t().unsqueeze(2), w_prod.t().unsqueeze(1),
+                  out=m[:d])
     torch.addmm(b1, keys, w_key.t(), out=m[d])
     q_aug = _buffer("q", (n, d + 1), cdt, dev)
     q_aug[:, :d] = q
@@ -198,9 +206,6 @@ def _candidate_scores(
     w3v = w3.reshape(-1)  # (40,)
     hidden = w2.shape[0]
     scores_v = q.new_empty(n, tv)  # the result (or its valid columns): never a buffer
-    if ck is not None:
-        _c_layers(ck, q_aug, m, w2, b2, w3v, b3, scores_v, min(chunk_rows, C_CHUNK_ROWS))
-        return _expand(scores_v, idx, t)
     step = max(1, min(n, chunk_rows // max(tv, 1)))
     fused = _fused_linear_sigmoid() if cdt == torch.bfloat16 else None
     if fused is not None:
@@ -237,53 +242,3 @@ def _expand(scores_v: Tensor, idx: Tensor | None, t: int) -> Tensor:
     scores = scores_v.new_zeros(scores_v.shape[0], t)
     scores.index_copy_(1, idx, scores_v)
     return scores  # (N, T)
-
-
-# --------------------------------------------------------------------------- C build
-def _c_layers(ck: CandidateKernel, q_aug: Tensor, m: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
-              b3: Tensor, out: Tensor, chunk_rows: int) -> None:
-    """out (N, Tv) = layers 1-3 of q_aug (N, D+1) against m (D+1, Tv*A), in C."""
-    n, tv = out.shape
-    d1 = q_aug.shape[1]
-    hid, a = w2.shape
-    w2, b2, w3, b3 = (x.contiguous() for x in (w2, b2, w3, b3))
-    threads = min(torch.get_num_threads(), n) if n * tv >= C_SPLIT_ROWS else 1
-    chunk = max(1, min(-(-n // threads), chunk_rows // max(tv, 1)))  # candidates per chunk
-    work = _buffer("c_work", (threads * chunk * tv * (a + hid),), torch.float32, out.device)
-    ck.scores(n, tv, d1, a, hid, q_aug.data_ptr(), m.data_ptr(), w2.data_ptr(), b2.data_ptr(),
-              w3.data_ptr(), b3.data_ptr(), out.data_ptr(), work.data_ptr(), chunk, threads)
-
-
-@functools.cache
-def _c_kernel() -> CandidateKernel | None:
-    """The C build (:mod:`dinrec.nn._candidate_kernel`) once it has reproduced the torch ops
-    on a small problem; ``None`` where it is unavailable."""
-    k = _candidate_kernel.kernel()
-    if k is None:
-        return None
-    try:
-        ok = _c_kernel_agrees(k)
-    except Exception as exc:  # pragma: no cover - a broken build
-        logger.warning("the C candidate kernel failed its self-check (%s); it stays off", exc)
-        return None
-    if not ok:
-        logger.warning("the C candidate kernel disagrees with the torch ops; it stays off")
-    return k if ok else None
-
-
-def _c_kernel_agrees(k: CandidateKernel) -> bool:
-    gen = torch.Generator().manual_seed(0)
-    n, t, d, a, hid = 9, 7, 5, 6, 4
-    q, history, w_query, w_key, w_prod, b1, w2, b2, w3, b3 = (
-        torch.randn(*shape, generator=gen) for shape in
-        ((n, d), (t, d), (a, d), (a, d), (a, d), (a,), (hid, a), (hid,), (1, hid), (1,))
-    )  # fmt: skip
-    valid = torch.arange(t) % 3 != 1
-    args = (q, history, valid, w_query, w_key, w_prod, b1, w2, b2, w3, b3, None)
-    with torch.no_grad():
-        for rows in (CHUNK_ROWS, 10):  # one chunk and several, one thread and two
-            want = _candidate_scores(*args, rows, None)
-            got = _candidate_scores(*args, rows, k)
-            if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-                return False
-    return True

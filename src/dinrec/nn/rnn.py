@@ -48,36 +48,22 @@ unless the attention is concentrated. The two are different models, not two
 spellings of one: pick the convention the experiment needs (``"reference"`` by
 default, to reproduce the published code).
 
-Speed. The recurrence is sequential and each step is small, so per-op overhead
-dominates on CPU. ``impl="fused"`` (default) computes the input projections of all
-steps in one matrix product, folds the variant, the attention and the mask into two
-per-step coefficients ``f = c0 + c1 * z`` (computed outside the loop, so autograd
-carries their gradients to ``a``), runs only up to the longest valid length, and runs
-a loop with a hand-written backward, on one intra-op thread (:func:`_one_thread`):
+Implementations (chosen by :func:`dinrec.nn.backend`, see :mod:`dinrec.nn.backend`):
 
-* where a C compiler is available, a small C build of both loops
-  (:mod:`dinrec.nn._gru_kernel`: one BLAS call and one pass over the step's values per
-  step, the backward's per-step coefficients computed inside its loop);
-* otherwise (and with ``impl="fused_script"``) TorchScript loops of six ops per forward
-  step and three per backward step, the backward's coefficients precomputed over all
-  steps at once.
-
-Both carry the state as ``u = (1 + h) / 2`` and the candidate as ``s = (1 + n) / 2 =
-sigmoid(2 p)`` (``tanh(p) = 2 sigmoid(2 p) - 1``; a sigmoid is several times cheaper
-than a tanh on CPU), so that ``h' = h + f (n - h)`` is ``u' = u + f (s - u)``, one
-``lerp``; the gates still see ``W_hh h``, the outputs and gradients are those of ``h``.
-``impl="autograd"`` is the literal per-step cell through autograd: the readable
-definition and the yardstick in the tests.
+* ``"reference"``: the literal per-step cell through autograd (any device), and for the
+  interest extractor ``nn.GRU`` over the padded batch (cuDNN on CUDA);
+* ``"fast"`` (default): the input projections of all steps in one matrix product, the
+  variant, the attention and the mask folded into a per-step candidate fraction
+  ``f = c0 + c1 * z`` (computed outside the loop, so autograd carries their gradients to
+  ``a``), and the recurrence as one operator, ``dinrec::gru_scan`` (C++, CPU, float32 /
+  float64, with a hand-written backward; :mod:`dinrec.nn._ops`). It runs only up to the
+  longest valid length. Elsewhere (CUDA, other dtypes, no C++ build) the reference runs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import math
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -86,7 +72,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinrec.errors import ShapeError
-from dinrec.nn import _gru_kernel
+from dinrec.nn import _ops
+from dinrec.nn.backend import resolve, tracing
 
 __all__ = [
     "AGRU",
@@ -106,8 +93,9 @@ Gate = Literal["reference", "paper"]
 _KINDS = ("gru", "aigru", "agru", "augru")
 logger = logging.getLogger(__name__)
 _GATES = ("reference", "paper")
-#: The fused implementations and the loops they run (see :class:`_FusedGRUFunction`).
-_FUSED = {"fused": "c", "fused_script": "script", "fused_eager": "eager"}
+#: Older names of the two implementations, still accepted.
+_ALIASES = {"fused": "fast", "fused_script": "fast", "fused_eager": "fast", "autograd": "reference",
+            "padded": "reference"}
 
 
 class GRUWeights(NamedTuple):
@@ -136,6 +124,8 @@ def lengths_from_mask(mask: Tensor) -> Tensor:
     _check_rank("mask", mask, 2, "(B, T)")
     valid = mask if mask.dtype == torch.bool else mask == 1  # (B, T)
     lengths = valid.sum(1)  # (B,)
+    if tracing() or mask.device.type == "meta":  # data-dependent: checked in eager runs only
+        return lengths
     prefix = torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]  # (B, T)
     if not bool(torch.equal(prefix, valid)):
         raise ShapeError(
@@ -167,7 +157,7 @@ def masked_gru(
     mask: Tensor,
     h0: Tensor | None = None,
     *,
-    impl: str = "padded",
+    impl: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run a one-layer, unidirectional, ``batch_first`` ``nn.GRU`` over left-aligned sequences.
 
@@ -176,12 +166,11 @@ def masked_gru(
         inputs: ``(B, T, E)``.
         mask: ``(B, T)``, valid prefix of each row (1/True), padding at the end.
         h0: ``(B, H)`` initial state, zeros if ``None``.
-        impl: ``"padded"`` (default): the fused ``nn.GRU`` over the whole batch, cut at
-            the longest length; a GRU is causal, so outputs at valid steps do not see
-            the padding after them; the final state is gathered at ``length - 1``.
-            ``"packed"``: ``pack_padded_sequence``. ``"fused"``, ``"fused_script"``,
-            ``"fused_eager"``: this module's loop with a hand-written backward (see
-            :func:`attention_gru`). All give the same values.
+        impl: ``None`` / ``"fast"``: follow :func:`dinrec.nn.backend`; ``"reference"``:
+            ``nn.GRU`` itself over the batch cut at the longest length (cuDNN on CUDA; a
+            GRU is causal, so outputs at valid steps do not see the padding after them;
+            the final state is gathered at ``length - 1``). The fast path is
+            ``dinrec::gru_scan`` on CPU. Both give the same values.
 
     Returns:
         ``outputs (B, T, H)``, zero at padded steps, and ``final (B, H)``.
@@ -190,38 +179,21 @@ def masked_gru(
         raise ShapeError("gru: masked_gru needs nn.GRU(num_layers=1, batch_first=True), unidirectional")
     hidden = gru.hidden_size
     lengths = _check_sequence(inputs, mask, h0, hidden)
+    weights = GRUWeights(gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+    if _impl(impl) == "fast" and _scan_supported(inputs, *weights, h0):
+        return _scan_gru(inputs, None, lengths, weights, kind="gru", gate="reference", h0=h0)
     b, t, _ = inputs.shape
-    if impl in _FUSED:
-        weights = GRUWeights(gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
-        return _fused_gru(
-            inputs, None, lengths, weights, kind="gru", gate="reference", h0=h0, loops=_FUSED[impl]
-        )
     if h0 is None:
         h0 = inputs.new_zeros(b, hidden)  # (B, H)
-    t_max = int(lengths.max()) if b > 0 else 0
+    t_max = _steps(lengths, t) if b > 0 else 0
     if t_max == 0:
         return inputs.new_zeros(b, t, hidden), h0
-    valid = lengths > 0  # (B,)
-    if impl == "packed":
-        nonempty = valid.nonzero().squeeze(1)  # rows with something to run
-        packed = nn.utils.rnn.pack_padded_sequence(
-            inputs[nonempty], lengths[nonempty].cpu(), batch_first=True, enforce_sorted=False
-        )
-        out_p, h_n = gru(packed, h0[nonempty].unsqueeze(0).contiguous())
-        out_p, _ = nn.utils.rnn.pad_packed_sequence(out_p, batch_first=True, total_length=t)
-        outputs = inputs.new_zeros(b, t, hidden).index_copy(0, nonempty, out_p)  # (B, T, H)
-        final = h0.index_copy(0, nonempty, h_n[0])  # (B, H)
-        return outputs, final
-    if impl != "padded":
-        raise ValueError(
-            f"impl: expected 'padded', 'packed' or one of {', '.join(_FUSED)}, got {impl!r}"
-        )
     m = (torch.arange(t_max, device=inputs.device) < lengths[:, None]).unsqueeze(-1)  # (B, t_max, 1)
     x = inputs[:, :t_max].masked_fill(~m, 0.0)  # padding may hold anything, even NaN
     out, _ = gru(x, h0.unsqueeze(0).contiguous())  # (B, t_max, H)
     last = (lengths - 1).clamp(min=0).view(b, 1, 1).expand(b, 1, hidden)  # (B, 1, H)
     final = out.gather(1, last).squeeze(1)  # (B, H)
-    final = torch.where(valid[:, None], final, h0)  # empty rows keep h0
+    final = torch.where((lengths > 0)[:, None], final, h0)  # empty rows keep h0
     outputs = F.pad(out * m, (0, 0, 0, t - t_max))  # (B, T, H)
     return outputs, final
 
@@ -248,8 +220,8 @@ class InterestExtractor(nn.Module):
     Args:
         input_size: E, the behaviour embedding width.
         hidden_size: H.
-        impl: see :func:`masked_gru`; ``"fused"`` by default, the fastest forward +
-            backward on CPU (``benchmarks/rnn.py``).
+        impl: see :func:`masked_gru`: ``"fast"`` (default, follows
+            :func:`dinrec.nn.backend`) or ``"reference"``.
         init: ``"reference"`` (TensorFlow GRUCell: Glorot kernels, gate bias 1) or
             ``"pytorch"`` (``nn.GRU``'s uniform(+-1/sqrt(H))).
 
@@ -260,7 +232,7 @@ class InterestExtractor(nn.Module):
     """
 
     def __init__(
-        self, input_size: int, hidden_size: int, *, impl: str = "fused", init: str = "reference"
+        self, input_size: int, hidden_size: int, *, impl: str = "fast", init: str = "reference"
     ) -> None:
         super().__init__()
         self.input_size = input_size
@@ -285,279 +257,45 @@ class InterestExtractor(nn.Module):
         return f"input_size={self.input_size}, hidden_size={self.hidden_size}, impl={self.impl!r}"
 
 
-# --------------------------------------------------------------------------- fused kernel
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run the recurrent loops on one intra-op thread.
-
-    Each step is a handful of (B, 3H) ops, far below what pays for waking an OpenMP
-    team; with more threads every step's matrix product synchronises them, and on a
-    loaded machine the spinning workers steal the main thread's core (the loop ran 2.5x
-    slower at 2 threads than at 1). Only the loops run inside: the large matrix products
-    and the (T, B, H) passes around them keep every thread. ``torch.set_num_threads``
-    (which also sets MKL's threads for this thread) costs well under a microsecond.
-    """
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+# --------------------------------------------------------------------------- fast path
+def _impl(impl: str | None) -> str:
+    """A layer's ``impl`` (new or old name) -> ``"fast"`` or ``"reference"`` in force now."""
+    return resolve(_ALIASES.get(impl, impl) if impl is not None else None)  # type: ignore[arg-type]
 
 
-def _forward_loop(g: Tensor, c0: Tensor, c1: Tensor, w2: Tensor, u0: Tensor) -> Tensor:
-    """The forward loop, in place, in the coordinates ``u = (1 + h) / 2``.
-
-    g (T, B, 4H) holds ``[2 x_n, x_r + b_r', x_z + b_z', b_n']`` on entry (see
-    :func:`_gate_inputs`) and ``[s, r, z, W_hn h + b_hn]`` on return, with ``s = (1 + n) / 2``;
-    c0/c1 (T, B, 1); w2 (3H, H) = ``2 W_hh``; u0 (B, H). Returns us (T + 1, B, H): u0, then
-    ``u`` after each step. Time-major, so that each step's slices are close together.
-
-    ``tanh(p) = 2 sigmoid(2 p) - 1`` (sigmoid is several times cheaper than tanh on CPU),
-    and in ``u``, ``h' = h + f (n - h)`` becomes ``u' = u + f (s - u)``: the same
-    ``lerp``, with the candidate ``s`` straight out of a sigmoid. ``W_hh h = 2 W_hh u -
-    W_hh 1``, so the gates see exactly the state ``h``. Six ops a step.
-    """
-    steps = g.shape[0]
-    b = g.shape[1]
-    hid = g.shape[2] // 4
-    us = g.new_empty(steps + 1, b, hid)
-    us[0] = u0
-    w_t = w2.t()
-    # Per-step views made once (one unbind each), not a few slicing ops every step.
-    gh_l = g[:, :, hid:].unbind(0)  # (B, 3H): [r, z, n] hidden parts
-    rz_l = g[:, :, hid : 3 * hid].unbind(0)
-    s_l = g[:, :, :hid].unbind(0)
-    r_l = g[:, :, hid : 2 * hid].unbind(0)
-    z_l = g[:, :, 2 * hid : 3 * hid].unbind(0)
-    gn_l = g[:, :, 3 * hid :].unbind(0)
-    us_l = us.unbind(0)
-    c0_l = c0.unbind(0)
-    c1_l = c1.unbind(0)
-    f = g.new_empty(b, hid)
-    u = us_l[0]
-    for t in range(steps):
-        gh_l[t].addmm_(u, w_t)  # (B, 3H): [pre_r - x part, pre_z - x part, W_hn h + b_hn]
-        rz_l[t].sigmoid_()  # (B, 2H): r, z
-        s = s_l[t].addcmul_(r_l[t], gn_l[t], value=2.0).sigmoid_()  # (B, H): (1 + n) / 2
-        torch.addcmul(c0_l[t], c1_l[t], z_l[t], out=f)  # (B, H) candidate fraction
-        u = torch.lerp(u, s, f, out=us_l[t + 1])  # (B, H)
-    return us
+def _scan_supported(*tensors: Tensor | None) -> bool:
+    """Whether ``dinrec::gru_scan`` can run on these tensors (CPU, one float32/64 dtype, built)."""
+    ts = [t for t in tensors if t is not None]
+    dtype = ts[0].dtype
+    return (
+        dtype in (torch.float32, torch.float64)
+        and all(t.device.type == "cpu" and t.dtype == dtype for t in ts)
+        and _ops.available()
+    )
 
 
-def _backward_loop(coef: Tensor, keep: Tensor, g_out: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward loop. coef (T, B, 4H) as in :func:`_fused_backward`, keep (T, B, H) =
-    1 - f, g_out (T, B, H) = dL/dh_t from outside the recurrence, w_hh (3H, H).
-
-    Returns d (T, B, 4H) (coef times the total state gradient; the loop fills the
-    d gh = ``d[:, :, H:]`` part the recurrence needs, the caller the rest), d_h_all
-    (T, B, H) (the total dL/dh_t) and dL/dh0. Three ops a step: ``d_gh_t = coef_t dh_t``,
-    ``dh_{t-1} = (g_out_{t-1} + dh_t * keep_t) + d_gh_t W_hh``.
-    """
-    steps = coef.shape[0]
-    b = coef.shape[1]
-    hid = w_hh.shape[1]
-    d = coef.new_empty(steps, b, 4 * hid)
-    d_h_all = coef.new_empty(steps, b, hid)
-    dgh3_l = d.view(steps, b, 4, hid)[:, :, 1:].unbind(0)  # (B, 3, H) views
-    dgh_l = d[:, :, hid:].unbind(0)  # the same, as (B, 3H)
-    coef_l = coef.view(steps, b, 4, hid)[:, :, 1:].unbind(0)
-    keep_l = keep.unbind(0)
-    g_l = g_out.unbind(0)
-    dh_l = d_h_all.unbind(0)
-    dh = dh_l[steps - 1].copy_(g_l[steps - 1])
-    for t in range(steps - 1, 0, -1):
-        torch.mul(coef_l[t], dh.unsqueeze(1), out=dgh3_l[t])  # (B, 3, H)
-        dh = torch.addcmul(g_l[t - 1], dh, keep_l[t], out=dh_l[t - 1]).addmm_(dgh_l[t], w_hh)
-    torch.mul(coef_l[0], dh.unsqueeze(1), out=dgh3_l[0])
-    d_h0 = torch.addmm(dh * keep_l[0], dgh_l[0], w_hh)  # (B, H)
-    return d, d_h_all, d_h0
-
-
-def _gate_inputs(xi: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
-    """The forward loop's buffer g (T, B, 4H) from the input projections xi (T, B, 3H)
-    in kernel order (n, r, z), biases ``b_ih`` included: ``[2 x_n, x_r + b_hr - W_hr 1,
-    x_z + b_hz - W_hz 1, b_hn - W_hn 1]``. The ``- W_hh 1`` terms turn the loop's
-    ``2 W_hh u`` back into ``W_hh h`` (``h = 2 u - 1``)."""
-    steps, b, three_h = xi.shape
-    hid = three_h // 3
-    shift = b_hh - w_hh.sum(1)  # (3H,), order (r, z, n)
-    g = xi.new_empty(steps, b, 4 * hid)
-    torch.mul(xi[:, :, :hid], 2.0, out=g[:, :, :hid])
-    torch.add(xi[:, :, hid:], shift[: 2 * hid], out=g[:, :, hid : 3 * hid])
-    g[:, :, 3 * hid :] = shift[2 * hid :]
-    return g
-
-
-def _fused_backward(
-    g_out: Tensor,
-    us: Tensor,
-    g: Tensor,
-    c0: Tensor,
-    c1: Tensor,
-    w_hh: Tensor,
-    loop: Any = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """BPTT of the forward loop for g_out = dL/dh_t (T, B, H), t = 1..T.
-
-    Everything that does not depend on the carried gradient is computed over all steps
-    at once, into one buffer ``coef (T, B, 4H)`` laid out as the per-step gradients
-    ``d = [d x_n, d x_r (= d gh_r), d x_z (= d gh_z), d gh_n]`` (``x_*`` the input
-    projections, ``gh_*`` the hidden ones, biases included); the loop is then three small
-    ops per step (``d x_n`` is filled after it, over all steps at once).
-
-    Returns d (T, B, 4H) (``d[:, :, :3H]`` is the gradient of xi, order (n, r, z),
-    ``d[:, :, H:]`` that of ``W_hh h + b_hh``, order (r, z, n)), h_prev (T, B, H) the state
-    before each step, d_c0 / d_c1 (T, B, 1) and dL/dh0 (B, H).
-    """
-    steps, b, hid = g_out.shape
-    s, r, z, gn = g.split(hid, 2)  # (T, B, H) each; n = 2 s - 1
-    u_prev = us[:-1]  # (T, B, H), u = (1 + h) / 2
-    f = torch.addcmul(c0, c1, z)  # (T, B, H)
-    coef = g.new_empty(steps, b, 4 * hid)
-    q = torch.addcmul(s, s, s, value=-1.0)  # s (1 - s) = (1 - n^2) / 4
-    a_n = torch.mul(f, q, out=coef[:, :, :hid]).mul_(4.0)  # f (1 - n^2)
-    torch.mul(a_n * gn, torch.addcmul(r, r, r, value=-1.0), out=coef[:, :, hid : 2 * hid])
-    diff = torch.sub(s, u_prev).mul_(2.0)  # n - h_prev
-    torch.mul(torch.addcmul(z, z, z, value=-1.0) * diff, c1, out=coef[:, :, 2 * hid : 3 * hid])
-    torch.mul(a_n, r, out=coef[:, :, 3 * hid :])
-    keep = torch.rsub(f, 1.0)  # (T, B, H)
-    with _one_thread():
-        d, d_h_all, d_h0 = (loop or _backward_loop)(coef, keep, g_out, w_hh)
-    torch.mul(coef[:, :, :hid], d_h_all, out=d[:, :, :hid])  # d x_n, all steps at once
-    d_f = d_h_all * diff  # (T, B, H)
-    d_c0 = d_f.sum(2, keepdim=True)  # (T, B, 1)
-    d_c1 = (d_f * z).sum(2, keepdim=True)  # (T, B, 1)
-    h_prev = torch.mul(u_prev, 2.0).sub_(1.0)  # (T, B, H)
-    return d, h_prev, d_c0, d_c1, d_h0
-
-
-@functools.cache
-def _scripted() -> tuple[Any, Any]:
-    """The two loops compiled by TorchScript (deprecated in recent PyTorch, but still the
-    cheapest per-op dispatch on CPU here); the plain functions where scripting fails."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(_forward_loop), torch.jit.script(_backward_loop)
-    except Exception as exc:  # pragma: no cover - depends on the PyTorch build
-        logger.warning("TorchScript unavailable (%s); the fused GRU loop runs eagerly", exc)
-        return _forward_loop, _backward_loop
-
-
-@functools.cache
-def _c_kernel() -> _gru_kernel.GRUKernel | None:
-    """The C build of the loops (:mod:`dinrec.nn._gru_kernel`) once it has reproduced the
-    eager loops on a small problem in float32 and float64; ``None`` where it is unavailable."""
-    k = _gru_kernel.kernel()
-    if k is None:
-        return None
-    with torch.autocast("cpu", enabled=False), torch.no_grad():
-        ok = _c_kernel_agrees(k)
-    if not ok:
-        logger.warning("the C GRU kernel disagrees with the eager loops; it stays off")
-    return k if ok else None
-
-
-def _c_kernel_agrees(k: _gru_kernel.GRUKernel) -> bool:
-    gen = torch.Generator().manual_seed(0)
-    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
-        steps, b, hid = 3, 5, 4
-        xi, w, bias, c0, c1, u0, g_out = (
-            torch.randn(*shape, generator=gen, dtype=dtype)
-            for shape in ((steps, b, 3 * hid), (3 * hid, hid), (3 * hid,), (steps, b, 1),
-                          (steps, b, 1), (b, hid), (steps, b, hid))
-        )  # fmt: skip
-        g_ref = _gate_inputs(xi, w, bias)
-        us_ref = _forward_loop(g_ref, c0, c1, w * 2.0, u0)
-        ref = (g_ref, us_ref, *_fused_backward(g_out, us_ref, g_ref, c0, c1, w, _backward_loop))
-        g, us = k.forward(xi, bias - w.sum(1), c0, c1, w * 2.0, u0)
-        got = (g, us, *k.backward(g_out, us, g, c0, c1, w))
-        if not all(torch.allclose(x, y, rtol=tol, atol=tol) for x, y in zip(got, ref, strict=True)):
-            return False
-    return True
-
-
-class _FusedGRUFunction(torch.autograd.Function):
-    """(outputs, final) = the GRU loop over xi; hand-written backward.
-
-    forward(xi (T, B, 3H) input projections in kernel order (n, r, z), c0 / c1 (T, B, 1),
-    m (T, B, 1) the float mask, t_out >= T, w_hh (3H, H), b_hh (3H,), h0 (B, H), loops) ->
-    outputs (B, t_out, H) (zero at padded steps), final (B, H) (the state after the row's
-    last valid step; h0 exactly for an empty row). ``loops``: ``"c"`` (the C build where it is
-    available, else TorchScript), ``"script"`` or ``"eager"``. Only the loops run on one
-    thread.
-    """
-
-    @staticmethod
-    def forward(ctx, xi, c0, c1, m, t_out, w_hh, b_hh, h0, loops):  # type: ignore[override]
-        steps, b, _ = xi.shape
-        ctx.xi_dtype = xi.dtype
-        xi = xi.to(w_hh.dtype)  # under autocast the projection may be bfloat16; the loop is not
-        u0 = torch.add(h0, 1.0).mul_(0.5)  # (B, H), u = (1 + h) / 2
-        ck = None
-        if loops == "c" and _gru_kernel.supports(xi, c0, c1, w_hh, b_hh, h0):
-            ck = _c_kernel()
-        if ck is not None:
-            shift = b_hh - w_hh.sum(1)  # (3H,)
-            with _one_thread():
-                g, us = ck.forward(xi.contiguous(), shift, c0, c1, w_hh * 2.0, u0)
-        else:
-            loop = _forward_loop if loops == "eager" else _scripted()[0]
-            g = _gate_inputs(xi, w_hh, b_hh)  # (T, B, 4H)
-            with _one_thread():
-                us = loop(g, c0, c1, w_hh * 2.0, u0)  # (T + 1, B, H)
-        hid = h0.shape[1]
-        outputs = xi.new_empty(b, t_out, hid) if t_out == steps else xi.new_zeros(b, t_out, hid)
-        m_b = m.transpose(0, 1)  # (B, T, 1)
-        torch.addcmul(-m_b, us[1:].transpose(0, 1), m_b * 2.0, out=outputs[:, :steps])  # (2 u - 1) m
-        final = torch.where(m[0] > 0, us[-1] * 2.0 - 1.0, h0)  # (B, H)
-        ctx.kernel = ck
-        ctx.loops = loops
-        ctx.save_for_backward(us, g, c0, c1, m, w_hh)
-        return outputs, final
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_outputs, g_final):  # type: ignore[override]
-        us, g, c0, c1, m, w_hh = ctx.saved_tensors
-        steps, b, _ = g.shape
-        hid = w_hh.shape[1]
-        g_out = g.new_empty(steps, b, hid)  # (T, B, H)
-        torch.mul(g_outputs[:, :steps].transpose(0, 1), m, out=g_out)  # outputs are masked
-        g_out[-1] += g_final  # final is the state after the last step (held since)
-        if ctx.kernel is not None:
-            with _one_thread():
-                d, h_prev, d_c0, d_c1, d_h0 = ctx.kernel.backward(
-                    g_out, us, g, c0, c1, w_hh.contiguous()
-                )
-        else:
-            loop = _backward_loop if ctx.loops == "eager" else _scripted()[1]
-            d, h_prev, d_c0, d_c1, d_h0 = _fused_backward(g_out, us, g, c0, c1, w_hh, loop)
-        d_gh = d.view(steps * b, 4 * hid)[:, hid:]  # (T B, 3H), order (r, z, n)
-        d_w = d_gh.t().mm(h_prev.view(steps * b, hid))  # (3H, H)
-        d_b = d_gh.sum(0)  # (3H,)
-        d_xi = d[:, :, : 3 * hid].to(ctx.xi_dtype)  # (T, B, 3H), order (n, r, z)
-        return d_xi, d_c0, d_c1, None, None, d_w, d_b, d_h0, None
+def _steps(lengths: Tensor, t: int) -> int:
+    """The longest valid length (the loops stop there), or T where it cannot be read:
+    under a tracer or compiler, and on the meta device."""
+    if t == 0 or tracing() or lengths.device.type == "meta":
+        return t
+    return int(lengths.max())
 
 
 def _coefficients(kind: str, gate: str, a: Tensor | None, m: Tensor) -> tuple[Tensor, Tensor]:
-    """f = c0 + c1 * z for each variant; a, m (B, T, 1) -> c0, c1 (B, T, 1)."""
+    """f = c0 + c1 * z for each variant; a, m (T, B) -> c0, c1 (T, B)."""
     if kind in ("gru", "aigru"):
         return m, -m
     assert a is not None
     if kind == "agru":
-        return m * a, torch.zeros_like(m * a)
+        return m * a, torch.zeros_like(m)
     if gate == "reference":  # f = 1 - (1 - a) z
         return m, -m * (1.0 - a)
     ma = m * a  # paper: f = a (1 - z)
     return ma, -ma
 
 
-def _fused_gru(
+def _scan_gru(
     inputs: Tensor,
     scores: Tensor | None,
     lengths: Tensor,
@@ -566,35 +304,31 @@ def _fused_gru(
     kind: str,
     gate: str,
     h0: Tensor | None,
-    loops: str = "c",
 ) -> tuple[Tensor, Tensor]:
+    """The fast path: one input product, the folded coefficients, ``dinrec::gru_scan``."""
     b, t, _ = inputs.shape
     hid = weights.weight_hh.shape[1]
-    if h0 is None:
-        h0 = inputs.new_zeros(b, hid)
-    t_max = int(lengths.max()) if b > 0 else 0
-    if t_max == 0:
-        return inputs.new_zeros(b, t, hid), h0
-    # Time-major from here on: each step's slices are contiguous for the loops.
-    pad = (torch.arange(t_max, device=inputs.device)[:, None] >= lengths).unsqueeze(-1)  # (t_max, B, 1)
-    x = inputs[:, :t_max].transpose(0, 1).clone(memory_format=torch.contiguous_format)
-    x = x.masked_fill_(pad, 0.0)  # (t_max, B, E); padding may hold anything, even NaN
+    dtype = weights.weight_hh.dtype
+    h0 = inputs.new_zeros(b, hid, dtype=dtype) if h0 is None else h0.to(dtype)
+    steps = _steps(lengths, t)
+    if steps == 0:
+        return inputs.new_zeros(b, t, hid, dtype=dtype), h0
+    # Time-major from here on: each step's rows are contiguous for the loop.
+    valid = torch.arange(steps, device=inputs.device)[:, None] < lengths  # (S, B)
+    x = inputs[:, :steps].transpose(0, 1).masked_fill(~valid[..., None], 0.0)  # (S, B, E)
     a = None
     if scores is not None:
-        a = scores[:, :t_max].t().unsqueeze(-1).masked_fill(pad, 0.0).to(inputs.dtype)  # (t_max, B, 1)
-    m = (~pad).to(inputs.dtype)  # (t_max, B, 1)
-    if kind == "aigru":
-        assert a is not None
-        x = x * a  # i'_t = a_t * i_t
-    w, bias = weights.weight_ih, weights.bias_ih
-    w_ih = torch.cat([w[2 * hid :], w[: 2 * hid]])  # gate order (n, r, z) for the kernel
-    b_ih = torch.cat([bias[2 * hid :], bias[: 2 * hid]])  # (cat: its backward is two slices)
-    xi = F.linear(x, w_ih, b_ih)  # (t_max, B, 3H), all steps in one matrix product
-    c0, c1 = _coefficients(kind, gate, a, m)  # (t_max, B, 1) each
-    return _FusedGRUFunction.apply(
-        xi, c0.contiguous(), c1.contiguous(), m, t, weights.weight_hh, weights.bias_hh,
-        h0.contiguous(), loops,
-    )  # (B, T, H), (B, H)
+        a = scores[:, :steps].t().masked_fill(~valid, 0.0).to(dtype)  # (S, B)
+        if kind == "aigru":
+            x = x * a.unsqueeze(-1).to(x.dtype)  # i'_t = a_t * i_t
+    xi = F.linear(x, weights.weight_ih, weights.bias_ih).to(dtype)  # (S, B, 3H), one product
+    c0, c1 = _coefficients(kind, gate, a, valid.to(dtype))  # (S, B) each
+    hs, _ = _ops.gru_scan(xi, c0, c1, weights.weight_hh, weights.bias_hh, h0)  # (S, B, H)
+    final = hs[-1]  # a padded step keeps the state (f = 0), so this is each row's last valid one
+    outputs = (hs * valid[..., None].to(dtype)).transpose(0, 1)  # (B, S, H), zero at padding
+    if steps < t:
+        outputs = F.pad(outputs, (0, 0, 0, t - steps))  # (B, T, H)
+    return outputs, final
 
 
 # --------------------------------------------------------------------------- autograd path
@@ -653,7 +387,7 @@ def _autograd_gru(
         if kind == "aigru":
             x = x * scores.unsqueeze(-1)  # i'_t = a_t * i_t
     xi = F.linear(x, weights.weight_ih, weights.bias_ih)  # (B, T, 3H)
-    t_max = int(lengths.max()) if b > 0 else 0
+    t_max = _steps(lengths, t) if b > 0 else 0
     outs = []
     for step in range(t_max):
         a_t = None if scores is None else scores[:, step : step + 1]  # (B, 1)
@@ -677,7 +411,7 @@ def attention_gru(
     gate: str = "reference",
     reset_after: bool = True,
     h0: Tensor | None = None,
-    impl: str = "fused",
+    impl: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """An attention GRU (DIEN's interest evolving layer) over left-aligned sequences.
 
@@ -693,10 +427,9 @@ def attention_gru(
             ``False``: TensorFlow GRUCell's ``tanh(x_n + W_hn (r h) + b_hn)`` (the
             reference's cell exactly; runs on the autograd path).
         h0: ``(B, H)`` initial state, zeros if ``None``.
-        impl: ``"fused"`` (the fused loops with a hand-written backward, compiled C where
-            a C compiler is available, else TorchScript), ``"fused_script"`` (always
-            TorchScript), ``"fused_eager"`` (the same loops in plain Python, for
-            comparison) or ``"autograd"`` (the literal cell).
+        impl: ``None`` / ``"fast"``: follow :func:`dinrec.nn.backend` (the fast path is
+            ``dinrec::gru_scan`` on CPU); ``"reference"``: the literal cell through
+            autograd. ``reset_after=False`` always runs the literal cell.
 
     Returns:
         ``outputs (B, T, H)`` (zero at padded steps) and ``final (B, H)``.
@@ -719,12 +452,8 @@ def attention_gru(
             raise ShapeError(
                 f"scores: expected shape (B, T) = {tuple(mask.shape)}, got {tuple(scores.shape)}"
             )
-    if impl in _FUSED and reset_after:
-        return _fused_gru(
-            inputs, scores, lengths, weights, kind=kind, gate=gate, h0=h0, loops=_FUSED[impl]
-        )
-    if impl not in (*_FUSED, "autograd"):
-        raise ValueError(f"impl: expected one of {', '.join(_FUSED)} or 'autograd', got {impl!r}")
+    if _impl(impl) == "fast" and reset_after and _scan_supported(inputs, *weights, h0):
+        return _scan_gru(inputs, scores, lengths, weights, kind=kind, gate=gate, h0=h0)
     return _autograd_gru(
         inputs, scores, lengths, weights, kind=kind, gate=gate, reset_after=reset_after, h0=h0
     )
@@ -740,7 +469,10 @@ class AttentionGRUConfig:
     gate: Gate = "reference"
     reset_after: bool = True
     init: Literal["reference", "pytorch"] = "reference"
-    impl: Literal["fused", "fused_script", "fused_eager", "autograd"] = "fused"
+    #: ``"fast"`` follows :func:`dinrec.nn.backend`; ``"reference"`` pins the literal cell.
+    #: (The older names ``"fused"``, ``"fused_script"``, ``"fused_eager"`` mean ``"fast"``,
+    #: ``"autograd"`` means ``"reference"``.)
+    impl: str = "fast"
 
 
 class AttentionGRU(nn.Module):

@@ -1,0 +1,292 @@
+"""The C++ fast paths (``dinrec/csrc``) as PyTorch operators, built on first use.
+
+Two operations have a C++ kernel (CPU, float32 and float64):
+
+* ``dinrec::gru_scan`` -- the GRU recurrence of DIEN's layers given the input projections
+  of all steps (:func:`gru_scan`); its backward is ``dinrec::gru_scan_backward``;
+* ``dinrec::candidate_scores`` -- the attention scores of N candidates against one
+  history, for ranking without autograd.
+
+Build: :func:`torch.utils.cpp_extension.load` compiles the sources on first use (g++,
+ninja; a file lock makes concurrent processes, e.g. DDP ranks, build once) into torch's
+extension cache, keyed by the sources, the flags and the CPU (``-march=native``). The
+library registers the raw kernels as ``torch.ops.dinrec_cpp.*``; this module wraps them
+as ``torch.library.custom_op`` operators with a fake (meta) implementation and a
+registered autograd formula, so ``torch.compile`` and ``torch.export`` see through them.
+Exporters that need standard ops (ONNX, TorchScript) export with
+``dinrec.nn.backend("reference")``, where these operators are not used.
+
+Before first use the kernels are checked against the literal math at production sizes
+(:func:`self_check`). :func:`available` is ``False`` -- with one warning naming the
+pure-PyTorch path that runs instead -- when the build fails (no compiler) or the check
+fails or raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import platform
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["available", "candidate_scores", "gru_scan", "gru_scan_reference", "self_check"]
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = ("gru_scan.cpp", "candidate_scores.cpp")
+#: ``-ffp-contract=fast``: the polynomials as fused multiply-adds; ``-fopenmp``: ATen's
+#: ``parallel_for`` is an OpenMP region compiled into the caller.
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
+FALLBACK = (
+    "the pure-PyTorch paths run instead (GRU layers: their reference loop; candidate "
+    "scores: torch ops)"
+)
+
+
+def _cpu_id() -> str:
+    info = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "model name")):
+                    info += line
+                if not line.strip():
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def _build() -> None:
+    """Compile (or reuse) and load the library; raises where that is impossible."""
+    from torch.utils import cpp_extension
+
+    paths = [CSRC / s for s in SOURCES]
+    key = hashlib.sha256()
+    for p in [*paths, CSRC / "math.h"]:
+        key.update(p.read_bytes())
+    key.update("\0".join([*CFLAGS, torch.__version__, _cpu_id()]).encode())
+    cpp_extension.load(
+        name=f"dinrec_ops_{key.hexdigest()[:12]}",
+        sources=[str(p) for p in paths],
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+#: Replaced in tests to simulate a machine without a compiler.
+builder: Callable[[], None] = _build
+
+
+_lock = threading.Lock()
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the C++ kernels are built, loaded and passed :func:`self_check` (once per process)."""
+    with _lock:
+        return _build_and_check()
+
+
+def _build_and_check() -> bool:
+    try:
+        builder()
+    except Exception as exc:  # no compiler, no ninja, a compile error ...
+        _warn(f"the C++ kernels could not be built ({_first_line(exc)})")
+        return False
+    try:
+        # The check uses autograd for its yardstick, whatever mode the first caller is in.
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            self_check()
+    except Exception as exc:  # a wrong result or a kernel that raises
+        _warn(f"the C++ kernels failed their self-check ({_first_line(exc)})")
+        return False
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
+
+
+def _warn(reason: str) -> None:
+    warnings.warn(f"dinrec: {reason}; {FALLBACK}", RuntimeWarning, stacklevel=4)
+
+
+# --------------------------------------------------------------------------- gru_scan
+@torch.library.custom_op("dinrec::gru_scan", mutates_args=(), device_types="cpu")
+def gru_scan(
+    xi: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, b_hh: Tensor, h0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The GRU recurrence, time-major: ``h' = h + f (n - h)``, ``f = c0 + c1 z``.
+
+    xi (T, B, 3H) ``W_ih x_t + b_ih`` in gate order (r, z, n); c0, c1 (T, B); w_hh (3H, H);
+    b_hh (3H,); h0 (B, H) -> hs (T, B, H) the state after each step, and gates (T, B, 4H)
+    ``[r, z, n, W_hn h + b_hn]`` (saved for the backward). :func:`gru_scan_reference` is
+    the same in plain PyTorch.
+    """
+    return torch.ops.dinrec_cpp.gru_scan_forward(xi, c0, c1, w_hh, b_hh, h0)
+
+
+@gru_scan.register_fake
+def _(xi, c0, c1, w_hh, b_hh, h0):  # type: ignore[no-untyped-def]
+    steps, b, _ = xi.shape
+    hid = w_hh.shape[1]
+    return xi.new_empty(steps, b, hid), xi.new_empty(steps, b, 4 * hid)
+
+
+@torch.library.custom_op("dinrec::gru_scan_backward", mutates_args=(), device_types="cpu")
+def gru_scan_backward(
+    g_hs: Tensor, hs: Tensor, gates: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, h0: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dL/dhs (T, B, H) -> d (T, B, 4H) ``[d gh_r, d gh_z, d gh_n, d x_n]``, d_c0, d_c1 (T, B),
+    dL/dh0 (B, H). Reverse-mode only (not differentiable again)."""
+    return torch.ops.dinrec_cpp.gru_scan_backward(g_hs, hs, gates, c0, c1, w_hh, h0)
+
+
+@gru_scan_backward.register_fake
+def _(g_hs, hs, gates, c0, c1, w_hh, h0):  # type: ignore[no-untyped-def]
+    steps, b, hid = hs.shape
+    return hs.new_empty(steps, b, 4 * hid), hs.new_empty(steps, b), hs.new_empty(steps, b), hs.new_empty(b, hid)
+
+
+def _gru_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    _, c0, c1, w_hh, _, h0 = inputs
+    hs, gates = output
+    ctx.save_for_backward(hs, gates, c0, c1, w_hh, h0)
+
+
+def _gru_backward(ctx, g_hs, g_gates):  # type: ignore[no-untyped-def]
+    hs, gates, c0, c1, w_hh, h0 = ctx.saved_tensors
+    steps, b, hid = hs.shape
+    if g_hs is None:
+        g_hs = torch.zeros_like(hs)
+    d, d_c0, d_c1, d_h0 = gru_scan_backward(g_hs.contiguous(), hs, gates, c0, c1, w_hh, h0)
+    h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]])  # (T, B, H) the state before each step
+    d_gh = d[:, :, : 3 * hid].reshape(steps * b, 3 * hid)  # (T B, 3H), order (r, z, n)
+    d_w = d_gh.t().mm(h_prev.reshape(steps * b, hid))  # (3H, H)
+    d_bias = d_gh.sum(0)  # (3H,)
+    d_xi = torch.cat([d[:, :, : 2 * hid], d[:, :, 3 * hid :]], dim=2)  # (T, B, 3H), (r, z, n)
+    return d_xi, d_c0, d_c1, d_w, d_bias, d_h0
+
+
+gru_scan.register_autograd(_gru_backward, setup_context=_gru_setup)
+
+
+def gru_scan_reference(
+    xi: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, b_hh: Tensor, h0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`gru_scan` step by step in PyTorch ops (any device, autograd): the yardstick."""
+    hid = w_hh.shape[1]
+    h, hs, gates = h0, [], []
+    for t in range(xi.shape[0]):
+        x_r, x_z, x_n = xi[t].split(hid, 1)  # (B, H) each
+        h_r, h_z, h_n = F.linear(h, w_hh, b_hh).split(hid, 1)
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+        f = c0[t, :, None] + c1[t, :, None] * z  # (B, H)
+        h = h + f * (n - h)
+        hs.append(h)
+        gates.append(torch.cat([r, z, n, h_n], 1))
+    if not hs:
+        return xi.new_empty(0, *h0.shape), xi.new_empty(0, h0.shape[0], 4 * hid)
+    return torch.stack(hs), torch.stack(gates)
+
+
+# --------------------------------------------------------------------------- candidate_scores
+@torch.library.custom_op("dinrec::candidate_scores", mutates_args=(), device_types="cpu")
+def candidate_scores(
+    q: Tensor, keys: Tensor, w_query: Tensor, w_key: Tensor, w_prod: Tensor, b1: Tensor,
+    w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
+) -> Tensor:
+    """Raw scores (N, Tv) of q (N, D) against keys (Tv, D); w_query / w_key / w_prod (A, D) are
+    ``W_q + W_d``, ``W_k - W_d``, ``W_p``; b1 (A,), w2 (40, A), b2 (40,), w3 (1, 40), b3 (1,).
+    Inference only (no autograd formula: the autograd path scores candidates as rows)."""
+    return torch.ops.dinrec_cpp.candidate_scores(q, keys, w_query, w_key, w_prod, b1, w2, b2, w3, b3)
+
+
+@candidate_scores.register_fake
+def _(q, keys, w_query, w_key, w_prod, b1, w2, b2, w3, b3):  # type: ignore[no-untyped-def]
+    return q.new_empty(q.shape[0], keys.shape[0])
+
+
+# --------------------------------------------------------------------------- self-check
+#: The kernels :func:`self_check` runs (replaced in tests by broken ones).
+CHECKED: dict[str, Callable[..., object]] = {
+    "gru_forward": lambda *a: torch.ops.dinrec_cpp.gru_scan_forward(*a),
+    "gru_backward": lambda *a: torch.ops.dinrec_cpp.gru_scan_backward(*a),
+    "candidate_scores": lambda *a: torch.ops.dinrec_cpp.candidate_scores(*a),
+}
+
+
+def self_check() -> None:
+    """Run every kernel on the paths production runs and compare with the literal math.
+
+    GRU: H = 36 (the 16-lane main loop and its tail) and H = 5 (tail only), a batch of 40
+    rows (split over the threads), float32 and float64, forward and backward. Candidate
+    scores: 1,000 candidates x 100 positions, D = 36, A = 80 in float32 (the serving case:
+    several chunks, split over the threads), 120 x 50 with D = 37 in float64, and 3 x 7
+    (one chunk, one thread) in both. Raises ``AssertionError``.
+    """
+    gen = torch.Generator().manual_seed(0)
+    for dtype, tol, big in ((torch.float64, 1e-10, (120, 50, 37, 80)),
+                            (torch.float32, 2e-5, (1000, 100, 36, 80))):
+        for steps, b, hid in ((8, 40, 36), (3, 3, 5)):
+            _check_gru(gen, steps, b, hid, dtype, tol)
+        for n, t, d, a in (big, (3, 7, 5, 6)):
+            _check_candidates(gen, n, t, d, a, dtype, tol)
+
+
+def _close(name: str, got: Tensor, want: Tensor, tol: float) -> None:
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=tol, atol=tol):
+        err = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
+        raise AssertionError(f"{name} differs from the reference (max abs error {err:.3g})")
+
+
+def _check_gru(gen: torch.Generator, steps: int, b: int, hid: int, dtype: torch.dtype, tol: float) -> None:
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    xi, w, bias, h0 = rand(steps, b, 3 * hid), rand(3 * hid, hid) * 0.3, rand(3 * hid), rand(b, hid)
+    c0 = torch.rand(steps, b, generator=gen, dtype=dtype)
+    c1 = -c0 * torch.rand(steps, b, generator=gen, dtype=dtype)
+    g_hs = rand(steps, b, hid)
+    leaves = [x.clone().requires_grad_() for x in (xi, c0, c1, w, bias, h0)]
+    hs_ref, gates_ref = gru_scan_reference(*leaves)
+    want = torch.autograd.grad(hs_ref, leaves, g_hs)
+    hs, gates = CHECKED["gru_forward"](xi, c0, c1, w, bias, h0)  # type: ignore[misc]
+    _close(f"gru_scan forward ({dtype}, H={hid})", hs, hs_ref.detach(), tol)
+    _close(f"gru_scan gates ({dtype}, H={hid})", gates, gates_ref.detach(), tol)
+    d, d_c0, d_c1, d_h0 = CHECKED["gru_backward"](g_hs, hs, gates, c0, c1, w, h0)  # type: ignore[misc]
+    d_xi = torch.cat([d[:, :, : 2 * hid], d[:, :, 3 * hid :]], 2)
+    h_prev = torch.cat([h0[None], hs[:-1]])
+    d_w = d[:, :, : 3 * hid].reshape(-1, 3 * hid).t() @ h_prev.reshape(-1, hid)
+    for name, g, r in zip(("xi", "c0", "c1", "w_hh", "h0"), (d_xi, d_c0, d_c1, d_w, d_h0),
+                          (want[0], want[1], want[2], want[3], want[5]), strict=True):
+        _close(f"gru_scan backward d_{name} ({dtype}, H={hid})", g, r, tol * 10)
+
+
+def _check_candidates(gen: torch.Generator, n: int, t: int, d: int, a: int, dtype: torch.dtype,
+                      tol: float) -> None:
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dtype) / shape[-1] ** 0.5
+
+    q, keys, wq, wk, wp, w2 = rand(n, d), rand(t, d), rand(a, d), rand(a, d), rand(a, d), rand(40, a)
+    b1, b2, w3, b3 = rand(a), rand(40), rand(1, 40), rand(1)
+    got = CHECKED["candidate_scores"](q, keys, wq, wk, wp, b1, w2, b2, w3, b3)
+    # The literal first layer W1 [q; k; q-k; q*k] with W_q + W_d = wq, W_k - W_d = wk.
+    pre = (q @ wq.t() + b1)[:, None] + (keys @ wk.t())[None] + (q[:, None] * keys[None]) @ wp.t()
+    want = F.linear(torch.sigmoid(F.linear(torch.sigmoid(pre), w2, b2)), w3, b3)[..., 0]  # (N, T)
+    _close(f"candidate_scores ({dtype}, N={n}, T={t})", got, want, tol)  # type: ignore[arg-type]

@@ -1,0 +1,76 @@
+"""The one setting that chooses how dinrec's layers compute: ``"fast"`` or ``"reference"``.
+
+Every operation with a fast path has exactly two implementations:
+
+* ``"reference"`` -- the literal math in plain PyTorch ops (the TensorFlow reference's
+  attention line by line, the GRU cells step by step, ``nn.GRU`` for the interest
+  extractor). Any device, any dtype, autograd, and every exporter (ONNX, TorchScript)
+  sees only standard ops. Tests compare the fast path against it.
+* ``"fast"`` (the default) -- the folded attention algebra in PyTorch ops, and on CPU
+  for float32 / float64 the C++ operators of :mod:`dinrec.nn._ops` (the GRU recurrence,
+  candidate scoring). Where a C++ operator cannot run (another device or dtype, or no
+  build: one warning says so) the reference computes that operation.
+
+Choose it per block with the context manager (it applies to this thread)::
+
+    with dinrec.nn.backend("reference"):
+        logits = model(batch)
+
+A module or function argument ``impl="reference"`` pins one unit to the reference;
+``impl="fast"`` (the default) follows this setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Literal, get_args
+
+import torch
+
+__all__ = ["Backend", "backend", "get_backend"]
+
+Backend = Literal["reference", "fast"]
+_BACKENDS: tuple[str, ...] = get_args(Backend)
+
+
+class _State(threading.local):
+    name: Backend = "fast"
+
+
+_state = _State()
+
+
+def get_backend() -> Backend:
+    """The backend in force on this thread (``"fast"`` unless inside :func:`backend`)."""
+    return _state.name
+
+
+@contextlib.contextmanager
+def backend(name: Backend) -> Iterator[None]:
+    """Run the block with ``name`` (``"reference"`` or ``"fast"``) on this thread."""
+    if name not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(_BACKENDS)}, got {name!r}")
+    previous = _state.name
+    _state.name = name
+    try:
+        yield
+    finally:
+        _state.name = previous
+
+
+def resolve(impl: str | None) -> Backend:
+    """A unit's ``impl`` argument (``"fast"``/``None``: follow the setting; ``"reference"``:
+    pinned) -> the implementation to run."""
+    if impl == "reference":
+        return "reference"
+    if impl not in (None, "fast"):
+        raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
+    return _state.name
+
+
+def tracing() -> bool:
+    """Whether a tracer or compiler (torch.compile, torch.export, TorchScript) is running:
+    shapes then stay symbolic, so no data-dependent step counts."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
