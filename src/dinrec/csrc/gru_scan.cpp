@@ -4,8 +4,7 @@
 // is left is sequential: per step one small matrix product (the hidden projections) and one
 // pass over the step's values while they are in cache. Rows of the batch never interact,
 // so the batch is split over ATen's threads once, for the whole time loop (no per-step
-// synchronisation). The per-step products are small ((rows, H) x (H, 3H), H ~ 36): a
-// short loop kept in L1 does them, with no call overhead and no BLAS threads to wake.
+// synchronisation); each thread's per-step matrix product runs on that thread.
 //
 // Layout: time-major, row-major, gate order (r, z, n) as in nn.GRU.
 //   xi (T, B, 3H)   W_ih x_t + b_ih
@@ -19,9 +18,11 @@
 //   (d x_r = d gh_r, d x_z = d gh_z), d_c0, d_c1 (T, B) and dL/dh0 (B, H); the weight
 //   gradients are one matrix product over all steps, done by the caller.
 #include <ATen/ATen.h>
+#include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "math.h"
@@ -31,117 +32,142 @@ namespace {
 
 // Rows per thread below which the batch is not split.
 constexpr int64_t kGrainRows = 16;
-
-// y[b, o] += sum_k x[b, k] wt[k, o] for b < rows, o < n, k < depth (row-major; x and y
-// with row strides ldx, ldy; wt (depth, n) contiguous). Four rows share each load of wt.
+// Forward: a row's last (H % kLanes) columns are gathered over many rows into short
+// contiguous lanes (kPack at a time) and run through the same vector loop: GCC 12 would
+// otherwise leave them to a scalar epilogue of three exp each (H = 36 = 2 x 16 + 4).
 template <typename T>
-void gemm_acc(int64_t rows, int64_t n, int64_t depth, const T* x, int64_t ldx, const T* wt, T* y,
-              int64_t ldy) {
-  int64_t b = 0;
-  for (; b + 4 <= rows; b += 4) {
-    const T *x0 = x + b * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
-    T *y0 = y + b * ldy, *y1 = y0 + ldy, *y2 = y1 + ldy, *y3 = y2 + ldy;
-    for (int64_t k = 0; k < depth; ++k) {
-      const T a0 = x0[k], a1 = x1[k], a2 = x2[k], a3 = x3[k];
-      const T* w = wt + k * n;
+constexpr int64_t kLanes = 64 / sizeof(T);
+constexpr int64_t kPack = 256;
+
+// y (rows, n) = bias + x (rows, k; row stride ldx) w^T, or y += x w with accumulate: ATen's
+// CPU kernel called directly (no dispatcher, no autograd); inside a parallel region its BLAS
+// runs on the calling thread.
+template <typename T>
+void matmul(const at::Tensor& y, const at::Tensor& bias, const T* x, int64_t rows, int64_t k,
+            int64_t ldx, const at::Tensor& w) {
+  auto xt = at::from_blob(const_cast<T*>(x), {rows, k}, {ldx, 1}, w.options());
+  auto out = y;
+  at::cpu::addmm_out(out, bias, xt, w);
+}
+
+// The forward step of `len` elements. x: x_r, x_z, x_n at x, x + sx, x + 2 sx; gh: gh_r,
+// gh_z, gh_n likewise (stride sg); a0 / a1: one value (kPerElem false) or one per element;
+// out: r, z, n, gh_n at stride so.
+template <bool kPerElem, typename T>
+__attribute__((always_inline)) inline void forward_elems(int64_t len, const T* x, int64_t sx, const T* gh,
+                                                         int64_t sg, const T* h, const T* a0, const T* a1,
+                                                         T* out, int64_t so, T* h_next) {
 #pragma omp simd
-      for (int64_t o = 0; o < n; ++o) {
-        y0[o] += a0 * w[o];
-        y1[o] += a1 * w[o];
-        y2[o] += a2 * w[o];
-        y3[o] += a3 * w[o];
-      }
-    }
-  }
-  for (; b < rows; ++b) {
-    const T* xb = x + b * ldx;
-    T* yb = y + b * ldy;
-    for (int64_t k = 0; k < depth; ++k) {
-      const T a = xb[k];
-      const T* w = wt + k * n;
-#pragma omp simd
-      for (int64_t o = 0; o < n; ++o) yb[o] += a * w[o];
-    }
+  for (int64_t j = 0; j < len; ++j) {
+    const T r = sigmoid(x[j] + gh[j]);
+    const T z = sigmoid(x[sx + j] + gh[sg + j]);
+    const T ghn = gh[2 * sg + j];
+    const T n = T(2) * sigmoid(T(2) * (x[2 * sx + j] + r * ghn)) - T(1);  // tanh
+    const T f = (kPerElem ? a0[j] : *a0) + (kPerElem ? a1[j] : *a1) * z;
+    h_next[j] = h[j] + f * (n - h[j]);
+    out[j] = r;
+    out[so + j] = z;
+    out[2 * so + j] = n;
+    out[3 * so + j] = ghn;
   }
 }
 
-// wt (H, 3H) = w^T for the forward product; w (3H, H) as is for the backward one.
+// Rows [0, rows) of one step; gh (rows, 3H) holds W_hh h + b_hh. Pointers at the block's
+// first row: x (rows, 3H), h (rows, H), c0 / c1 (rows,), out (rows, 4H), h_next (rows, H).
+template <typename T>
+void forward_step(int64_t rows, int64_t hid, const T* x, const T* gh, const T* h, const T* c0,
+                  const T* c1, T* out, T* h_next) {
+  const int64_t main = hid - hid % kLanes<T>, tail = hid - main, h3 = 3 * hid, h4 = 4 * hid;
+  for (int64_t b = 0; b < rows; ++b)
+    forward_elems<false>(main, x + b * h3, hid, gh + b * h3, hid, h + b * hid, c0 + b, c1 + b,
+                         out + b * h4, hid, h_next + b * hid);
+  if (tail == 0) return;
+  T px[3 * kPack], pg[3 * kPack], ph[kPack], pa0[kPack], pa1[kPack], po[4 * kPack], pn[kPack];
+  const int64_t per = kPack / tail;  // rows per pack
+  for (int64_t b0 = 0; b0 < rows; b0 += per) {
+    const int64_t b1 = std::min(rows, b0 + per);
+    int64_t n = 0;
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t j = main; j < hid; ++j, ++n) {
+        for (int64_t g = 0; g < 3; ++g) {
+          px[g * kPack + n] = x[b * h3 + g * hid + j];
+          pg[g * kPack + n] = gh[b * h3 + g * hid + j];
+        }
+        ph[n] = h[b * hid + j];
+        pa0[n] = c0[b];
+        pa1[n] = c1[b];
+      }
+    forward_elems<true>(n, px, kPack, pg, kPack, ph, pa0, pa1, po, kPack, pn);
+    n = 0;
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t j = main; j < hid; ++j, ++n) {
+        for (int64_t g = 0; g < 4; ++g) out[b * h4 + g * hid + j] = po[g * kPack + n];
+        h_next[b * hid + j] = pn[n];
+      }
+  }
+}
+
 template <typename T>
 void forward_rows(int64_t b0, int64_t b1, int64_t steps, int64_t batch, int64_t hid, const T* xi,
-                  const T* c0, const T* c1, const T* wt, const T* bias, const T* h0, T* hs, T* gates) {
+                  const T* c0, const T* c1, const at::Tensor& wt, const at::Tensor& bias, const T* h0,
+                  T* hs, T* gates) {
   const int64_t rows = b1 - b0, h3 = 3 * hid, h4 = 4 * hid;
+  auto gh = at::empty({rows, h3}, wt.options());  // W_hh h + b_hh of the step
   for (int64_t t = 0; t < steps; ++t) {
     const T* hp = t == 0 ? h0 + b0 * hid : hs + ((t - 1) * batch + b0) * hid;  // (rows, H)
-    T* g = gates + (t * batch + b0) * h4;                                        // (rows, 4H)
-    for (int64_t b = 0; b < rows; ++b)
-      for (int64_t j = 0; j < h3; ++j) g[b * h4 + j] = bias[j];
-    gemm_acc(rows, h3, hid, hp, hid, wt, g, h4);  // g[:, :3H] += hp W^T
-    for (int64_t b = 0; b < rows; ++b) {
-      const int64_t row = t * batch + b0 + b;
-      const T* x = xi + row * h3;
-      T* gr = g + b * h4;
-      const T* h = hp + b * hid;
-      T* hn = hs + row * hid;
-      const T a0 = c0[row], a1 = c1[row];
-#pragma omp simd
-      for (int64_t j = 0; j < hid; ++j) {
-        const T r = sigmoid(x[j] + gr[j]);
-        const T z = sigmoid(x[hid + j] + gr[hid + j]);
-        const T ghn = gr[2 * hid + j];
-        const T n = T(2) * sigmoid(T(2) * (x[2 * hid + j] + r * ghn)) - T(1);
-        const T f = a0 + a1 * z;
-        hn[j] = h[j] + f * (n - h[j]);
-        gr[j] = r;
-        gr[hid + j] = z;
-        gr[2 * hid + j] = n;
-        gr[3 * hid + j] = ghn;
-      }
-    }
+    matmul<T>(gh, bias, hp, rows, hid, hid, wt);
+    const int64_t row = t * batch + b0;
+    forward_step(rows, hid, xi + row * h3, gh.data_ptr<T>(), hp, c0 + row, c1 + row, gates + row * h4,
+                 hs + row * hid);
   }
+}
+
+// d, nx and the row sums of d_f, d_f z for one row (see the file's header).
+template <typename T>
+inline void backward_row(int64_t hid, const T* g, const T* h, const T* dh, const T* go, T a0, T a1, T* d,
+                         T* nx, T& acc0, T& acc1) {
+  T s0 = 0, s1 = 0;
+#pragma omp simd reduction(+ : s0, s1)
+  for (int64_t j = 0; j < hid; ++j) {  // no transcendental: a scalar epilogue is cheap
+    const T r = g[j], z = g[hid + j], n = g[2 * hid + j], ghn = g[3 * hid + j];
+    const T f = a0 + a1 * z;
+    const T dn = dh[j] * f * (T(1) - n * n);  // dL/d(x_n + r gh_n)
+    const T df = dh[j] * (n - h[j]);
+    d[j] = dn * ghn * r * (T(1) - r);
+    d[hid + j] = a1 * df * z * (T(1) - z);
+    d[2 * hid + j] = dn * r;
+    d[3 * hid + j] = dn;
+    nx[j] = go[j] + dh[j] * (T(1) - f);
+    s0 += df;
+    s1 += df * z;
+  }
+  acc0 = s0;
+  acc1 = s1;
 }
 
 template <typename T>
 void backward_rows(int64_t b0, int64_t b1, int64_t steps, int64_t batch, int64_t hid, const T* g_hs,
-                   const T* hs, const T* gates, const T* c0, const T* c1, const T* w, const T* h0,
-                   T* d, T* d_c0, T* d_c1, T* d_h0) {
+                   const T* hs, const T* gates, const T* c0, const T* c1, const at::Tensor& w,
+                   const T* h0, T* d, T* d_c0, T* d_c1, T* d_h0) {
   const int64_t rows = b1 - b0, h4 = 4 * hid;
-  std::vector<T> carry(rows * hid), next(rows * hid);  // dL/dh_t and dL/dh_{t-1}, (rows, H)
-  for (int64_t i = 0; i < rows * hid; ++i) carry[i] = g_hs[((steps - 1) * batch + b0) * hid + i];
+  auto carry = at::empty({rows, hid}, w.options()), next = at::empty({rows, hid}, w.options());
+  std::vector<T> zeros(hid, T(0));
+  std::copy_n(g_hs + ((steps - 1) * batch + b0) * hid, rows * hid, carry.data_ptr<T>());
   for (int64_t t = steps - 1; t >= 0; --t) {
     const T* hp = t == 0 ? h0 + b0 * hid : hs + ((t - 1) * batch + b0) * hid;
-    const T* gt = gates + (t * batch + b0) * h4;
     T* dt = d + (t * batch + b0) * h4;
+    const T* dh = carry.data_ptr<T>();
+    T* nx = next.data_ptr<T>();
     for (int64_t b = 0; b < rows; ++b) {
       const int64_t row = t * batch + b0 + b;
-      const T* gr = gt + b * h4;
-      const T* h = hp + b * hid;
-      const T* dh = carry.data() + b * hid;
-      const T* go = t > 0 ? g_hs + ((t - 1) * batch + b0 + b) * hid : nullptr;
-      T* nx = next.data() + b * hid;
-      T* dr = dt + b * h4;
-      const T a0 = c0[row], a1 = c1[row];
-      T acc0 = 0, acc1 = 0;
-#pragma omp simd reduction(+ : acc0, acc1)
-      for (int64_t j = 0; j < hid; ++j) {
-        const T r = gr[j], z = gr[hid + j], n = gr[2 * hid + j], ghn = gr[3 * hid + j];
-        const T f = a0 + a1 * z;
-        const T dn = dh[j] * f * (T(1) - n * n);  // dL/d(x_n + r gh_n)
-        const T df = dh[j] * (n - h[j]);
-        dr[j] = dn * ghn * r * (T(1) - r);
-        dr[hid + j] = a1 * df * z * (T(1) - z);
-        dr[2 * hid + j] = dn * r;
-        dr[3 * hid + j] = dn;
-        nx[j] = (go ? go[j] : T(0)) + dh[j] * (T(1) - f);
-        acc0 += df;
-        acc1 += df * z;
-      }
-      d_c0[row] = acc0;
-      d_c1[row] = acc1;
+      const T* go = t > 0 ? g_hs + ((t - 1) * batch + b0 + b) * hid : zeros.data();
+      backward_row(hid, gates + row * h4, hp + b * hid, dh + b * hid, go, c0[row], c1[row], dt + b * h4,
+                   nx + b * hid, d_c0[row], d_c1[row]);
     }
-    gemm_acc(rows, hid, 3 * hid, dt, h4, w, next.data(), hid);  // next += d[:, :3H] W
-    carry.swap(next);
+    matmul<T>(next, next, dt, rows, 3 * hid, h4, w);  // next += d[:, :3H] W
+    std::swap(carry, next);
   }
-  for (int64_t i = 0; i < rows * hid; ++i) d_h0[b0 * hid + i] = carry[i];
+  std::copy_n(carry.data_ptr<T>(), rows * hid, d_h0 + b0 * hid);
 }
 
 void check_inputs(const at::Tensor& xi, const std::vector<at::Tensor>& others) {
@@ -158,8 +184,9 @@ std::tuple<at::Tensor, at::Tensor> gru_scan_forward(const at::Tensor& xi_, const
                                                     const at::Tensor& b_, const at::Tensor& h0_) {
   check_inputs(xi_, {c0_, c1_, w_, b_, h0_});
   auto xi = xi_.contiguous(), c0 = c0_.contiguous(), c1 = c1_.contiguous();
-  auto wt = w_.t().contiguous(), bias = b_.contiguous(), h0 = h0_.contiguous();
+  auto bias = b_.contiguous(), h0 = h0_.contiguous();
   const int64_t steps = xi.size(0), batch = xi.size(1), hid = w_.size(1);
+  auto wt = w_.t();  // (H, 3H)
   TORCH_CHECK(xi.size(2) == 3 * hid && w_.size(0) == 3 * hid, "gru_scan: expected xi (T, B, 3H), w_hh (3H, H)");
   auto hs = at::empty({steps, batch, hid}, xi.options());
   auto gates = at::empty({steps, batch, 4 * hid}, xi.options());
@@ -167,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> gru_scan_forward(const at::Tensor& xi_, const
   AT_DISPATCH_FLOATING_TYPES(xi.scalar_type(), "gru_scan_forward", [&] {
     at::parallel_for(0, batch, kGrainRows, [&](int64_t b0, int64_t b1) {
       forward_rows<scalar_t>(b0, b1, steps, batch, hid, xi.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
-                             c1.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+                             c1.data_ptr<scalar_t>(), wt, bias,
                              h0.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>());
     });
   });
@@ -179,8 +206,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_scan_backward(
     const at::Tensor& c1_, const at::Tensor& w_, const at::Tensor& h0_) {
   check_inputs(hs_, {g_hs_, gates_, c0_, c1_, w_, h0_});
   auto g_hs = g_hs_.contiguous(), hs = hs_.contiguous(), gates = gates_.contiguous();
-  auto c0 = c0_.contiguous(), c1 = c1_.contiguous(), w = w_.contiguous(), h0 = h0_.contiguous();
+  auto c0 = c0_.contiguous(), c1 = c1_.contiguous(), h0 = h0_.contiguous();
   const int64_t steps = hs.size(0), batch = hs.size(1), hid = hs.size(2);
+  auto w = w_.contiguous();
   auto d = at::empty({steps, batch, 4 * hid}, hs.options());
   auto d_c0 = at::empty({steps, batch}, hs.options());
   auto d_c1 = at::empty({steps, batch}, hs.options());
@@ -190,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_scan_backward(
     at::parallel_for(0, batch, kGrainRows, [&](int64_t b0, int64_t b1) {
       backward_rows<scalar_t>(b0, b1, steps, batch, hid, g_hs.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(),
                               gates.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), c1.data_ptr<scalar_t>(),
-                              w.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(),
+                              w, h0.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(),
                               d_c0.data_ptr<scalar_t>(), d_c1.data_ptr<scalar_t>(), d_h0.data_ptr<scalar_t>());
     });
   });
