@@ -275,6 +275,13 @@ class _FastScores(torch.autograd.Function):
         return g_q, g_f, g_m, g_w2, g_b2, g_w3, g_b3
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device without autocast (meta)
+        return False
+
+
 def _scores_fast(q: Tensor, facts: Tensor, w: AttentionWeights) -> Tensor:
     """Steps 5-6 without the (B, T, 4D) tensor. q (B, D), facts (B, T, D) -> (B, 1, T)."""
     w_query, w_key, w_prod = _split_first_layer(w, facts.shape[-1])  # (A, D) each
@@ -283,7 +290,7 @@ def _scores_fast(q: Tensor, facts: Tensor, w: AttentionWeights) -> Tensor:
     m = torch.addcmul(w_key.t().unsqueeze(0), q.unsqueeze(2), w_prod.t().unsqueeze(0))  # (B, D, A)
     upper = (w.att2_weight, w.att2_bias, w.att3_weight, w.att3_bias)
     same_dtype = all(x.dtype == facts.dtype for x in (q_part, m, *upper))
-    if same_dtype and not torch.is_autocast_enabled(facts.device.type):
+    if same_dtype and not _autocast_enabled(facts.device.type):
         return _FastScores.apply(q_part, facts, m, *upper)
     # Autocast or mixed dtypes: the same algebra through autograd, so autocast picks the precisions.
     h1_pre = torch.baddbmm(q_part.unsqueeze(1), facts, m)  # (B, T, A)

@@ -158,7 +158,7 @@ def candidate_scores(
 def _valid_keys(history: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """history (T, D) -> its valid rows (Tv, D) and their indices, or itself and None when
     all (or none: the reference scores an all-padded row in full) are valid."""
-    if valid is not None:
+    if valid is not None and valid.device.type != "meta":  # meta: no data, shapes only
         nv = int(valid.sum())
         if 0 < nv < history.shape[0]:
             idx = valid.nonzero().squeeze(1)  # (Tv,)

@@ -1,0 +1,190 @@
+"""The C++ operators (dinrec/nn/_ops.py, dinrec/csrc): registration (schema, fake
+implementation, autograd), the self-check's reach (a kernel broken on any one path is
+rejected), the fallback when the check fails or raises, and dispatch off the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from dinrec.nn import _ops
+from dinrec.nn.attention import DinFcnAttention
+from dinrec.nn.backend import backend, get_backend
+from dinrec.nn.rnn import AUGRU, InterestExtractor, attention_gru
+
+needs_build = pytest.mark.skipif(not _ops.available(), reason="no C++ build of the kernels")
+
+
+def _gru_args(t=5, b=6, h=7, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xi, w, bias, h0 = (torch.randn(*s, generator=g, dtype=dtype) for s in ((t, b, 3 * h), (3 * h, h), (3 * h,), (b, h)))
+    c0 = torch.rand(t, b, generator=g, dtype=dtype)
+    c1 = -c0 * torch.rand(t, b, generator=g, dtype=dtype)
+    return xi, c0, c1, w * 0.5, bias, h0
+
+
+def _cand_args(n=9, t=7, d=5, a=6, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((n, d), (t, d), (a, d), (a, d), (a, d), (a,), (40, a), (40,), (1, 40), (1,))
+    return tuple(torch.randn(*s, generator=g, dtype=dtype) * 0.5 for s in shapes)
+
+
+# --------------------------------------------------------------------------- registration
+@needs_build
+def test_opcheck_gru_scan():
+    """Schema, fake (meta) implementation, autograd registration, and AOT dispatch."""
+    args = [x.requires_grad_() for x in _gru_args()]
+    torch.library.opcheck(_ops.gru_scan, args)
+    torch.library.opcheck(_ops.gru_scan, [x.detach() for x in args])
+
+
+@needs_build
+def test_opcheck_candidate_scores():
+    torch.library.opcheck(_ops.candidate_scores, _cand_args())
+
+
+@needs_build
+def test_gru_scan_gradcheck_against_finite_differences():
+    args = [x.requires_grad_() for x in _gru_args(t=4, b=3, h=5)]
+    assert torch.autograd.gradcheck(lambda *a: _ops.gru_scan(*a)[0], args, eps=1e-6, atol=1e-6)
+
+
+@needs_build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gru_scan_equals_its_reference(dtype):
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    args = _gru_args(t=30, b=40, h=36, dtype=dtype)
+    for got, want in zip(_ops.gru_scan(*args), _ops.gru_scan_reference(*args), strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_fake_tensors_give_shapes_without_running_a_kernel():
+    with FakeTensorMode():
+        xi, c0, c1, w, b, h0 = (torch.empty(s) for s in ((4, 3, 15), (4, 3), (4, 3), (15, 5), (15,), (3, 5)))
+        hs, gates = _ops.gru_scan(xi, c0, c1, w, b, h0)
+        assert hs.shape == (4, 3, 5) and gates.shape == (4, 3, 20)
+        d = _ops.gru_scan_backward(hs, hs, gates, c0, c1, w, h0)
+        assert [x.shape for x in d] == [(4, 3, 20), (4, 3), (4, 3), (3, 5)]
+        s = _ops.candidate_scores(*(torch.empty(x.shape) for x in _cand_args(n=11, t=13)))
+        assert s.shape == (11, 13)
+
+
+def test_layers_on_the_meta_device_dispatch_to_the_reference():
+    """Off the CPU (meta here, CUDA alike) the fast backend runs the reference ops: the
+    layers trace shapes without data and without a C++ kernel."""
+    b, t, e, h = 4, 6, 5, 7
+    x = torch.empty(b, t, e, device="meta")
+    mask = torch.ones(b, t, dtype=torch.bool, device="meta")
+    a = torch.empty(b, t, device="meta")
+    assert get_backend() == "fast"
+    out, final = AUGRU(e, h).to("meta")(x, a, mask)
+    assert out.shape == (b, t, h) and final.shape == (b, h) and out.device.type == "meta"
+    out, final = InterestExtractor(e, h).to("meta")(x, mask)
+    assert out.shape == (b, t, h) and final.shape == (b, h)
+    att = DinFcnAttention(3, e, 8).to("meta")
+    assert att(torch.empty(b, 3, device="meta"), x, mask).shape == (b, 1, e)
+    with torch.no_grad():
+        y = att.score_candidates(torch.empty(9, 3, device="meta"), x[0], mask[0])
+    assert y.shape == (9, 1, e)
+
+
+# --------------------------------------------------------------------------- self-check reach
+def _broken(name: str, region):
+    """The real kernel ``name`` with 1e-3 added to the part of its first output that
+    ``region(output) -> view`` selects (and only when that part exists)."""
+    real = _ops.CHECKED[name]
+
+    def kernel(*args):
+        out = real(*args)
+        first = out[0] if isinstance(out, tuple) else out
+        first = first.clone()
+        part = region(first)
+        if part.numel():
+            part += 1e-3
+        return (first, *out[1:]) if isinstance(out, tuple) else first
+
+    return kernel
+
+
+BREAKS = {
+    # GRU forward: the 16-lane main loop, its packed tail, the second thread's rows, float64 only
+    "gru main loop": ("gru_forward", lambda hs: hs[..., :16]),
+    "gru tail": ("gru_forward", lambda hs: hs[..., 32:] if hs.shape[-1] == 36 else hs[..., :0]),
+    "gru second thread": ("gru_forward", lambda hs: hs[:, hs.shape[1] // 2 + 1 :]),
+    "gru float64": ("gru_forward", lambda hs: hs if hs.dtype == torch.float64 else hs[:0]),
+    "gru backward tail": ("gru_backward", lambda d: d[..., 35:36] if d.shape[-1] == 144 else d[..., :0]),
+    "gru backward float32": ("gru_backward", lambda d: d if d.dtype == torch.float32 else d[:0]),
+    # candidates: only the threaded split (large N), only its second half, only the last positions
+    "candidates split": ("candidate_scores", lambda s: s if s.shape[0] >= 1000 else s[:0]),
+    "candidates second half": ("candidate_scores", lambda s: s[s.shape[0] // 2 + 1 :]),
+    "candidates float64": ("candidate_scores", lambda s: s if s.dtype == torch.float64 else s[:0]),
+    "candidates last position": ("candidate_scores", lambda s: s[:, -1:]),
+}
+
+
+@needs_build
+@pytest.mark.parametrize("case", list(BREAKS))
+def test_self_check_rejects_a_kernel_broken_on_one_path(monkeypatch, case):
+    name, region = BREAKS[case]
+    _ops.self_check()  # the real kernels pass
+    monkeypatch.setitem(_ops.CHECKED, name, _broken(name, region))
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        _ops.self_check()
+
+
+@needs_build
+@pytest.mark.parametrize("failure", ["wrong", "raises"])
+def test_a_failing_self_check_falls_back_with_one_warning(monkeypatch, failure):
+    """A wrong or raising kernel: available() is False after one warning, and the layers
+    give the reference's values instead of crashing."""
+    def raising(*args):
+        raise RuntimeError("kernel crashed")
+
+    bad = _broken("gru_forward", lambda hs: hs) if failure == "wrong" else raising
+    monkeypatch.setitem(_ops.CHECKED, "gru_forward", bad)
+    _ops.available.cache_clear()
+    try:
+        x = torch.randn(3, 5, 4, dtype=torch.float64)
+        a = torch.rand(3, 5, dtype=torch.float64)
+        mask = torch.arange(5)[None] < torch.tensor([5, 2, 0])[:, None]
+        unit = AUGRU(4, 6).double()
+        with pytest.warns(RuntimeWarning, match="self-check.*pure-PyTorch") as record:
+            out = unit(x, a, mask)
+            unit(x, a, mask)
+        assert len(record) == 1
+        assert not _ops.available()
+        with backend("reference"):
+            torch.testing.assert_close(out, unit(x, a, mask))
+    finally:
+        _ops.available.cache_clear()
+
+
+# --------------------------------------------------------------------------- the setting
+def test_backend_setting_is_scoped_and_checked():
+    assert get_backend() == "fast"
+    with backend("reference"):
+        assert get_backend() == "reference"
+        with backend("fast"):
+            assert get_backend() == "fast"
+        assert get_backend() == "reference"
+    assert get_backend() == "fast"
+    with pytest.raises(ValueError, match="backend"):
+        with backend("c"):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(ValueError, match="impl"):
+        attention_gru(torch.zeros(1, 2, 3), torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool),
+                      AUGRU(3, 4).weights(), impl="c")
+
+
+@needs_build
+def test_no_thread_count_changes_inside_forward_or_backward(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    x = torch.randn(40, 30, 8, requires_grad=True)
+    mask = torch.ones(40, 30, dtype=torch.bool)
+    out, final = AUGRU(8, 36)(x, torch.rand(40, 30), mask)
+    (out.sum() + final.sum()).backward()
+    with torch.no_grad():
+        DinFcnAttention(8, 8, 16).score_candidates(torch.randn(1000, 8), torch.randn(100, 8))
+    assert calls == []
