@@ -3,9 +3,10 @@
 Prints, for each (B, T, D): median forward and forward+backward times of both paths
 (measured interleaved, so both see the same machine load), their ratio, and the peak
 extra memory of one call (max RSS growth, each measured in a fresh child process).
-Then one history of T = 100 scored against 1000 candidates with `score_candidates`,
-against the same 1000 rows as a batch (fast and reference paths) and as 1000
-separate calls. Asserts nothing about time.
+Then one history of T = 100 scored against 1000 candidates: the public
+`score_candidates` and the Ranker's prepared path without autograd, the same 1000 rows
+as a batch (fast and reference paths), and `score_candidates` against the rows with
+autograd (forward + backward). Asserts nothing about time.
 
     python benchmarks/attention.py                 # all configurations
     python benchmarks/attention.py --quick         # the small ones only
@@ -22,6 +23,7 @@ import time
 
 import torch
 
+from dinrec.nn import _ops
 from dinrec.nn.attention import DinFcnAttention
 
 CONFIGS = [(128, 100, 36), (1024, 100, 36), (4096, 200, 64)]
@@ -96,29 +98,39 @@ def peak_memory_mib(impl: str, b: int, t: int, d: int, backward: bool) -> float:
 
 
 def time_candidates(n: int, t: int, d: int, repeats: int) -> dict[str, float]:
+    """One history against n candidates, each variant interleaved: under ``no_grad`` the
+    public ``score_candidates``, the Ranker's prepared ``candidate_attention()`` and the
+    batched rows; with autograd (forward + backward) ``score_candidates`` and the rows."""
     g = torch.Generator().manual_seed(2)
     cands = torch.randn(n, d, generator=g)
     history = torch.randn(t, d, generator=g)
     mask = torch.ones(t, dtype=torch.bool)
     fast, ref = _unit(d, "fast"), _unit(d, "reference")
+    prepared = fast.candidate_attention()
     rows_facts, rows_mask = history.expand(n, t, d), mask.expand(n, t)
+
+    def no_grad(fn):  # type: ignore[no-untyped-def]
+        def run():  # type: ignore[no-untyped-def]
+            with torch.no_grad():
+                fn()
+        return run
+
     variants = {
-        "score_candidates": lambda: fast.score_candidates(cands, history, mask),
-        "rows_fast": lambda: fast(cands, rows_facts, rows_mask),
-        "rows_reference": lambda: ref(cands, rows_facts, rows_mask),
-        "separate_calls_fast": lambda: [
-            fast(cands[i : i + 1], history[None], mask[None]) for i in range(n)
-        ],
+        "score_candidates": no_grad(lambda: fast.score_candidates(cands, history, mask)),
+        "prepared (Ranker)": no_grad(lambda: prepared(cands, history, mask)),
+        "rows_fast": no_grad(lambda: fast(cands, rows_facts, rows_mask)),
+        "rows_reference": no_grad(lambda: ref(cands, rows_facts, rows_mask)),
+        "score_candidates autograd": lambda: fast.score_candidates(cands, history, mask).sum().backward(),
+        "rows_fast autograd": lambda: fast(cands, rows_facts, rows_mask).sum().backward(),
     }
     samples: dict[str, list[float]] = {k: [] for k in variants}
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            for name, fn in variants.items():
-                start = time.perf_counter()
-                fn()
-                if i:
-                    samples[name].append(time.perf_counter() - start)
-    return {f"{k}_ms": 1e3 * statistics.median(v) for k, v in samples.items()}
+    for i in range(repeats + 1):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            if i:
+                samples[name].append(time.perf_counter() - start)
+    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
 
 
 def main() -> None:
@@ -156,11 +168,10 @@ def main() -> None:
 
     n, t, d = 1000, 100, 36
     c = time_candidates(n, t, d, args.repeats)
-    base = c["score_candidates_ms"]
-    print(f"\none history (T = {t}, D = {d}) x {n} candidates, forward only:")
-    for name in ("score_candidates", "rows_fast", "rows_reference", "separate_calls_fast"):
-        ms = c[f"{name}_ms"]
-        print(f"  {name:<22} {ms:>9.2f} ms   {ms / base:>6.2f}x the time of score_candidates")
+    print(f"\none history (T = {t}, D = {d}) x {n} candidates ({'C++ operator' if _ops.available() else 'no C++ build'}):")
+    for name, ms in c.items():
+        base = c["score_candidates autograd" if "autograd" in name else "score_candidates"]
+        print(f"  {name:<26} {ms:>9.2f} ms   {ms / base:>6.2f}x the time of score_candidates")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,12 @@ median (and min) over repeats, measured round-robin so every variant sees the sa
 machine load:
 
 * ``nn.GRU``: the fused PyTorch GRU on the whole padded batch (no masking at all);
-* the masked interest extractor, each ``impl`` (padded / packed / fused, i.e. the C
-  loops where they compile / fused_script, the TorchScript loops);
+* the masked interest extractor, reference (``nn.GRU`` cut at the longest length) and
+  fast (the ``dinrec::gru_scan`` C++ operator);
 * a naive per-step ``nn.GRUCell`` Python loop with masking;
-* AUGRU: autograd (literal eager cell), the fused loops in plain Python, in TorchScript
-  and in C (the default ``"fused"``), and ``torch.compile`` of the autograd path
-  (``--compile``);
-* AGRU and AIGRU (fused);
+* AUGRU: reference (literal eager cell) and fast, and ``torch.compile`` of the
+  reference and of the fast path (``--compile``);
+* AGRU and AIGRU (fast);
 * the auxiliary loss; and extractor + attention + AUGRU + auxiliary loss together.
 
 Asserts nothing about time.
@@ -29,9 +28,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from dinrec.nn import _ops
 from dinrec.nn.attention import DinFcnAttention
 from dinrec.nn.auxiliary import AuxiliaryNet, auxiliary_loss
-from dinrec.nn.rnn import AttentionGRU, AttentionGRUConfig, InterestExtractor, _c_kernel
+from dinrec.nn.rnn import AttentionGRU, AttentionGRUConfig, InterestExtractor
 
 
 def _inputs(b: int, t: int, e: int, seed: int = 0):
@@ -117,35 +117,31 @@ def main() -> None:
 
     cases: dict[str, Callable[[], torch.Tensor]] = {
         "nn.GRU (whole padded batch, no mask)": lambda: gru(x)[0].sum(),
-        "extractor impl=padded": extractor_fn("padded"),
-        "extractor impl=packed": extractor_fn("packed"),
-        "extractor impl=fused_script": extractor_fn("fused_script"),
-        "extractor impl=fused": extractor_fn("fused"),
+        "extractor reference (nn.GRU)": extractor_fn("reference"),
+        "extractor fast": extractor_fn("fast"),
         "naive GRUCell loop": naive_cell_loop,
-        "AUGRU autograd (eager cell)": agru_fn("augru", "autograd"),
-        "AUGRU fused, eager loop": agru_fn("augru", "fused_eager"),
-        "AUGRU fused, scripted loop": agru_fn("augru", "fused_script"),
-        "AUGRU fused (default)": agru_fn("augru", "fused"),
-        "AUGRU paper gate, fused": agru_fn("augru", "fused", "paper"),
-        "AGRU fused": agru_fn("agru", "fused"),
-        "AIGRU fused": agru_fn("aigru", "fused"),
+        "AUGRU reference (eager cell)": agru_fn("augru", "reference"),
+        "AUGRU fast (default)": agru_fn("augru", "fast"),
+        "AUGRU paper gate, fast": agru_fn("augru", "fast", "paper"),
+        "AGRU fast": agru_fn("agru", "fast"),
+        "AIGRU fast": agru_fn("aigru", "fast"),
         "auxiliary loss": aux_fn,
         "extractor+attention+AUGRU+aux": dien_block,
     }
     if args.compile:
-        unit = AttentionGRU(AttentionGRUConfig(h, h, impl="autograd"))
-        compiled = torch.compile(unit, dynamic=False)
-        start = time.perf_counter()
-        compiled(x, scores, mask)[1].sum().backward()
-        print(f"torch.compile: first call (compile) {time.perf_counter() - start:.1f} s")
+        for impl in ("reference", "fast"):
+            compiled = torch.compile(AttentionGRU(AttentionGRUConfig(h, h, impl=impl)), dynamic=False)
+            start = time.perf_counter()
+            compiled(x, scores, mask)[1].sum().backward()
+            print(f"torch.compile AUGRU {impl}: first call (compile) {time.perf_counter() - start:.1f} s")
 
-        def run_compiled() -> torch.Tensor:
-            out, final = compiled(x, scores, mask)
-            return out.sum() + final.sum()
+            def run_compiled(compiled=compiled) -> torch.Tensor:  # type: ignore[no-untyped-def]
+                out, final = compiled(x, scores, mask)
+                return out.sum() + final.sum()
 
-        cases["AUGRU autograd, torch.compile"] = run_compiled
+            cases[f"AUGRU {impl}, torch.compile"] = run_compiled
 
-    for fn in cases.values():  # warm-up (TorchScript profiling runs, allocator)
+    for fn in cases.values():  # warm-up (allocator, first builds)
         for _ in range(3):
             _time(fn)
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -154,7 +150,7 @@ def main() -> None:
             times[name].append(_time(fn))
     print(
         f"forward+backward, B={b} T={t} E=H={e}, lengths 5..{t}, threads={torch.get_num_threads()}, "
-        f"{args.repeats} repeats; fused loops: {'C' if _c_kernel() is not None else 'TorchScript'}"
+        f"{args.repeats} repeats; fast path: {'C++ operators' if _ops.available() else 'reference (no C++ build)'}"
     )
     print(f"{'':40s} {'median ms':>10s} {'min ms':>8s}")
     for name, ts in times.items():

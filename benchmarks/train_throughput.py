@@ -27,8 +27,8 @@ import pyarrow as pa
 import torch
 
 from dinrec.data import BatchLoader, PrepareConfig, SampleStore, prepare_samples
-from dinrec.nn.attention import HIDDEN_SIZE, DinFcnAttention
 from dinrec.nn import _ops
+from dinrec.nn.attention import HIDDEN_SIZE, DinFcnAttention
 from dinrec.train.trainer import TrainConfig, train
 
 

@@ -92,11 +92,19 @@ builder: Callable[[], None] = _build
 _lock = threading.Lock()
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # compilers run it once, eagerly, and keep the answer
 def available() -> bool:
     """Whether the C++ kernels are built, loaded and passed :func:`self_check` (once per process)."""
+    return _available()
+
+
+@functools.cache
+def _available() -> bool:
     with _lock:
         return _build_and_check()
+
+
+available.cache_clear = _available.cache_clear  # type: ignore[attr-defined]
 
 
 def _build_and_check() -> bool:

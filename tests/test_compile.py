@@ -1,0 +1,91 @@
+"""torch.compile trains DIN and DIEN like eager (fast operators inside), and torch.export
+traces both. The models come from one helper, `_model_and_batches`, so that a change in
+how models are built touches one place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinrec.data.batches import Batch
+from dinrec.models import build_model
+
+pytestmark = pytest.mark.slow  # inductor compiles for a minute or two on a small CPU
+
+SIZES = dict(n_users=30, n_items=50, n_cats=8)
+
+
+def _model_and_batches(name: str, steps: int = 3, b: int = 16, t: int = 9) -> tuple[torch.nn.Module, list]:
+    """A float64 model in train mode and ``steps`` batches (the one place models are built)."""
+    torch.manual_seed(0)
+    model = build_model(name, **SIZES).double().train()
+    batches = []
+    for seed in range(steps):
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(1, t + 1, (b,), generator=g)
+        lengths[0] = t
+        mask = torch.arange(t)[None, :] < lengths[:, None]  # (B, T)
+        batches.append(Batch(
+            user=torch.randint(2, SIZES["n_users"], (b,), generator=g),
+            item=torch.randint(2, SIZES["n_items"], (b,), generator=g),
+            cat=torch.randint(2, SIZES["n_cats"], (b,), generator=g),
+            hist_items=torch.randint(2, SIZES["n_items"], (b, t), generator=g) * mask,
+            hist_cats=torch.randint(2, SIZES["n_cats"], (b, t), generator=g) * mask,
+            mask=mask,
+            label=torch.randint(0, 2, (b,), generator=g).double(),
+            neg_items=torch.randint(2, SIZES["n_items"], (b, t, 1), generator=g) * mask[..., None],
+            neg_cats=torch.randint(2, SIZES["n_cats"], (b, t, 1), generator=g) * mask[..., None],
+        ))  # fmt: skip
+    return model, batches
+
+
+def _train(model: torch.nn.Module, batches: list, compiled: bool) -> list[torch.Tensor]:
+    run = torch.compile(model) if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for batch in batches:
+        out = run(batch)
+        loss = F.binary_cross_entropy_with_logits(out.logits, batch.label)
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return [*losses, *(p.detach().clone() for p in model.parameters())]
+
+
+@pytest.mark.parametrize("name", ["din", "dien"])
+def test_compiled_training_matches_eager(name):
+    torch._dynamo.reset()
+    model, batches = _model_and_batches(name)
+    eager = _train(model, batches, compiled=False)
+    model, batches = _model_and_batches(name)
+    compiled = _train(model, batches, compiled=True)
+    for e, c in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(c, e, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["din", "dien"])
+def test_torch_export_traces_the_model(name):
+    model, batches = _model_and_batches(name)
+    model.eval()
+
+    class Logits(torch.nn.Module):  # tensors in, tensors out
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, user, item, cat, hist_items, hist_cats, mask):
+            batch = Batch(user=user, item=item, cat=cat, hist_items=hist_items, hist_cats=hist_cats,
+                          mask=mask, label=None, neg_items=None, neg_cats=None)
+            return self.model(batch).logits
+
+    b = batches[0]
+    args = (b.user, b.item, b.cat, b.hist_items, b.hist_cats, b.mask)
+    with torch.no_grad():
+        program = torch.export.export(Logits(), args)
+        for other in batches[1:]:
+            x = (other.user, other.item, other.cat, other.hist_items, other.hist_cats, other.mask)
+            torch.testing.assert_close(program.module()(*x), Logits()(*x))
