@@ -284,3 +284,47 @@ def test_without_query_projection_is_plain_din_attention():
     torch.testing.assert_close(unit(query, facts, mask), out)
     with pytest.raises(ShapeError, match="without a query projection"):
         DinFcnAttention(5, 8, 16, query_projection=False)
+
+
+# --------------------------------------------------------------------------- any width (#11)
+WIDTHS = [(5, 37), (36, 100), (100, 7), (18, 36), (3, 1)]  # Q != D, odd D, large D, D = 1
+
+
+@pytest.mark.parametrize(("q", "d"), WIDTHS)
+def test_fast_rows_equal_reference_for_any_width(q, d):
+    """The folded first layer holds for any query width Q and facts width D."""
+    query, facts, mask = _inputs(b=5, t=9, q=q, d=d, seed=q + d)
+    unit = _randomize(DinFcnAttention(q, d, 16), seed=d).double()
+    results = []
+    for impl in ("fast", "reference"):
+        unit.impl = impl
+        unit.zero_grad()
+        fv = facts.clone().requires_grad_()
+        out = unit(query, fv, mask)
+        out.sin().sum().backward()
+        results.append([out, fv.grad, *(p.grad for p in unit.parameters())])
+    for fast, ref in zip(*results, strict=True):
+        torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize(("q", "d"), WIDTHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grad", [False, True])
+def test_candidates_equal_reference_rows_for_any_width(q, d, dtype, grad):
+    """Prepared candidate path (C++ operator on CPU) without autograd, shared-history rows
+    with it: both equal the reference rows with the history repeated, for any widths."""
+    g = torch.Generator().manual_seed(q * d)
+    n, t = 300, 50  # 15,000 pairs: split over threads, several chunks
+    cands = torch.randn(n, q, generator=g, dtype=dtype)
+    history = torch.randn(t, d, generator=g, dtype=dtype)
+    mask = torch.arange(t) < 31
+    unit = _randomize(DinFcnAttention(q, d, 16, mode="SUM"), seed=q).to(dtype)
+    with torch.no_grad():
+        unit.impl = "reference"
+        want = unit(cands, history.expand(n, t, d), mask.expand(n, t))
+        unit.impl = "fast"
+    with torch.set_grad_enabled(grad):
+        got = unit.score_candidates(cands, history, mask)
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert got.requires_grad == grad
