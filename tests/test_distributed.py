@@ -13,19 +13,12 @@ import torch
 import torch.multiprocessing as mp
 
 from dinrec.data import SampleStore
+from dinrec.run import load_run_model
 from dinrec.train import distributed as D
 from dinrec.train.checkpoint import load_checkpoint
+from dinrec.train.evaluate import RankShare, eval_loader, evaluate, predict, rank_eval_loader
 from dinrec.train.metrics import evaluate_predictions
-from dinrec.train.trainer import (
-    TrainConfig,
-    _RankShare,
-    eval_loader,
-    evaluate,
-    load_run_model,
-    predict,
-    rank_eval_loader,
-    train,
-)
+from dinrec.train.trainer import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 
@@ -113,7 +106,7 @@ def _eval_worker(rank: int, port: int, store: str, run: str, out: str) -> None:
     model, saved = load_run_model(run)
     cfg = TrainConfig.from_dict({**saved["train"], "eval_batch_size": 96})
     loader = rank_eval_loader(cfg, SampleStore(store), "valid", ctx)
-    labels, probs, users = predict(model, loader)
+    labels, probs, users, _ = predict(model, loader)
     gathered = evaluate(model, loader, "cpu", False, ctx)
     np.savez(Path(out) / f"rank{rank}.npz", labels=labels, probs=probs, users=users,
              auc=gathered["auc"], gauc=gathered["gauc"], logloss=gathered["logloss"], n=gathered["n"])
@@ -148,7 +141,7 @@ def test_rank_shares_cover_every_evaluation_row_once(store):
     cfg = TrainConfig(eval_batch_size=133)
     users = []
     for rank in range(3):
-        share = _RankShare(lambda r, w: eval_loader(cfg, s, "valid", r, w),
+        share = RankShare(lambda r, w: eval_loader(cfg, s, "valid", r, w),
                            D.DistContext(rank=rank, world_size=3))
         assert share.stride == 3
         users += [b.user for b in share]
@@ -156,7 +149,7 @@ def test_rank_shares_cover_every_evaluation_row_once(store):
     assert sorted(torch.cat(users).tolist()) == sorted(torch.cat(full).tolist())
     # Even shares use the per-rank loaders (each rank reads only its rows).
     cfg = TrainConfig(eval_batch_size=100)
-    share = _RankShare(lambda r, w: eval_loader(cfg, s, "valid", r, w), D.DistContext(rank=1, world_size=2))
+    share = RankShare(lambda r, w: eval_loader(cfg, s, "valid", r, w), D.DistContext(rank=1, world_size=2))
     assert share.stride == 1 and share.loader.rank == 1
 
 
