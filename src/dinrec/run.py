@@ -162,9 +162,12 @@ def create_run_dir(run_dir: Path, fill: Callable[[Path], None], overwrite: bool)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(run_dir)
     tmp = run_dir.parent / f".{run_dir.name}.{uuid.uuid4().hex[:8]}.partial"
-    tmp.mkdir()
-    (tmp / "checkpoints").mkdir()
-    fill(tmp)
+    try:
+        (tmp / "checkpoints").mkdir(parents=True)
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if run_dir.exists():
         if any(run_dir.iterdir()) and not (run_dir / CONFIG_FILE).exists():
             log.warning("%s: replacing a half-made run folder (no %s)", run_dir, CONFIG_FILE)
