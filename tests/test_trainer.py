@@ -166,3 +166,62 @@ def test_ranking_metrics(store, tmp_path, monkeypatch):
     monkeypatch.setattr(DIN, "forward", constant)
     row = evaluate_run(run, store, "test", ranking_negatives=20, ks=(5,))
     assert row["hr@5"] == 0.0
+
+
+def test_gauc_under_the_by_user_split_is_not_a_plain_auc(tmp_path):
+    # Every valid and test user of the by-user split is out of the train vocabulary: one
+    # encoded id (OOV) for all of them. Grouping by it made GAUC the plain AUC.
+    events, _ = generate(preset("tiny", seed=4))
+    prepare_events(events, tmp_path / "store", PrepareConfig(seed=4, split="by-user"))
+    res = train(_cfg(max_steps=10, eval_every=10), tmp_path / "store", tmp_path / "run")
+    for split in ("valid", "test"):
+        m = res.metrics[split]
+        assert not m["gauc"] == pytest.approx(m["auc"])
+        assert m["gauc_users_skipped_share"] == 1.0  # no row could be grouped by its user
+
+
+class _Recorder(torch.nn.Module):
+    """Scores nothing (logit 0) and keeps the rows it was asked to score."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def forward(self, batch, return_alphas=False):
+        from dinrec.models import ModelOutput
+
+        self.rows.append(batch)
+        return ModelOutput(logits=torch.zeros(len(batch)))
+
+
+def test_ranking_negatives_are_never_a_positive_of_the_user_and_are_redrawn(store):
+    from dinrec.data import BatchLoader
+    from dinrec.data.vocab import OOV_ID
+    from dinrec.train.evaluate import ranking_metrics, user_positives
+
+    s = SampleStore(store)
+    n_items = len(s.vocabs.item)
+    positives = set(user_positives(s).tolist())
+    model, negatives = _Recorder(), 30
+    loader = BatchLoader(s, "test", batch_size=64, shuffle=False)
+    ranking_metrics(model, loader, s, negatives=negatives, ks=(5,))
+    seen = 0
+    counts = np.zeros(n_items, np.int64)
+    for rows in model.rows:
+        items = rows.item.reshape(-1, 1 + negatives)  # (b, 1 + negatives), target first
+        hist = rows.hist_items[:: 1 + negatives]  # (b, T)
+        users = rows.user[:: 1 + negatives]
+        for target, negs, h, u in zip(items[:, 0], items[:, 1:], hist, users, strict=True):
+            mine = set(h.tolist()) | {int(target)}
+            if int(u) != OOV_ID:
+                mine |= {i for i in range(n_items) if int(u) * n_items + i in positives}
+            assert not mine & set(negs.tolist())
+            counts[negs.numpy()] += 1
+            seen += 1
+    assert seen > 100
+    # Redrawn, not replaced by a fixed item: items 2 and 3 (the old stand-ins) get no more
+    # than their popularity share.
+    pop = s.vocabs.item.counts.astype(float)
+    pop[:2] = 0
+    expected = counts.sum() * pop / pop.sum()
+    assert counts[2] < 1.5 * expected[2] + 10 and counts[3] < 1.5 * expected[3] + 10
