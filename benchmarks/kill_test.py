@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from dinrec.train.checkpoint import load_checkpoint
+from dinrec.checkpoint import load_checkpoint
 
 ARGS = ["--embedding-dim", "8", "--hidden", "32,16", "--batch-size", "32", "--threads", "1",
         "--eval-every", "20", "--checkpoint-every", "5", "--log-every", "10", "--quiet"]

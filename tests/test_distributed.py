@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dinrec.checkpoint import load_checkpoint
 from dinrec.data import SampleStore
 from dinrec.run import load_run_model
 from dinrec.train import distributed as D
-from dinrec.train.checkpoint import load_checkpoint
 from dinrec.train.evaluate import RankShare, eval_loader, evaluate, predict, rank_eval_loader
 from dinrec.train.metrics import evaluate_predictions
 from dinrec.train.trainer import TrainConfig, train

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dinrec.checkpoint import load_checkpoint
 from dinrec.cli import main
 from dinrec.errors import RunFolderError
-from dinrec.train.checkpoint import load_checkpoint
 from dinrec.train.trainer import TrainConfig, train
 
 # 218 steps per epoch (6,970 rows / 32): the runs below cross an epoch boundary.

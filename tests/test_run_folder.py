@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dinrec.checkpoint import load_checkpoint
 from dinrec.errors import RunFolderError
 from dinrec.run import create_run_dir, is_half_made
-from dinrec.train.checkpoint import load_checkpoint
 from dinrec.train.trainer import TrainConfig, train
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
+from dinrec.checkpoint import load_checkpoint
 from dinrec.data import PrepareConfig, SampleStore, generate, prepare_events, preset
 from dinrec.errors import RunFolderError
 from dinrec.run import load_run_model
-from dinrec.train.checkpoint import load_checkpoint
 from dinrec.train.evaluate import eval_loader, evaluate_run, predict
 from dinrec.train.trainer import TrainConfig, TrainingError, train
 

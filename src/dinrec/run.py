@@ -99,7 +99,7 @@ def build_model(name: str, config: dict[str, Any], source: SampleStore | str | P
 def load_run_model(run_dir: str | Path, which: str = "best") -> tuple[CTRModel, dict[str, Any]]:
     """The trained model of a run folder (``best`` or ``last``), in eval mode, and its
     config.json."""
-    from dinrec.train.checkpoint import load_checkpoint
+    from dinrec.checkpoint import load_checkpoint
 
     run_dir = Path(run_dir)
     saved = read_run_config(run_dir)

@@ -128,12 +128,13 @@ def setup(device: str = "cpu", timeout_s: float = 1800.0) -> DistContext:
                     f"WORLD_SIZE={world} but {var} is not set; start with torchrun or "
                     "`dinrec train --nproc N` (see docs/distributed.md)"
                 )
+        nccl: dict[str, Any] = {"device_id": torch.device(device)} if backend == "nccl" else {}
         dist.init_process_group(
             backend,
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s),
-            **({"device_id": torch.device(device)} if backend == "nccl" else {}),
+            **nccl,
         )
         owns = True
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -30,6 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from dinrec import __version__
+from dinrec.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from dinrec.data.batches import Batch, BatchLoader
 from dinrec.data.store import SampleStore
 from dinrec.errors import DinrecError, RunFolderError
@@ -49,13 +56,6 @@ from dinrec.run import (
     write_json,
 )
 from dinrec.train import distributed as D
-from dinrec.train.checkpoint import (
-    CheckpointError,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
 from dinrec.train.config import RUNTIME_OPTIONS, TrainConfig
 from dinrec.train.evaluate import device_batches, evaluate, rank_eval_loader
 from dinrec.train.plots import plot_curves
@@ -154,9 +154,8 @@ def rank_slice(batch: Batch, ctx: D.DistContext) -> Batch:
     """Rows ``[rank * n / W, (rank + 1) * n / W)`` of a global batch (``data_split="batches"``)."""
     n = len(batch)
     a, b = n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
-    return type(batch)(**{
-        k: (None if v is None else v[a:b]) for k, v in vars(batch).items()
-    })  # fmt: skip
+    fields: dict[str, Any] = {k: (None if v is None else v[a:b]) for k, v in vars(batch).items()}
+    return type(batch)(**fields)
 
 
 def unused_parameters(model: CTRModel, loader: BatchLoader, device: str) -> list[str]:
@@ -484,7 +483,7 @@ class Trainer:
         last, prev = self.run_dir / LAST, self.run_dir / PREV
         if last.exists():  # keep the previous resumable checkpoint: the fallback
             os.replace(last, prev)
-        payload = {
+        payload: dict[str, Any] = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
