@@ -195,10 +195,11 @@ def test_nproc_runs_through_the_elastic_launcher(monkeypatch, tmp_path):
     import dinrec.cli as cli
 
     calls = []
-    monkeypatch.setattr("subprocess.call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr("subprocess.call", lambda cmd, env: calls.append((cmd, env)) or 0)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     argv = ["train", "S", str(tmp_path / "R"), "--nproc", "3", "--max-steps", "5", "--resume"]
     assert cli.main(argv) == 0
-    (cmd,) = calls
+    ((cmd, env),) = calls
+    assert env["DINREC_DIE_WITH_LAUNCHER"] == "1"  # the workers die with the launcher
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m"]
     assert cmd[6:] == ["dinrec", "train", "S", str(tmp_path / "R"), "--max-steps", "5", "--resume"]

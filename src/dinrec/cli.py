@@ -156,6 +156,7 @@ def _run_train(args: argparse.Namespace) -> int:
         raise DinrecError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE") or 1) <= 1:
         return _launch(args)
+    _die_with_launcher()
     from dinrec.train.trainer import train
 
     result = train(cfg, args.store, args.run, resume=args.resume, overwrite=args.overwrite)
@@ -177,12 +178,36 @@ def _run_train(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     """``dinrec train --nproc N``: the same command as N local ranks, started by PyTorch's
     elastic launcher (``python -m torch.distributed.run --standalone``)."""
+    import os
     import subprocess
 
     argv = _without_nproc(list(args.argv))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={args.nproc}", "-m", "dinrec", *argv]
-    return subprocess.call(cmd)
+    # The launcher starts its workers in process groups of their own: they must die with it.
+    return subprocess.call(cmd, env={**os.environ, _DIE_WITH_LAUNCHER: "1"})
+
+
+_DIE_WITH_LAUNCHER = "DINREC_DIE_WITH_LAUNCHER"
+
+
+def _die_with_launcher() -> None:
+    """A worker of ``dinrec train --nproc``: SIGKILL it when its launcher dies (Linux), so
+    that killing the command's process group stops the whole run, as for one process."""
+    import os
+    import signal
+
+    if os.environ.get(_DIE_WITH_LAUNCHER) != "1" or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # pragma: no cover - no libc: the workers outlive a killed launcher
+        return
+    if os.getppid() == 1:  # the launcher died before prctl
+        os._exit(1)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
