@@ -106,17 +106,22 @@ def _where(run: Path) -> str:
 
 
 def kill_round(cmd: list[str], run: Path, duration: float, max_kills: int,
-               rng: random.Random) -> tuple[list[str], int]:
+               rng: random.Random, in_training: float = 0.5) -> tuple[list[str], int]:
     """Run ``cmd`` until it exits on its own, killing it up to ``max_kills`` times after a
-    random delay. Returns (where each kill left the run, exit status of the last run)."""
+    random delay (with probability ``in_training`` counted from the moment the run folder
+    exists). Returns (where each kill left the run, exit status of the last run)."""
     kills: list[str] = []
     while True:
         proc = subprocess.Popen(cmd, start_new_session=True, env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if len(kills) < max_kills:
-            delay = rng.uniform(0.0, duration)
             try:
-                proc.wait(timeout=delay)
+                if rng.random() < in_training:  # after the folder exists: mid-training
+                    while not (run / "config.json").exists() and proc.poll() is None:
+                        time.sleep(0.01)
+                    proc.wait(timeout=rng.uniform(0.0, 0.6 * duration))
+                else:  # anywhere, start-up and the folder's creation included
+                    proc.wait(timeout=rng.uniform(0.0, duration))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -134,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interrupted runs per model")
     ap.add_argument("--kills", type=int, default=6, help="kills per round")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--in-training", type=float, default=0.5,
+                    help="share of kills timed from the run folder's creation (mid-training)")
     ap.add_argument("--work", default=None, help="folder (default: a temporary one, removed)")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = work / f"{model}-{r}"
                 shutil.rmtree(run, ignore_errors=True)
                 cmd = _cmd(store, run, model, STEPS[model], True)  # the one command, always
-                kills, rc = kill_round(cmd, run, duration, args.kills, rng)
+                kills, rc = kill_round(cmd, run, duration, args.kills, rng, args.in_training)
                 diff = differences(ref, run) if rc == 0 else [f"exit status {rc}"]
                 total_kills += len(kills)
                 rounds += 1
