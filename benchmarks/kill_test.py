@@ -105,21 +105,36 @@ def _where(run: Path) -> str:
     return "final" if state.get("finished") else str(state["step"])
 
 
+def _wait_for_new_checkpoint(run: Path, proc: subprocess.Popen) -> None:
+    """Until ``proc`` writes a new last.pt (or ends): it is then training, validating,
+    writing checkpoints or finishing."""
+    last = run / "checkpoints" / "last.pt"
+
+    def stamp() -> int | None:
+        try:
+            return last.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    before = stamp()
+    while stamp() == before and proc.poll() is None:
+        time.sleep(0.01)
+
+
 def kill_round(cmd: list[str], run: Path, duration: float, max_kills: int,
                rng: random.Random, in_training: float = 0.5) -> tuple[list[str], int]:
     """Run ``cmd`` until it exits on its own, killing it up to ``max_kills`` times after a
-    random delay (with probability ``in_training`` counted from the moment the run folder
-    exists). Returns (where each kill left the run, exit status of the last run)."""
+    random delay (with probability ``in_training`` counted from this process's first
+    checkpoint, so that it falls in training, validation, checkpoint writes or the end). Returns (where each kill left the run, exit status of the last run)."""
     kills: list[str] = []
     while True:
         proc = subprocess.Popen(cmd, start_new_session=True, env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if len(kills) < max_kills:
             try:
-                if rng.random() < in_training:  # after the folder exists: mid-training
-                    while not (run / "config.json").exists() and proc.poll() is None:
-                        time.sleep(0.01)
-                    proc.wait(timeout=rng.uniform(0.0, 0.6 * duration))
+                if rng.random() < in_training:  # once this process has written a checkpoint
+                    _wait_for_new_checkpoint(run, proc)
+                    proc.wait(timeout=rng.uniform(0.0, 0.4 * duration))
                 else:  # anywhere, start-up and the folder's creation included
                     proc.wait(timeout=rng.uniform(0.0, duration))
             except subprocess.TimeoutExpired:
@@ -140,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=6, help="kills per round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--in-training", type=float, default=0.5,
-                    help="share of kills timed from the run folder's creation (mid-training)")
+                    help="share of kills timed from the process's first checkpoint (mid-training)")
     ap.add_argument("--work", default=None, help="folder (default: a temporary one, removed)")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
