@@ -2,7 +2,10 @@
 
 Each sub-command has an ``_add_<name>`` function that declares its arguments and a
 ``_run_<name>`` function that does the work; errors of type :class:`DinrecError`
-are printed as one line (no stack trace) with exit status 2.
+are printed as one line (no stack trace) with exit status 2. ``dinrec train``'s options
+are generated from :class:`dinrec.train.config.TrainConfig`'s fields (help text from
+their metadata). Only the named sub-command's options are built, and its modules are
+imported when it runs, so ``dinrec --version`` and ``--help`` answer at once.
 """
 
 from __future__ import annotations
@@ -228,7 +231,8 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help="sample store (default: the run's own)")
     p.add_argument("--split", default="test")
     p.add_argument("--ranking", type=int, default=0, metavar="N",
-                   help="also rank each positive among N sampled items: HR@K, NDCG@K")
+                   help="also rank each positive among N items sampled by popularity, never a "
+                   "positive of that user (redrawn): HR@K, NDCG@K")
     p.add_argument("--k", default="10", help="cut-offs for --ranking, e.g. 5,10,20")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_run_evaluate)
