@@ -1,15 +1,19 @@
 """Training and evaluation throughput at the DIEN reference configuration.
 
 Embedding 18, T <= 100 with history lengths spread evenly over 5..100, batch 128,
-MLP 200-80, Adam 1e-3, 2 CPU threads (``--threads``). For each model it runs the real
-trainer (`dinrec.train.trainer.train`: loader, forward, backward, Adam, logging) for
-``--steps`` steps and reports training samples/s (excluding the final evaluation), then
-the evaluation samples/s over the test split. It also prints the machine's float32
-matmul GFLOP/s beside the attention unit's achieved GFLOP/s (forward + backward on the
-same batches). Asserts nothing about time.
+MLP 200-80, Adam 1e-3, 2 CPU threads (``--threads``). It makes its own store (random
+samples, written with the library's ``prepare_samples``), then for each model runs the
+real trainer (`dinrec.train.trainer.train`: loader, forward, backward, Adam, logging)
+for ``--steps`` steps, ``--rounds`` times (default 3), and reports the median training
+samples/s (excluding the final evaluation) with its range, and the evaluation samples/s
+over the test split. Each model runs with length bucketing (dinrec's default) and, for
+the models in ``--unbucketed`` (default: dien), also without it, as the reference
+implementation feeds batches (rows in store order, padded to the longest history).
+It also prints the machine's float32 matmul GFLOP/s beside the attention unit's achieved
+GFLOP/s (forward + backward on the same batches). Asserts nothing about time.
 
-    python benchmarks/train_throughput.py                       # din, base, dien
-    python benchmarks/train_throughput.py --models din --steps 600
+    python benchmarks/train_throughput.py                       # din, base, dien (+ unbucketed)
+    python benchmarks/train_throughput.py --models din --steps 600 --rounds 1
     python benchmarks/train_throughput.py --models din --nproc 2   # + data-parallel scaling
 """
 
@@ -125,13 +129,31 @@ def ddp_throughput(store: Path, model: str, args: argparse.Namespace) -> dict:
             "test_auc": m["test"]["auc"]}
 
 
+def model_row(store: Path, name: str, bucket: bool, args: argparse.Namespace) -> dict:
+    """``args.rounds`` training runs of ``name``: the median samples/s and every round's."""
+    rates, m = [], {}
+    for _ in range(args.rounds):
+        with tempfile.TemporaryDirectory() as run:
+            cfg = TrainConfig(model=name, max_steps=args.steps, eval_every=10**9, batch_size=128,
+                              lr=1e-3, embedding_dim=18, hidden=(200, 80), threads=args.threads,
+                              progress=False, bucket=bucket, log_every=100)
+            m = train(cfg, store, Path(run) / name).metrics
+        rates.append(m["train_samples_per_s"])
+    return {"model": name, "bucket": bucket, "train_samples_per_s": statistics.median(rates),
+            "rounds": rates, "eval_samples_per_s": m["test"]["eval_samples_per_s"],
+            "steps": m["steps"], "test_auc": m["test"]["auc"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="din,base,dien")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--rows", type=int, default=60_000)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-bucket", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument("--unbucketed", default="dien",
+                        help="models also measured without length bucketing (comma-separated)")
+    parser.add_argument("--no-bucket", action="store_true", help="DDP runs: no bucketing")
     parser.add_argument("--store", default=None, help="reuse / keep the benchmark store here")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--nproc", type=int, default=1,
@@ -154,25 +176,24 @@ def main() -> None:
           f"bucketed) fwd+bwd: {att:.1f} GFLOP/s, {att_ms:.2f} ms/batch")
 
     rows = []
-    print(f"\n{'model':<8} {'train samples/s':>16} {'eval samples/s':>15} {'steps':>6} {'test AUC':>9}")
+    print(f"\n{'model':<8} {'bucketing':<9} {'train samples/s (median, range)':>33} "
+          f"{'eval samples/s':>15} {'steps':>6} {'test AUC':>9}")
     for name in args.models.split(","):
-        with tempfile.TemporaryDirectory() as run:
-            cfg = TrainConfig(model=name, max_steps=args.steps, eval_every=10**9, batch_size=128,
-                              lr=1e-3, embedding_dim=18, hidden=(200, 80), threads=args.threads,
-                              progress=False, bucket=not args.no_bucket, log_every=100)
-            m = train(cfg, store, Path(run) / name).metrics
-        row = {"model": name, "train_samples_per_s": m["train_samples_per_s"],
-               "eval_samples_per_s": m["test"]["eval_samples_per_s"], "steps": m["steps"]}
-        rows.append(row)
-        print(f"{name:<8} {row['train_samples_per_s']:>16,.0f} {row['eval_samples_per_s']:>15,.0f} "
-              f"{row['steps']:>6} {m['test']['auc']:>9.4f}")
-        if args.nproc > 1:
-            row["ddp"] = ddp_throughput(store, name, args)
-            d = row["ddp"]
-            print(f"{'':<8} {args.nproc} processes x {d['threads_per_process']} threads: "
-                  f"{d['train_samples_per_s']:,.0f} samples/s (global batch {d['global_batch']}), "
-                  f"scaling x{d['train_samples_per_s'] / row['train_samples_per_s']:.2f}; "
-                  f"wall {d['wall_s']:.1f} s incl. start-up; test AUC {d['test_auc']:.4f}")
+        for bucket in (True, False) if name in args.unbucketed.split(",") else (True,):
+            row = model_row(store, name, bucket, args)
+            rows.append(row)
+            lo, hi = min(row["rounds"]), max(row["rounds"])
+            spread = f"{row['train_samples_per_s']:,.0f} ({lo:,.0f}-{hi:,.0f})"
+            print(f"{name:<8} {'yes' if bucket else 'no':<9} {spread:>33} "
+                  f"{row['eval_samples_per_s']:>15,.0f} {row['steps']:>6} {row['test_auc']:>9.4f}",
+                  flush=True)
+            if args.nproc > 1 and bucket:
+                row["ddp"] = ddp_throughput(store, name, args)
+                d = row["ddp"]
+                print(f"{'':<8} {args.nproc} processes x {d['threads_per_process']} threads: "
+                      f"{d['train_samples_per_s']:,.0f} samples/s (global batch {d['global_batch']}), "
+                      f"scaling x{d['train_samples_per_s'] / row['train_samples_per_s']:.2f}; "
+                      f"wall {d['wall_s']:.1f} s incl. start-up; test AUC {d['test_auc']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"matmul_gflops": gemm, "attention_gflops": att,
                                                "models": rows}, indent=2))

@@ -1,8 +1,7 @@
-"""Tests of dinrec.train.checkpoint: atomic writes, corruption detection, recovery."""
+"""Tests of dinrec.checkpoint: atomic writes, corruption detection, recovery."""
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 
@@ -10,19 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from dinrec.errors import DinrecError
-from dinrec.train import checkpoint as ck
-from dinrec.train.checkpoint import (
+from dinrec import checkpoint as ck
+from dinrec.checkpoint import (
     CheckpointError,
     capture_rng_state,
-    latest_valid_checkpoint,
-    list_checkpoints,
     load_checkpoint,
-    prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
     verify_checkpoint,
 )
+from dinrec.errors import DinrecError
 
 
 def make_state(seed: int = 0) -> dict:
@@ -160,53 +156,3 @@ def test_failure_mid_write_keeps_old_file(tmp_path, monkeypatch):
         save_checkpoint(p, {"v": "new"})
     monkeypatch.undo()
     assert load_checkpoint(p) == {"v": "old"} and no_temp_files(tmp_path)
-
-
-def test_latest_valid_falls_back(tmp_path, caplog):
-    for step in (8, 9, 10, 11):
-        save_checkpoint(tmp_path / f"ckpt-{step}.pt", {"step": step})
-    (tmp_path / "notes.txt").write_text("not a checkpoint")
-    # a leftover temp file of a crashed save is never considered
-    (tmp_path / ".ckpt-12.pt.deadbeef.tmp").write_bytes(b"junk")
-    names = [p.name for p in list_checkpoints(tmp_path)]
-    assert names == ["ckpt-11.pt", "ckpt-10.pt", "ckpt-9.pt", "ckpt-8.pt"]  # natural order
-
-    p11 = tmp_path / "ckpt-11.pt"
-    p11.write_bytes(p11.read_bytes()[:-10])  # truncated
-    p10 = tmp_path / "ckpt-10.pt"
-    data = bytearray(p10.read_bytes())
-    data[len(data) // 2] ^= 1
-    p10.write_bytes(bytes(data))  # flipped
-    with caplog.at_level(logging.WARNING, logger="dinrec.train.checkpoint"):
-        got = latest_valid_checkpoint(tmp_path)
-    assert got is not None and got.path.name == "ckpt-9.pt" and got.state == {"step": 9}
-    assert "ckpt-11.pt" in caplog.text and "ckpt-10.pt" in caplog.text
-    assert latest_valid_checkpoint(tmp_path / "nothing-here") is None
-    assert latest_valid_checkpoint(tmp_path, pattern="*.none") is None
-
-
-def test_latest_by_mtime(tmp_path):
-    a = save_checkpoint(tmp_path / "b.pt", {"v": "b"})
-    b = save_checkpoint(tmp_path / "a.pt", {"v": "a"})
-    os.utime(a, ns=(1_000_000_000, 1_000_000_000))
-    os.utime(b, ns=(2_000_000_000, 2_000_000_000))
-    got = latest_valid_checkpoint(tmp_path, order="mtime")
-    assert got is not None and got.state == {"v": "a"}
-
-
-def test_prune_keeps_newest_valid(tmp_path):
-    for step in range(1, 7):
-        save_checkpoint(tmp_path / f"ckpt-{step}.pt", {"step": step})
-    removed = prune_checkpoints(tmp_path, keep_last=3)
-    assert sorted(p.name for p in removed) == ["ckpt-1.pt", "ckpt-2.pt", "ckpt-3.pt"]
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-6.pt", "ckpt-5.pt", "ckpt-4.pt"]
-
-    # the two newest become corrupt: pruning to 1 must keep the last good one (4)
-    for step in (5, 6):
-        p = tmp_path / f"ckpt-{step}.pt"
-        p.write_bytes(p.read_bytes()[:50])
-    removed = prune_checkpoints(tmp_path, keep_last=1)
-    assert removed == []
-    assert latest_valid_checkpoint(tmp_path).state == {"step": 4}  # type: ignore[union-attr]
-    with pytest.raises(CheckpointError):
-        prune_checkpoints(tmp_path, keep_last=0)

@@ -102,8 +102,31 @@ def test_demo_on_tiny_data_writes_pictures_and_checks_truth(tmp_path):
         assert (tmp_path / "demo" / name).exists(), name
     assert (tmp_path / "demo" / "attention.png").stat().st_size > 5000
     check = summary["truth_check"]
-    assert 0 <= check["attention_on_same_category"] <= 1
-    assert check["rows"] > 0
+    assert check["rows"] > 100
+    # The truth check's figures, recomputed row by row in plain Python on the first rows
+    # (one epoch on the tiny preset has not learned much yet: only the arithmetic is tested).
+    import torch
+
+    from dinrec.data import BatchLoader, SampleStore
+    from dinrec.demo import attention_truth_check
+    from dinrec.run import load_run_model
+
+    store = SampleStore(tmp_path / "demo" / "store")
+    got = attention_truth_check(tmp_path / "demo" / "din", store, max_rows=1)  # one batch
+    model, _ = load_run_model(tmp_path / "demo" / "din")
+    batch = next(iter(BatchLoader(store, "test", batch_size=1024, shuffle=False)))
+    with torch.no_grad():
+        alphas = model(batch, return_alphas=True).alphas
+    mass, share = [], []
+    for r in range(len(batch)):
+        cats = batch.hist_cats[r][batch.mask[r]].tolist()
+        same = [c == int(batch.cat[r]) for c in cats]
+        if 0 < sum(same) < len(cats):
+            mass.append(sum(float(a) for a, s in zip(alphas[r][: len(cats)], same, strict=True) if s))
+            share.append(sum(same) / len(cats))
+    assert got["rows"] == len(mass) > 0
+    assert got["attention_on_same_category"] == pytest.approx(sum(mass) / len(mass), abs=1e-5)
+    assert got["same_category_share_of_history"] == pytest.approx(sum(share) / len(share), abs=1e-6)
     assert any(line.startswith("[5/5] planted truth") for line in lines)
     assert len(summary["recommendation"]["ranked"]) == 5
 
@@ -120,9 +143,63 @@ def test_demo_main_job_din_beats_base_and_attention_finds_the_planted_truth(tmp_
     assert "DIN beats BaseModel on test AUC" in res.stdout
     din = json.loads((tmp_path / "demo" / "din" / "metrics.json").read_text())
     base = json.loads((tmp_path / "demo" / "base" / "metrics.json").read_text())
-    assert din["test"]["auc"] > base["test"]["auc"] + 0.02
+    # The figures the README states (test AUC DIN 0.897, BaseModel 0.807, with 2 threads;
+    # 1 thread sums in another order: 0.8994 and 0.8092).
+    assert din["test"]["auc"] == pytest.approx(0.897, abs=0.005)
+    assert base["test"]["auc"] == pytest.approx(0.807, abs=0.005)
     # The planted truth: attention concentrates on history items of the candidate's category.
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("[5/5]"))
     on_same = float(line.split("attention puts ")[1].split("%")[0])
     share = float(line.split("which make up ")[1].split("%")[0])
     assert on_same > 2 * share
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["train", "--help"], ["evaluate", "--help"]])
+def test_version_and_help_import_no_torch(argv):
+    # `dinrec --version` took 3.3-3.9 s when building the parser imported torch.
+    code = ("import sys\nfrom dinrec.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)")
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                         timeout=60)
+    assert res.stderr.strip().splitlines()[-1] == "False", res.stderr
+    assert "dinrec 0.1.0" in res.stdout or "usage: dinrec" in res.stdout
+
+
+def test_train_options_are_generated_from_the_config_fields():
+    import argparse
+    import dataclasses
+
+    from dinrec.cli import add_config_options, build_parser, config_from_args
+    from dinrec.train.config import TrainConfig
+
+    # Every field is an option, with its metadata's help text.
+    text = build_parser(["train"])._subparsers._group_actions[0].choices["train"].format_help()
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("hidden"):
+            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            assert flag in text, flag
+            assert " ".join(f.metadata["help"].split()[:3]) in " ".join(text.split()), f.name
+    # Defaults give the default config; options give their values.
+    p = argparse.ArgumentParser()
+    add_config_options(p, TrainConfig)
+    assert config_from_args(TrainConfig, p.parse_args([])) == TrainConfig()
+    cfg = config_from_args(TrainConfig, p.parse_args(
+        ["--hidden", "7,5", "--grad-clip", "0.5", "--no-bucket", "--quiet", "--amp",
+         "--option", "attention_size=16", "--option", "attention=din", "--lr-schedule", "cosine"]))
+    assert cfg == TrainConfig(hidden=(7, 5), grad_clip=0.5, bucket=False, progress=False, amp=True,
+                              model_options={"attention_size": 16, "attention": "din"},
+                              lr_schedule="cosine")
+
+
+def test_nproc_runs_through_the_elastic_launcher(monkeypatch, tmp_path):
+    import dinrec.cli as cli
+
+    calls = []
+    monkeypatch.setattr("subprocess.call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["train", "S", str(tmp_path / "R"), "--nproc", "3", "--max-steps", "5", "--resume"]
+    assert cli.main(argv) == 0
+    ((cmd, env),) = calls
+    assert env["DINREC_DIE_WITH_LAUNCHER"] == "1"  # the workers die with the launcher
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m"]
+    assert cmd[6:] == ["dinrec", "train", "S", str(tmp_path / "R"), "--max-steps", "5", "--resume"]

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dinrec.checkpoint import load_checkpoint
 from dinrec.cli import main
 from dinrec.errors import RunFolderError
-from dinrec.train.checkpoint import load_checkpoint
 from dinrec.train.trainer import TrainConfig, train
 
 # 218 steps per epoch (6,970 rows / 32): the runs below cross an epoch boundary.
@@ -58,6 +58,25 @@ def _kill_after_checkpoint(cmd: list[str], run: Path, timeout: float = 120) -> N
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (run / "metrics.json").exists(), "the run finished before the kill"
+    # Nothing of the run is left: torch.distributed.run's workers (process groups of their
+    # own) die with the launcher.
+    deadline = time.monotonic() + 10
+    while _processes_of(run):
+        assert time.monotonic() < deadline, f"still running after the kill: {_processes_of(run)}"
+        time.sleep(0.1)
+
+
+def _processes_of(run: Path) -> list[int]:
+    """Processes whose command line names ``run``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if str(run).encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
 
 
 @pytest.mark.parametrize("nproc", [1, 2], ids=["1-process", "2-ddp-processes"])

@@ -304,3 +304,23 @@ def test_ranking_properties(rows, k):
         [np.mean([r < k for r in range(a, a + t + 1)]) for a, t in zip(above, tied, strict=True)]
     )
     assert hr_at_k(m, k, ties="expected") == pytest.approx(brute)
+
+
+def test_gauc_leaves_out_rows_of_unknown_users():
+    # Two known users and five rows of users the key cannot tell apart (e.g. all OOV):
+    # merged into one group they would add a "user" of their own; left out, they only
+    # count as skipped impressions.
+    y = np.array([1, 0, 1, 0, 1, 0, 1, 0, 1])
+    s = np.array([0.9, 0.1, 0.2, 0.8, 0.9, 0.1, 0.8, 0.2, 0.7])
+    u = np.array([5, 5, 6, 6, 1, 1, 1, 1, 1])
+    known = u != 1
+    got = gauc(y, s, u, known=known)
+    assert got.value == pytest.approx(slow_gauc(y[:4], s[:4], u[:4])[0]) == 0.5
+    assert (got.users_used, got.users_skipped) == (2, 0)
+    assert got.impression_share_skipped == pytest.approx(5 / 9)
+    merged = gauc(y, s, u)  # the OOV rows as one user: a different figure
+    assert merged.users_used == 3 and merged.value != got.value
+    # Every row unknown (the by-user split keyed by encoded id): no GAUC, not the AUC.
+    none = evaluate_predictions(y, s, np.ones_like(u), known=np.zeros(9, bool))
+    assert math.isnan(none["gauc"]) and none["gauc_users_skipped_share"] == 1.0
+    assert not math.isnan(none["auc"])

@@ -11,18 +11,12 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
+from dinrec.checkpoint import load_checkpoint
 from dinrec.data import PrepareConfig, SampleStore, generate, prepare_events, preset
 from dinrec.errors import RunFolderError
-from dinrec.train.checkpoint import load_checkpoint
-from dinrec.train.evaluate import evaluate_run
-from dinrec.train.trainer import (
-    TrainConfig,
-    TrainingError,
-    eval_loader,
-    load_run_model,
-    predict,
-    train,
-)
+from dinrec.run import load_run_model
+from dinrec.train.evaluate import eval_loader, evaluate_run, predict
+from dinrec.train.trainer import TrainConfig, TrainingError, train
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +40,12 @@ def test_run_folder_metrics_and_learning(store, tmp_path):
         assert (run / name).exists(), name
     assert any((run / "tensorboard").iterdir())
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps"] == res.metrics["steps"] > 0
-    assert metrics["train_samples_per_s"] > 0
+    n_train = SampleStore(store).num_rows("train")
+    assert metrics["steps"] == res.metrics["steps"] == 3 * -(-n_train // 32)  # 3 epochs
+    assert metrics["train_samples"] == 3 * n_train
+    assert 0 < metrics["train_seconds"] < metrics["wall_seconds_this_process"]
+    assert metrics["train_samples_per_s"] == pytest.approx(
+        metrics["train_samples"] / metrics["train_seconds"], rel=1e-9)
     for split in ("valid", "test"):
         assert 0.5 < metrics[split]["auc"] <= 1.0
     # The training loss goes down.
@@ -57,7 +55,7 @@ def test_run_folder_metrics_and_learning(store, tmp_path):
     # metrics.json's test AUC / logloss are those of the best model, as sklearn computes them.
     model, saved = load_run_model(run)
     loader = eval_loader(TrainConfig.from_dict(saved["train"]), SampleStore(store), "test")
-    labels, probs, _ = predict(model, loader)
+    labels, probs, _, _ = predict(model, loader)
     assert metrics["test"]["auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-9)
     assert metrics["test"]["logloss"] == pytest.approx(log_loss(labels, probs), rel=1e-6)
     # The best model is the one with the best validation AUC.
@@ -87,8 +85,8 @@ def test_early_stopping(store, tmp_path, monkeypatch):
     real_evaluate = trainer_module.evaluate
     scripted = iter([0.60, 0.70, 0.65, 0.64, 0.90, 0.95])
 
-    def fake_evaluate(model, loader, device="cpu", amp=False):
-        m = real_evaluate(model, loader, device, amp)
+    def fake_evaluate(model, loader, device="cpu", amp=False, ctx=None):
+        m = real_evaluate(model, loader, device, amp, ctx)
         if loader.split == "valid":
             m["auc"] = next(scripted)
         return m
@@ -114,11 +112,7 @@ def test_run_folder_errors(store, tmp_path):
     assert (other / "precious.txt").exists()
     with pytest.raises(RunFolderError, match="not a dinrec run folder"):
         load_run_model(other)
-    empty = tmp_path / "empty-run"
-    empty.mkdir()
-    (empty / "config.json").write_text((run / "config.json").read_text())
-    with pytest.raises(RunFolderError, match="nothing to resume"):
-        train(_cfg(), store, empty, resume=True)
+
 
 
 def test_incompatible_store_is_refused(store, tmp_path):
@@ -172,3 +166,62 @@ def test_ranking_metrics(store, tmp_path, monkeypatch):
     monkeypatch.setattr(DIN, "forward", constant)
     row = evaluate_run(run, store, "test", ranking_negatives=20, ks=(5,))
     assert row["hr@5"] == 0.0
+
+
+def test_gauc_under_the_by_user_split_is_not_a_plain_auc(tmp_path):
+    # Every valid and test user of the by-user split is out of the train vocabulary: one
+    # encoded id (OOV) for all of them. Grouping by it made GAUC the plain AUC.
+    events, _ = generate(preset("tiny", seed=4))
+    prepare_events(events, tmp_path / "store", PrepareConfig(seed=4, split="by-user"))
+    res = train(_cfg(max_steps=10, eval_every=10), tmp_path / "store", tmp_path / "run")
+    for split in ("valid", "test"):
+        m = res.metrics[split]
+        assert not m["gauc"] == pytest.approx(m["auc"])
+        assert m["gauc_users_skipped_share"] == 1.0  # no row could be grouped by its user
+
+
+class _Recorder(torch.nn.Module):
+    """Scores nothing (logit 0) and keeps the rows it was asked to score."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def forward(self, batch, return_alphas=False):
+        from dinrec.models import ModelOutput
+
+        self.rows.append(batch)
+        return ModelOutput(logits=torch.zeros(len(batch)))
+
+
+def test_ranking_negatives_are_never_a_positive_of_the_user_and_are_redrawn(store):
+    from dinrec.data import BatchLoader
+    from dinrec.data.vocab import OOV_ID
+    from dinrec.train.evaluate import ranking_metrics, user_positives
+
+    s = SampleStore(store)
+    n_items = len(s.vocabs.item)
+    positives = set(user_positives(s).tolist())
+    model, negatives = _Recorder(), 30
+    loader = BatchLoader(s, "test", batch_size=64, shuffle=False)
+    ranking_metrics(model, loader, s, negatives=negatives, ks=(5,))
+    seen = 0
+    counts = np.zeros(n_items, np.int64)
+    for rows in model.rows:
+        items = rows.item.reshape(-1, 1 + negatives)  # (b, 1 + negatives), target first
+        hist = rows.hist_items[:: 1 + negatives]  # (b, T)
+        users = rows.user[:: 1 + negatives]
+        for target, negs, h, u in zip(items[:, 0], items[:, 1:], hist, users, strict=True):
+            mine = set(h.tolist()) | {int(target)}
+            if int(u) != OOV_ID:
+                mine |= {i for i in range(n_items) if int(u) * n_items + i in positives}
+            assert not mine & set(negs.tolist())
+            counts[negs.numpy()] += 1
+            seen += 1
+    assert seen > 100
+    # Redrawn, not replaced by a fixed item: items 2 and 3 (the old stand-ins) get no more
+    # than their popularity share.
+    pop = s.vocabs.item.counts.astype(float)
+    pop[:2] = 0
+    expected = counts.sum() * pop / pop.sum()
+    assert counts[2] < 1.5 * expected[2] + 10 and counts[3] < 1.5 * expected[3] + 10

@@ -2,27 +2,104 @@
 
 Each sub-command has an ``_add_<name>`` function that declares its arguments and a
 ``_run_<name>`` function that does the work; errors of type :class:`DinrecError`
-are printed as one line (no stack trace) with exit status 2.
+are printed as one line (no stack trace) with exit status 2. ``dinrec train``'s options
+are generated from :class:`dinrec.train.config.TrainConfig`'s fields (help text from
+their metadata). Only the named sub-command's options are built, and its modules are
+imported when it runs, so ``dinrec --version`` and ``--help`` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from dinrec import __version__
 from dinrec.errors import DinrecError
 
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- options
+def _int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(h) for h in text.split(",") if h.strip())
+
+
+def add_config_options(p: argparse._ActionsContainer, cls: type) -> None:
+    """One option per field of the config dataclass ``cls``: ``--field-name`` (or the
+    field's ``metadata["flag"]``), typed from its annotation, help and choices from its
+    metadata (see :mod:`dinrec.train.config`). Values are read back by
+    :func:`config_from_args`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if meta.get("cli") is False:
+            continue
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        text = argparse.SUPPRESS if meta.get("hidden") else meta.get("help", "")
+        tp = hints[f.name]
+        if tp is bool:
+            action = "store_false" if meta.get("invert") else "store_true"
+            p.add_argument(flag, dest=f.name, action=action, help=text)
+            continue
+        if typing.get_origin(tp) is dict:  # KEY=VALUE, repeatable
+            p.add_argument(flag, dest=f.name, action="append", default=[], metavar="KEY=VALUE",
+                           help=text)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if typing.get_origin(tp) is tuple:
+            p.add_argument(flag, dest=f.name, default=",".join(map(str, default or ())),
+                           metavar="N,N,...", help=f"{text} (default: %(default)s)")
+            continue
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        kind = args[0] if args else tp  # X | None -> X
+        if text is not argparse.SUPPRESS:
+            text = f"{text} (default: %(default)s)"
+        p.add_argument(flag, dest=f.name, type=kind, default=default, choices=meta.get("choices"),
+                       help=text)
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """The config dataclass ``cls`` from options added by :func:`add_config_options`."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.metadata.get("cli") is False:
+            continue
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        value = getattr(args, f.name)
+        if typing.get_origin(hints[f.name]) is dict:
+            value = _parse_key_values(value, flag)
+        elif typing.get_origin(hints[f.name]) is tuple:
+            try:
+                value = _int_tuple(value)
+            except ValueError:
+                raise DinrecError(f"{flag}: expected comma-separated integers, got {value!r}") from None
+        values[f.name] = value
+    return cls(**values)
+
+
+def _parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DinrecError(f"{flag}: expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
 
 # --------------------------------------------------------------------------- demo
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="the main job on the embedded synthetic data: prepare, train DIN and BaseModel, "
-        "evaluate, recommend with explanations, plots",
-    )
+def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed-example",
         action="store_true",
@@ -54,121 +131,40 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- train
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    from dinrec.models import MODELS
-    from dinrec.train.trainer import TrainConfig
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from dinrec.train.config import TrainConfig
 
-    d = TrainConfig()
-    p = sub.add_parser("train", help="train a model on a sample store into a run folder")
     p.add_argument("store", help="sample store folder (from `dinrec prepare`)")
     p.add_argument("run", help="run folder to create (or continue with --resume)")
-    p.add_argument("--model", default=d.model, choices=sorted(MODELS))
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a model option, e.g. attention_size=80 or attention=din (repeatable)")
-    p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
-    p.add_argument("--hidden", default=",".join(map(str, d.hidden)), help="MLP widths, e.g. 200,80")
-    p.add_argument("--activation", default=d.activation, choices=["prelu", "dice", "relu", "sigmoid"])
-    p.add_argument("--max-len", type=int, default=d.max_len)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=["constant", "cosine", "linear"])
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--grad-clip", type=float, default=None)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None, help="steps (default: once per epoch)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps (default: at evaluations)")
-    p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--no-bucket", action="store_true", help="no length bucketing")
-    p.add_argument("--neg-history", type=int, default=d.neg_history)
-    p.add_argument("--aux-weight", type=float, default=d.aux_weight)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer,
-                   help="training rows held in memory for shuffling, per process")
+    add_config_options(p.add_argument_group("training (TrainConfig)"), TrainConfig)
     p.add_argument("--nproc", type=int, default=1,
-                   help="data-parallel worker processes on this machine (gloo on CPU, NCCL on "
-                   "GPU); --batch-size is per process. For several machines use torchrun "
-                   "(docs/distributed.md)")
-    p.add_argument("--data-split", default=d.data_split, choices=["shards", "batches"],
-                   help="several processes: each reads its own shards (default), or each reads "
-                   "all and takes its slice of every global batch (one process's data order)")
-    p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+                   help="data-parallel worker processes on this machine, started with "
+                   "torch.distributed.run (gloo on CPU, NCCL on GPU); --batch-size is per "
+                   "process. For several machines use torchrun (docs/distributed.md)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run from its last checkpoint (starts it afresh, saying "
+                   "so, when there is none: the same command can be re-run after any kill)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
-
-
-def _parse_options(items: list[str]) -> dict:
-    import json
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise DinrecError(f"--option: expected KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _run_train(args: argparse.Namespace) -> int:
     import json
-
-    from dinrec.train.trainer import TrainConfig, train
-
-    try:
-        hidden = tuple(int(h) for h in args.hidden.split(",") if h)
-    except ValueError:
-        raise DinrecError(f"--hidden: expected comma-separated integers, got {args.hidden!r}") from None
-    cfg = TrainConfig(
-        model=args.model, model_options=_parse_options(args.option),
-        embedding_dim=args.embedding_dim, hidden=hidden, activation=args.activation,
-        max_len=args.max_len, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
-        warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, epochs=args.epochs,
-        max_steps=args.max_steps, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, patience=args.patience, seed=args.seed,
-        threads=args.threads, device=args.device, amp=args.amp, compile=args.compile,
-        bucket=not args.no_bucket, neg_history=args.neg_history, aux_weight=args.aux_weight,
-        log_every=args.log_every, progress=not args.quiet, stop_after=args.stop_after,
-        shuffle_buffer=args.shuffle_buffer, data_split=args.data_split,
-    )
     import os
 
-    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE") or 1) <= 1:
-        from dinrec.train import distributed
+    from dinrec.train.config import TrainConfig
 
-        spec = distributed.write_worker_spec({
-            "config": cfg.to_dict(), "store": str(args.store), "run": str(args.run),
-            "resume": args.resume, "overwrite": args.overwrite,
-        })  # fmt: skip
-        try:
-            rc = distributed.launch_local(args.nproc, [str(spec)])
-        finally:
-            spec.unlink(missing_ok=True)
-        if rc:
-            return rc
-        metrics_path = Path(args.run) / "metrics.json"
-        if not metrics_path.exists():
-            print(f"stopped at step {args.stop_after}; continue with --resume ({args.run})")
-            return 0
-        from dinrec.train.trainer import TrainResult
-
-        result = TrainResult(Path(args.run), json.loads(metrics_path.read_text()), completed=True)
-    elif args.nproc < 1:
+    cfg = config_from_args(TrainConfig, args)
+    if args.nproc < 1:
         raise DinrecError(f"--nproc must be >= 1, got {args.nproc}")
-    else:
-        result = train(cfg, args.store, args.run, resume=args.resume, overwrite=args.overwrite)
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE") or 1) <= 1:
+        return _launch(args)
+    _die_with_launcher()
+    from dinrec.train.trainer import train
+
+    result = train(cfg, args.store, args.run, resume=args.resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK") or 0) != 0:
+        return 0  # rank 0 reports
     if not result.completed:
         print(f"stopped at step {args.stop_after}; continue with --resume ({args.run})")
         return 0
@@ -182,14 +178,61 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(args: argparse.Namespace) -> int:
+    """``dinrec train --nproc N``: the same command as N local ranks, started by PyTorch's
+    elastic launcher (``python -m torch.distributed.run --standalone``)."""
+    import os
+    import subprocess
+
+    argv = _without_nproc(list(args.argv))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={args.nproc}", "-m", "dinrec", *argv]
+    # The launcher starts its workers in process groups of their own: they must die with it.
+    return subprocess.call(cmd, env={**os.environ, _DIE_WITH_LAUNCHER: "1"})
+
+
+_DIE_WITH_LAUNCHER = "DINREC_DIE_WITH_LAUNCHER"
+
+
+def _die_with_launcher() -> None:
+    """A worker of ``dinrec train --nproc``: SIGKILL it when its launcher dies (Linux), so
+    that killing the command's process group stops the whole run, as for one process."""
+    import os
+    import signal
+
+    if os.environ.get(_DIE_WITH_LAUNCHER) != "1" or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # pragma: no cover - no libc: the workers outlive a killed launcher
+        return
+    if os.getppid() == 1:  # the launcher died before prctl
+        os._exit(1)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 # --------------------------------------------------------------------------- evaluate
-def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="metrics of one or more runs on a split of a store")
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--store", default=None, help="sample store (default: the run's own)")
     p.add_argument("--split", default="test")
     p.add_argument("--ranking", type=int, default=0, metavar="N",
-                   help="also rank each positive among N sampled items: HR@K, NDCG@K")
+                   help="also rank each positive among N items sampled by popularity, never a "
+                   "positive of that user (redrawn): HR@K, NDCG@K")
     p.add_argument("--k", default="10", help="cut-offs for --ranking, e.g. 5,10,20")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_run_evaluate)
@@ -218,8 +261,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- recommend
-def _add_recommend(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("recommend", help="top-K items for a user, with the attention's explanation")
+def _add_recommend(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder")
     p.add_argument("--user", required=True)
     p.add_argument("--history", default=None,
@@ -279,17 +321,13 @@ def _run_recommend(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- prepare
-def _add_prepare(sub: argparse._SubParsersAction) -> None:
+def _add_prepare(p: argparse.ArgumentParser) -> None:
     from dinrec.data.formats import FORMATS
 
     formats = "\n".join(f"  {f.name:<10} {f.inputs:<36} {f.summary}" for f in FORMATS.values())
-    p = sub.add_parser(
-        "prepare",
-        help="turn a log file format into a sample store (see docs/formats.md)",
-        description="Read INPUT files in FORMAT and write a Parquet sample store to --out.",
-        epilog="formats (FORMAT  INPUTS  what):\n" + formats,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p.description = "Read INPUT files in FORMAT and write a Parquet sample store to --out."
+    p.epilog = "formats (FORMAT  INPUTS  what):\n" + formats
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("format", metavar="FORMAT", choices=list(FORMATS), help="input format")
     p.add_argument("inputs", metavar="INPUT", nargs="*", help="input files (or folder)")
     p.add_argument("--out", required=True, metavar="DIR", help="sample store to write")
@@ -365,8 +403,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- serve
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="HTTP service: /score, /recommend, /healthz, /metadata (see docs/serving.md)")
+def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -404,9 +441,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- export
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a run's model to ONNX or TorchScript "
-                       "(dynamic batch and history axes)")
+def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder")
     p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     p.add_argument("--out", default=None, help="file to write (default: RUN/export/model.onnx|.pt)")
@@ -434,28 +469,38 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- main
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_demo,
-    _add_prepare,
-    _add_train,
-    _add_evaluate,
-    _add_recommend,
-    _add_serve,
-    _add_export,
-]
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "demo": ("the main job on the embedded synthetic data: prepare, train DIN and BaseModel, "
+             "evaluate, recommend with explanations, plots", _add_demo),
+    "prepare": ("turn a log file format into a sample store (see docs/formats.md)", _add_prepare),
+    "train": ("train a model on a sample store into a run folder", _add_train),
+    "evaluate": ("metrics of one or more runs on a split of a store", _add_evaluate),
+    "recommend": ("top-K items for a user, with the attention's explanation", _add_recommend),
+    "serve": ("HTTP service: /score, /recommend, /healthz, /metadata (see docs/serving.md)",
+              _add_serve),
+    "export": ("export a run's model to ONNX or TorchScript (dynamic batch and history axes)",
+               _add_export),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dinrec", description=__doc__.splitlines()[0])
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv``, only the options of the sub-command it names are built
+    (so ``dinrec --version`` or ``dinrec train --help`` import nothing heavy)."""
+    chosen = None if argv is None else next((a for a in argv if a in _COMMANDS), "")
+    parser = argparse.ArgumentParser(prog="dinrec", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dinrec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in _COMMANDS:
-        add(sub)
+    for name, (help_text, add) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if chosen is None or chosen == name:
+            add(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    args.argv = argv
     try:
         return int(args.func(args) or 0)
     except DinrecError as exc:

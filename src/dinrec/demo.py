@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from dinrec.data import BatchLoader, PrepareConfig, SampleStore, generate, prepare_events, preset
+from dinrec.run import load_run_model
 from dinrec.train.plots import plot_attention, plot_curves
-from dinrec.train.trainer import TrainConfig, load_run_model, train
+from dinrec.train.trainer import TrainConfig, train
 
 log = logging.getLogger(__name__)
 

@@ -326,7 +326,7 @@ def serve(
     """Run the service with uvicorn until interrupted (``workers`` processes)."""
     import uvicorn
 
-    from dinrec.train.trainer import read_run_config
+    from dinrec.run import read_run_config
 
     read_run_config(config.run)  # fail here, not in every worker, when RUN is not a run folder
     if config.onnx is not None and not os.path.isfile(config.onnx):

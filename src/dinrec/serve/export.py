@@ -197,7 +197,7 @@ def export_run(
     verify: bool = True,
 ) -> ExportResult:
     """Export the ``which`` checkpoint of a run folder; default path ``RUN/export/model.{onnx,pt}``."""
-    from dinrec.train.trainer import load_run_model
+    from dinrec.run import load_run_model
 
     if fmt not in FORMATS:
         raise DinrecError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")

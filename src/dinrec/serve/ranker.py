@@ -34,7 +34,7 @@ import torch
 from dinrec.data.vocab import NUM_SPECIAL, OOV_ID, OOV_TOKEN, PAD_TOKEN, Vocab, Vocabularies
 from dinrec.errors import DinrecError
 from dinrec.models import model_class
-from dinrec.train.trainer import load_run_model, read_run_config
+from dinrec.run import load_run_model, read_run_config
 
 KINDS = ("user", "item", "cat")
 

@@ -1,7 +1,7 @@
-"""Data-parallel training over several processes: context, collectives, a local launcher.
+"""Data-parallel training over several processes: context and collectives.
 
 One process per device (or per CPU worker). Every process runs the same
-:func:`dinrec.train.trainer.train`; this module gives it:
+training function; this module gives it:
 
 * :func:`setup`: the process group from the usual environment (``RANK``, ``WORLD_SIZE``,
   ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``, as ``torchrun`` sets them), gloo on
@@ -12,8 +12,9 @@ One process per device (or per CPU worker). Every process runs the same
   (variable-length NumPy arrays: padded to the longest, with lengths),
   :func:`sync_buffers` (BatchNorm running statistics from rank 0),
   :func:`replica_digests` (a SHA-256 of every rank's weights: replicas must agree).
-* :func:`launch_local`: ``dinrec train --nproc N``, N workers on this machine over a
-  free loopback port.
+
+``dinrec train --nproc N`` starts N workers on this machine with PyTorch's own elastic
+launcher (``python -m torch.distributed.run --standalone``), as ``torchrun`` would.
 
 See ``docs/distributed.md`` for the commands, the global batch and the tolerances.
 """
@@ -22,18 +23,11 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import logging
 import os
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -57,7 +51,6 @@ __all__ = [
     "sync_buffers",
     "replica_digests",
     "state_digest",
-    "launch_local",
     "free_port",
 ]
 
@@ -135,12 +128,13 @@ def setup(device: str = "cpu", timeout_s: float = 1800.0) -> DistContext:
                     f"WORLD_SIZE={world} but {var} is not set; start with torchrun or "
                     "`dinrec train --nproc N` (see docs/distributed.md)"
                 )
+        nccl: dict[str, Any] = {"device_id": torch.device(device)} if backend == "nccl" else {}
         dist.init_process_group(
             backend,
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s),
-            **({"device_id": torch.device(device)} if backend == "nccl" else {}),
+            **nccl,
         )
         owns = True
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -274,112 +268,3 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the worker gets SIGKILL when the launcher dies (even by kill -9)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def launch_local(
-    nproc: int,
-    worker_args: Sequence[str],
-    *,
-    host: str = "127.0.0.1",
-    port: int | None = None,
-    poll_s: float = 0.1,
-) -> int:
-    """Run ``python -m dinrec.train.distributed WORKER_ARGS`` as ``nproc`` local ranks.
-
-    Sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``
-    and ``MASTER_PORT`` (a free loopback port) for each worker. When a worker fails the
-    others are terminated (they would wait in a collective until the timeout); SIGINT and
-    SIGTERM are passed on to the workers. Returns the first non-zero exit status, else 0.
-    """
-    if nproc < 1:
-        raise DinrecError(f"--nproc must be >= 1, got {nproc}")
-    port = port or free_port(host)
-    procs: list[subprocess.Popen] = []
-    base = {**os.environ, "MASTER_ADDR": host, "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc)}
-    # The launcher's own import path, so workers find the same dinrec (e.g. from a checkout).
-    paths = [p for p in sys.path if p]
-    if paths:
-        base["PYTHONPATH"] = os.pathsep.join(paths)
-    preexec = _die_with_parent if sys.platform.startswith("linux") else None
-    for rank in range(nproc):
-        env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        cmd = [sys.executable, "-m", "dinrec.train.distributed", *worker_args]
-        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=preexec))  # noqa: PLW1509
-
-    def forward(signum: int, _frame: Any) -> None:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    rc = 0
-    try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                rank, rc = failed[0]
-                log.error("rank %d exited with status %d; stopping the other workers", rank, rc)
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-                deadline = time.monotonic() + 10
-                for p in procs:
-                    try:
-                        p.wait(max(0.1, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait()
-                break
-            if all(c == 0 for c in codes):
-                break
-            time.sleep(poll_s)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    return rc
-
-
-# --------------------------------------------------------------------------- worker entry
-def write_worker_spec(spec: dict[str, Any]) -> Path:
-    """A temporary JSON file with what each worker of :func:`launch_local` runs."""
-    fd, name = tempfile.mkstemp(prefix="dinrec-train-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(spec, f)
-    return Path(name)
-
-
-def _worker_main(argv: Sequence[str]) -> int:
-    """``python -m dinrec.train.distributed SPEC.json``: one rank of a local launch."""
-    from dinrec.train.trainer import TrainConfig, train
-
-    if len(argv) != 1:
-        print("usage: python -m dinrec.train.distributed SPEC.json", file=sys.stderr)
-        return 2
-    spec = json.loads(Path(argv[0]).read_text())
-    if _env_int("RANK", 0) != 0:
-        spec["config"]["progress"] = False
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        train(TrainConfig.from_dict(spec["config"]), spec["store"], spec["run"],
-              resume=spec.get("resume", False), overwrite=spec.get("overwrite", False))
-    except DinrecError as exc:
-        print(f"dinrec train (rank {os.environ.get('RANK', '0')}): error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_worker_main(sys.argv[1:]))

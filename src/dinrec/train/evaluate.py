@@ -1,22 +1,165 @@
-"""Evaluate a finished run on a split of its own store or of another, compatible store."""
+"""Evaluation on its own: predictions over a loader, CTR metrics, sampled ranking, a run.
+
+- :func:`evaluate`: AUC, GAUC (grouped by :func:`group_key`), logloss, accuracy of a
+  model on one loader; with a distributed context over the union of every rank's share.
+- :func:`ranking_metrics`: HR@K and NDCG@K, each positive ranked among sampled items that
+  are never a positive of that user (in any split), redrawn until they are not.
+- :func:`evaluate_run`: both, for a finished run folder, on a split of its own store or
+  of another compatible one.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
-from dinrec.data.batches import Batch
+from dinrec.data.batches import Batch, BatchLoader
 from dinrec.data.store import SampleStore
-from dinrec.data.vocab import NUM_SPECIAL, Vocabularies
-from dinrec.errors import RunFolderError
+from dinrec.data.vocab import NUM_SPECIAL, OOV_ID, Vocabularies
+from dinrec.errors import DinrecError, RunFolderError
 from dinrec.models import CTRModel
-from dinrec.train.metrics import hr_at_k, ndcg_at_k
-from dinrec.train.trainer import TrainConfig, eval_loader, evaluate, load_run_model
+from dinrec.run import load_run_model
+from dinrec.train import distributed as D
+from dinrec.train.config import TrainConfig
+from dinrec.train.metrics import evaluate_predictions, hr_at_k, ndcg_at_k
+
+EvalLoader = Iterable[Batch]
 
 
+def group_key(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GAUC group of each row (B,) int64 and whether it is known (B,) bool.
+
+    Rows are grouped by user. The encoded user id is only a key where it names a user:
+    every user out of the train vocabulary (all of them under the by-user split) shares
+    the OOV id, so those rows are unknown and left out of GAUC instead of being merged
+    into one giant "user". (With the raw-user key of the schema Batch, ``batch.group``,
+    every row is known.)
+    """
+    return batch.user, batch.user != OOV_ID
+
+
+def device_batches(batches: Iterable[Batch], device: str, ahead: bool = True) -> Iterator[Batch]:
+    """Batches on ``device``. On CUDA they are copied from pinned memory, non-blocking;
+    with ``ahead`` one batch early, so the copy overlaps the previous batch's kernels
+    (not for training: the loader's checkpointed position must be the step's)."""
+    if torch.device(device).type != "cuda":
+        for batch in batches:
+            yield batch.to(device)
+        return
+    pending = None
+    for batch in batches:
+        moved = batch.pin_memory().to(device, non_blocking=True)
+        if not ahead:
+            yield moved
+            continue
+        if pending is not None:
+            yield pending
+        pending = moved
+    if pending is not None:
+        yield pending
+
+
+@torch.no_grad()
+def predict(
+    model: CTRModel, loader: EvalLoader, device: str = "cpu", amp: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Run the model over a loader: (labels, probabilities, group keys, key known), NumPy,
+    in loader order. Only these arrays are kept (never the batches)."""
+    model.eval()
+    labels, probs, keys, known = [], [], [], []
+    for batch in device_batches(loader, device):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(batch).logits
+        key, ok = group_key(batch)
+        labels.append(batch.label.cpu())
+        probs.append(torch.sigmoid(logits.float()).cpu())
+        keys.append(key.cpu())
+        known.append(ok.cpu())
+    if not labels:
+        empty = np.zeros(0, np.float32)
+        return empty, empty.copy(), np.zeros(0, np.int64), np.zeros(0, bool)
+    return (torch.cat(labels).numpy(), torch.cat(probs).numpy(), torch.cat(keys).numpy(),
+            torch.cat(known).numpy())
+
+
+def evaluate(
+    model: CTRModel,
+    loader: EvalLoader,
+    device: str = "cpu",
+    amp: bool = False,
+    ctx: D.DistContext | None = None,
+) -> dict[str, Any]:
+    """AUC, GAUC, logloss, accuracy (and rows / seconds) of a model on one loader.
+
+    With a distributed ``ctx`` the loader is this rank's share (see :class:`RankShare`):
+    the predictions of all ranks are gathered and every rank computes the metrics of their
+    union (AUC is not an average of per-rank AUCs).
+    """
+    start = time.perf_counter()
+    labels, probs, keys, known = predict(model, loader, device, amp)
+    if ctx is not None and ctx.enabled:
+        labels, probs, keys, known = D.all_gather_arrays(ctx, labels, probs, keys, known)
+    if len(labels) == 0:
+        raise DinrecError(f"split {getattr(loader, 'split', '?')!r} has no rows to evaluate")
+    seconds = time.perf_counter() - start
+    metrics: dict[str, Any] = dict(evaluate_predictions(labels, probs, keys, known=known))
+    metrics["eval_seconds"] = seconds
+    metrics["eval_samples_per_s"] = len(labels) / seconds if seconds > 0 else float("nan")
+    return metrics
+
+
+# --------------------------------------------------------------------------- loaders
+def eval_loader(
+    cfg: TrainConfig, store: SampleStore, split: str, rank: int = 0, world_size: int = 1
+) -> BatchLoader:
+    """The batches of ``split`` in store order (no shuffling), this rank's share."""
+    if split not in store.splits:
+        raise DinrecError(f"{store.path}: the store has no {split!r} split (has {', '.join(store.splits)})")
+    return BatchLoader(store, split, batch_size=cfg.eval_batch_size, max_len=cfg.max_len,
+                       shuffle=False, bucket=cfg.bucket, rank=rank, world_size=world_size)
+
+
+class RankShare:
+    """This rank's share of an evaluation split: every row is evaluated by exactly one rank.
+
+    ``BatchLoader(rank=, world_size=)`` gives every rank the same number of batches (the
+    smallest rank's), which is right for training steps in lockstep but would drop rows of
+    an evaluation. When the per-rank loaders cover every row they are used (each rank reads
+    only its shards); otherwise each rank reads the whole split and evaluates every
+    ``world_size``-th batch.
+    """
+
+    def __init__(self, make_loader: Callable[[int, int], BatchLoader], ctx: D.DistContext):
+        self.ctx = ctx
+        sharded = [make_loader(r, ctx.world_size) for r in range(ctx.world_size)]
+        if all(len(ld) * ld.batch_size >= ld.num_rows for ld in sharded):
+            self.loader, self.stride = sharded[ctx.rank], 1
+        else:
+            self.loader, self.stride = make_loader(0, 1), ctx.world_size
+        self.split = self.loader.split
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i, batch in enumerate(self.loader):
+            if i % self.stride == self.ctx.rank % self.stride:
+                yield batch
+
+
+def rank_eval_loader(
+    cfg: TrainConfig, store: SampleStore, split: str, ctx: D.DistContext
+) -> EvalLoader:
+    """The loader of ``split`` for this process: the whole split, or this rank's share."""
+    if not ctx.enabled:
+        return eval_loader(cfg, store, split)
+    return RankShare(lambda r, w: eval_loader(cfg, store, split, r, w), ctx)
+
+
+# --------------------------------------------------------------------------- a run
 def evaluate_run(
     run_dir: str | Path,
     store_dir: str | Path | None = None,
@@ -48,10 +191,56 @@ def evaluate_run(
             "store": str(store.path), **metrics}
 
 
+# --------------------------------------------------------------------------- ranking
+def user_positives(store: SampleStore) -> np.ndarray:
+    """Sorted ``user * n_items + item`` codes of every (user, positive item) pair of the
+    store, in any split; users out of the vocabulary (OOV) are not linked to anything."""
+    n_items = len(store.vocabs.item)
+    codes = []
+    for split in store.splits:
+        for path in store.files(split):
+            t = pq.read_table(path, columns=["label", "user", "item"])
+            label = t.column("label").to_numpy()
+            user = t.column("user").to_numpy().astype(np.int64)
+            item = t.column("item").to_numpy().astype(np.int64)
+            keep = (label == 1) & (user != OOV_ID)
+            codes.append(user[keep] * n_items + item[keep])
+    return np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+
+
+def draw_negatives(
+    rng: np.random.Generator,
+    cdf: np.ndarray,
+    users: np.ndarray,
+    forbidden_rows: np.ndarray,
+    positives: np.ndarray,
+    negatives: int,
+    max_rounds: int = 1000,
+) -> np.ndarray:
+    """(b, negatives) items drawn from ``cdf``, none of them a positive of its row's user:
+    neither in ``forbidden_rows`` ((b, F) the row's target and history, 0-padded) nor a
+    ``user * n_items + item`` code in ``positives`` (sorted). Clashes are redrawn."""
+    n_items = len(cdf)
+    b = len(users)
+    neg = np.searchsorted(cdf, rng.random((b, negatives)), side="right")  # (b, negatives)
+    for _ in range(max_rounds):
+        bad = (neg[:, :, None] == forbidden_rows[:, None, :]).any(-1)  # (b, negatives)
+        if len(positives):
+            codes = users[:, None] * n_items + neg  # (b, negatives)
+            at = np.minimum(np.searchsorted(positives, codes), len(positives) - 1)
+            bad |= (positives[at] == codes) & (users[:, None] != OOV_ID)
+        if not bad.any():
+            return neg
+        neg[bad] = np.searchsorted(cdf, rng.random(int(bad.sum())), side="right")
+    raise DinrecError(
+        f"--ranking: could not draw {negatives} items that are not positives of the user "
+        f"in {max_rounds} rounds; use fewer negatives")
+
+
 @torch.no_grad()
 def ranking_metrics(
     model: CTRModel,
-    loader,
+    loader: Iterable[Batch],
     store: SampleStore,
     negatives: int = 100,
     ks: tuple[int, ...] = (10,),
@@ -59,9 +248,10 @@ def ranking_metrics(
 ) -> dict[str, float]:
     """HR@K and NDCG@K: each positive row of the loader ranked among ``negatives`` items.
 
-    The negatives are drawn by training popularity (seeded), never equal to the positive;
-    each of them is scored with the positive's user and history. Ties count against the
-    positive (pessimistic).
+    The negatives are drawn by training popularity (seeded) and redrawn while they are a
+    positive of that user: the row's target or history, or a positive of the same user in
+    any split of the store. Each is scored with the positive's user and history. Ties
+    count against the positive (pessimistic).
     """
     model.eval()
     rng = np.random.default_rng(seed)
@@ -69,19 +259,18 @@ def ranking_metrics(
     counts[:NUM_SPECIAL] = 0
     cdf = np.cumsum(counts) / counts.sum()
     item_cat = torch.tensor(np.asarray(store.item_cat), dtype=torch.int64)
+    positives = user_positives(store)
     scores = []
     for batch in loader:
         pos = batch.label == 1
         if not bool(pos.any()):
             continue
-        b = int(pos.sum())
-        n = 1 + negatives
-        neg = np.searchsorted(cdf, rng.random((b, negatives)), side="right")  # (b, negatives)
+        b, n = int(pos.sum()), 1 + negatives
         targets = batch.item[pos]
-        neg_t = torch.as_tensor(neg, dtype=torch.int64)
-        clash = neg_t == targets[:, None]
-        neg_t[clash] = torch.where(targets[:, None].expand_as(neg_t)[clash] == 2, 3, 2)
-        items = torch.cat([targets[:, None], neg_t], 1).reshape(-1)  # (b * n,)
+        forbidden = torch.cat([targets[:, None], batch.hist_items[pos]], 1).numpy()  # (b, 1+T)
+        neg = draw_negatives(rng, cdf, batch.user[pos].numpy(), forbidden, positives, negatives)
+        items = torch.cat([targets[:, None], torch.as_tensor(neg, dtype=torch.int64)], 1)
+        items = items.reshape(-1)  # (b * n,)
         rows = Batch(
             user=batch.user[pos].repeat_interleave(n),
             item=items,

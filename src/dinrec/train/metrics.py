@@ -197,16 +197,20 @@ def auc(labels: Any, scores: Any) -> float:
     return float(int(u2[0]) / (2 * p * q))
 
 
-def gauc(labels: Any, scores: Any, users: Any) -> GaucResult:
+def gauc(labels: Any, scores: Any, users: Any, known: Any | None = None) -> GaucResult:
     """Group AUC as defined in the DIN paper: sum_u w_u AUC_u / sum_u w_u, w_u = impressions.
 
     Users whose impressions are all positive or all negative have no AUC; they are left
     out of both sums and reported in ``users_skipped`` / ``impression_share_skipped``.
+    Rows whose user is unknown (``known`` False: e.g. an out-of-vocabulary id shared by
+    many users) belong to no group: they are left out too and count as skipped
+    impressions (never merged into one group, which would turn GAUC into a plain AUC).
 
     Args:
         labels: (n,) 0/1.
         scores: (n,) real scores.
         users: (n,) user keys of any sortable dtype (ints, strings).
+        known: (n,) bool, or None (every key names a user).
     """
     y = _labels(labels)
     s = _scores(scores, "scores", len(y))
@@ -215,6 +219,11 @@ def gauc(labels: Any, scores: Any, users: Any) -> GaucResult:
         raise ShapeError(f"users has {u.shape[0]} values but labels has {len(y)}")
     if len(y) == 0:
         raise MetricError("GAUC of an empty set of predictions")
+    keep = np.ones(len(y), bool) if known is None else _vector(known, "known").astype(bool)
+    if keep.shape[0] != len(y):
+        raise ShapeError(f"known has {keep.shape[0]} values but labels has {len(y)}")
+    unknown_rows = int(len(y) - keep.sum())
+    y, s, u = y[keep], s[keep], u[keep]
     _, codes = np.unique(u, return_inverse=True)
     codes = codes.reshape(-1).astype(np.int64)
     u2, pos, neg = _grouped_auc_counts(y, s, codes)
@@ -222,9 +231,10 @@ def gauc(labels: Any, scores: Any, users: Any) -> GaucResult:
     ok = (pos > 0) & (neg > 0)
     n_used = int(ok.sum())
     n_skipped = int(len(ok) - n_used)
-    share_skipped = float(imps[~ok].sum() / imps.sum())
+    share_skipped = float((imps[~ok].sum() + unknown_rows) / (imps.sum() + unknown_rows))
     if n_used == 0:
-        log.warning("GAUC undefined: none of %d users has both classes", len(ok))
+        log.warning("GAUC undefined: none of %d users has both classes (%d rows of unknown "
+                    "users)", len(ok), unknown_rows)
         return GaucResult(math.nan, 0, n_skipped, share_skipped)
     per_user = u2[ok] / (2.0 * pos[ok] * neg[ok])  # (U_used,)
     value = float(np.sum(per_user * imps[ok]) / imps[ok].sum())
@@ -339,7 +349,8 @@ def ndcg_at_k(
 
 
 def evaluate_predictions(
-    labels: Any, probs: Any, users: Any | None = None, threshold: float = 0.5
+    labels: Any, probs: Any, users: Any | None = None, threshold: float = 0.5,
+    known: Any | None = None,
 ) -> dict[str, float | int]:
     """The metrics a run records for a CTR evaluation set.
 
@@ -360,7 +371,7 @@ def evaluate_predictions(
     if users is None:
         g = GaucResult(math.nan, 0, 0, math.nan)
     else:
-        g = gauc(y, p, users)
+        g = gauc(y, p, users, known)
     return {
         "auc": auc_value,
         "gauc": g.value,

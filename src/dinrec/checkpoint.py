@@ -29,13 +29,11 @@ import io
 import logging
 import os
 import random
-import re
 import struct
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,13 +42,9 @@ from dinrec.errors import DinrecError
 
 __all__ = [
     "CheckpointError",
-    "LoadedCheckpoint",
     "save_checkpoint",
     "load_checkpoint",
     "verify_checkpoint",
-    "list_checkpoints",
-    "latest_valid_checkpoint",
-    "prune_checkpoints",
     "capture_rng_state",
     "restore_rng_state",
 ]
@@ -65,19 +59,10 @@ _TRAILER = struct.Struct("<Q32s8s")  # payload length, sha256, end magic
 _TMP_SUFFIX = ".tmp"
 _CHUNK = 1 << 20
 
-Order = Literal["name", "mtime"]
 
 
 class CheckpointError(DinrecError):
     """A checkpoint file is missing, truncated, corrupt or cannot be written."""
-
-
-@dataclass(frozen=True)
-class LoadedCheckpoint:
-    """A checkpoint that passed verification, with the state it holds."""
-
-    path: Path
-    state: dict[str, Any]
 
 
 # ------------------------------------------------------------------------- writing
@@ -94,7 +79,7 @@ class _HashingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, b: Any) -> int:  # type: ignore[override]
+    def write(self, b: Any) -> int:
         mv = memoryview(b).cast("B")
         self._f.write(mv)
         self.sha.update(mv)
@@ -131,7 +116,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path
         with open(tmp, "xb") as f:
             f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, 0))
             writer = _HashingWriter(f)
-            torch.save(state, writer)
+            torch.save(state, writer)  # type: ignore[arg-type]  # a binary stream
             f.write(_TRAILER.pack(writer.length, writer.sha.digest(), END_MAGIC))
             f.flush()
             os.fsync(f.fileno())
@@ -241,98 +226,6 @@ def load_checkpoint(
     return state
 
 
-# ------------------------------------------------------------------- directories
-
-
-def _natural_key(name: str) -> tuple[Any, ...]:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
-
-
-def list_checkpoints(
-    directory: str | os.PathLike[str], pattern: str = "*.pt", order: Order = "name"
-) -> list[Path]:
-    """Checkpoint files in ``directory`` matching ``pattern``, newest first.
-
-    ``order="name"``: natural sort of file names, so step numbers compare as numbers
-    (``ckpt-99.pt`` is older than ``ckpt-100.pt``); ``order="mtime"``: modification
-    time, then name. Temporary files of an unfinished save are never listed.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    files = [
-        p
-        for p in directory.glob(pattern)
-        if p.is_file() and not (p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX))
-    ]
-    if order == "name":
-        files.sort(key=lambda p: _natural_key(p.name), reverse=True)
-    elif order == "mtime":
-        files.sort(key=lambda p: (p.stat().st_mtime_ns, _natural_key(p.name)), reverse=True)
-    else:
-        raise CheckpointError(f"order must be 'name' or 'mtime', got {order!r}")
-    return files
-
-
-def latest_valid_checkpoint(
-    directory: str | os.PathLike[str],
-    pattern: str = "*.pt",
-    order: Order = "name",
-    map_location: Any = "cpu",
-    weights_only: bool = True,
-) -> LoadedCheckpoint | None:
-    """The newest checkpoint in ``directory`` that loads, or None if there is none.
-
-    Corrupt or unreadable files are skipped with a warning naming the reason.
-    """
-    for p in list_checkpoints(directory, pattern, order):
-        try:
-            state = load_checkpoint(p, map_location=map_location, weights_only=weights_only)
-        except CheckpointError as e:
-            log.warning("skipping checkpoint: %s", e)
-            continue
-        return LoadedCheckpoint(p, state)
-    return None
-
-
-def prune_checkpoints(
-    directory: str | os.PathLike[str],
-    keep_last: int,
-    pattern: str = "*.pt",
-    order: Order = "name",
-) -> list[Path]:
-    """Delete old checkpoints, keeping the ``keep_last`` newest *intact* ones.
-
-    Walking from the newest, files are kept until ``keep_last`` of them have passed
-    :func:`verify_checkpoint`; every older file is deleted. Corrupt files newer than
-    that point are left in place (with a warning) so that pruning can never remove
-    the last good checkpoint.
-
-    Returns:
-        The deleted paths.
-    """
-    if keep_last < 1:
-        raise CheckpointError(f"keep_last must be >= 1, got {keep_last}")
-    files = list_checkpoints(directory, pattern, order)
-    valid = 0
-    cut = len(files)
-    for i, p in enumerate(files):
-        try:
-            verify_checkpoint(p)
-        except CheckpointError as e:
-            log.warning("keeping unverifiable checkpoint while pruning: %s", e)
-            continue
-        valid += 1
-        if valid == keep_last:
-            cut = i + 1
-            break
-    removed = files[cut:]
-    for p in removed:
-        p.unlink(missing_ok=True)
-        log.debug("pruned checkpoint %s", p)
-    return removed
-
-
 # ------------------------------------------------------------------------- RNG
 
 
@@ -342,7 +235,7 @@ def capture_rng_state(devices: Iterable[int] | None = None) -> dict[str, Any]:
     CUDA generator states are included when CUDA is available (all devices, or
     ``devices``).
     """
-    np_state = np.random.get_state()  # noqa: NPY002 - the legacy global is what we save
+    np_state: Any = np.random.get_state()  # noqa: NPY002 - the legacy global is what we save
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {
