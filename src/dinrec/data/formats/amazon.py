@@ -12,9 +12,8 @@ bytes); whether a file is reviews or metadata is detected from its first record.
 
 from __future__ import annotations
 
-import ast
-import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,12 @@ import pyarrow.json as pjson
 
 from dinrec.data.formats import Format, ReadOptions, ReadResult
 from dinrec.data.formats.common import (
+    MAX_INT,
     ErrorLog,
     decode,
     finish_events,
     lookup_cats,
+    parse_record,
     read_bytes,
 )
 from dinrec.errors import DataFormatError
@@ -38,24 +39,6 @@ log = logging.getLogger(__name__)
 
 _REVIEW_SCHEMA = pa.schema([("reviewerID", pa.string()), ("asin", pa.string()),
                             ("overall", pa.float64()), ("unixReviewTime", pa.int64())])
-
-
-def parse_record(line: str, path: str | Path = "<line>", line_no: int = 1) -> dict[str, Any]:
-    """One JSON object or Python dict literal; anything else raises :class:`DataFormatError`."""
-    text = line.strip()
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
-        try:
-            obj = ast.literal_eval(text)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
-            what = type(exc).__name__ if not str(exc) else str(exc).splitlines()[0]
-            raise DataFormatError(str(path), line_no, None,
-                                  f"neither JSON nor a Python dict literal ({what})") from None
-    if not isinstance(obj, dict):
-        raise DataFormatError(str(path), line_no, None,
-                              f"expected an object, got {type(obj).__name__}")
-    return obj
 
 
 def review_fields(obj: dict[str, Any], path: str | Path, line_no: int):
@@ -69,15 +52,20 @@ def review_fields(obj: dict[str, Any], path: str | Path, line_no: int):
     ts = obj.get("unixReviewTime")
     if isinstance(ts, str) and ts.strip().lstrip("+-").isdigit():
         ts = int(ts)
-    if not isinstance(ts, int) or isinstance(ts, bool) or abs(ts) >= 2**62:
+    if not isinstance(ts, int) or isinstance(ts, bool):
         raise DataFormatError(str(path), line_no, "unixReviewTime",
                               "missing" if ts is None else "not an integer")
+    if abs(ts) > MAX_INT:
+        raise DataFormatError(str(path), line_no, "unixReviewTime",
+                              f"out of range (beyond ±{MAX_INT:.0e})")
     rating = obj.get("overall")
     if rating is not None:
         try:
             rating = float(rating)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise DataFormatError(str(path), line_no, "overall", "not a number") from None
+        if not math.isfinite(rating):
+            raise DataFormatError(str(path), line_no, "overall", "not a finite number")
     return out[0], out[1], ts, rating
 
 
@@ -141,7 +129,10 @@ def read_reviews(path: Path, text: str, data: bytes, bad_lines: np.ndarray,
                         "ts": table.column("unixReviewTime"), "rating": table.column("overall")}
                 empty = pc.any(pc.equal(pc.utf8_length(table.column("reviewerID")), 0)).as_py()
                 empty = empty or pc.any(pc.equal(pc.utf8_length(table.column("asin")), 0)).as_py()
-                if not empty:
+                ts_max = pc.max(pc.abs(table.column("unixReviewTime"))).as_py() or 0
+                rating = table.column("overall")
+                finite = pc.all(pc.is_finite(rating.filter(pc.is_valid(rating)))).as_py()
+                if not empty and ts_max <= MAX_INT and finite is not False:
                     return cols, table.num_rows
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
             pass
@@ -228,7 +219,7 @@ def read(inputs: Sequence[Path], options: ReadOptions, errors: ErrorLog) -> Read
 
 FORMAT = Format(
     name="amazon",
-    read=read,
+    reader=read,
     summary="raw Amazon review dumps: reviews JSON lines + metadata (JSON or Python literals)",
     inputs="REVIEWS... [META...]",
 )

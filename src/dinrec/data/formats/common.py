@@ -12,13 +12,15 @@ vectorised checks (:func:`parse_int`, :func:`parse_float`) can point at ``file:l
 
 from __future__ import annotations
 
+import ast
 import gzip
+import json
 import logging
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -35,8 +37,12 @@ OnError = Literal["fail", "skip"]
 #: for a missing / null ``cat``: ``dinrec.data.samples.UNKNOWN_CAT``)
 UNKNOWN_CAT = "unknown"
 
-_INT_RE = r"^[+-]?[0-9]{1,18}$"
+_INT_RE = r"^[+-]?[0-9]+$"
 _FLOAT_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+
+#: the largest magnitude of an integer field (time, ids): 18 digits, so that differences
+#: of two values (time gaps) never overflow int64
+MAX_INT = 10**18
 
 
 @dataclass
@@ -172,6 +178,24 @@ def decode(
 
 
 # --------------------------------------------------------------------------- parsing
+def parse_record(line: str, path: str | Path = "<line>", line_no: int = 1) -> dict[str, Any]:
+    """One JSON object or Python dict literal; anything else raises :class:`DataFormatError`."""
+    text = line.strip()
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        try:
+            obj = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+            what = type(exc).__name__ if not str(exc) else str(exc).splitlines()[0]
+            raise DataFormatError(str(path), line_no, None,
+                                  f"neither JSON nor a Python dict literal ({what})") from None
+    if not isinstance(obj, dict):
+        raise DataFormatError(str(path), line_no, None,
+                              f"expected an object, got {type(obj).__name__}")
+    return obj
+
+
 @dataclass
 class Parsed:
     """String columns of a delimited file, with the physical line number of each row."""
@@ -324,8 +348,15 @@ def parse_int(
     dtype: pa.DataType | None = None,
     allowed: tuple[int, ...] | None = None,
 ) -> pa.Array:
-    """Cast a string column to integers; non-integers are reported and become null."""
+    """Cast a string column to integers; non-integers, values beyond ``±MAX_INT`` (and
+    values outside ``allowed``) are reported and become null."""
     col = _matching(parsed, col, path, errors, field_name, _INT_RE, "not an integer")
+    digits = pc.utf8_length(pc.utf8_ltrim(col, characters="+-0"))
+    big = np.asarray(pc.greater(digits, 18).fill_null(False))
+    if big.any():
+        errors.bad_rows(path, parsed.line_no, big, parsed.keep, field_name,
+                        f"out of range (beyond ±{MAX_INT:.0e})")
+        col = pc.if_else(pa.array(big), pa.scalar(None, pa.string()), col)
     values = pc.cast(col, pa.int64())
     if allowed is not None:
         good = np.asarray(pc.is_in(values, pa.array(allowed, pa.int64())).fill_null(True))
@@ -337,11 +368,31 @@ def parse_int(
 
 
 def parse_float(
+    parsed: Parsed, col: pa.Array, path: str | Path, errors: ErrorLog, field_name: str,
+    limit: float | None = None,
+) -> pa.Array:
+    """Cast a string column to float64; non-numbers, values that overflow float64 (``1e309``)
+    and, with ``limit``, values beyond ``±limit`` are reported and become null."""
+    col = _matching(parsed, col, path, errors, field_name, _FLOAT_RE, "not a number")
+    values = pc.cast(col, pa.float64())
+    mag = np.abs(np.asarray(values.fill_null(0.0)))
+    big = ~np.isfinite(mag) if limit is None else ~(mag <= limit)
+    if big.any():
+        what = "out of range" + ("" if limit is None else f" (beyond ±{limit:.0e})")
+        errors.bad_rows(path, parsed.line_no, big, parsed.keep, field_name, what)
+        values = pc.if_else(pa.array(big), pa.scalar(None, pa.float64()), values)
+    return values
+
+
+def parse_time(
     parsed: Parsed, col: pa.Array, path: str | Path, errors: ErrorLog, field_name: str
 ) -> pa.Array:
-    """Cast a string column to float64; non-numbers are reported and become null."""
-    col = _matching(parsed, col, path, errors, field_name, _FLOAT_RE, "not a number")
-    return pc.cast(col, pa.float64())
+    """Integer seconds from integer or decimal strings (decimals floored), within ``±MAX_INT``."""
+    ints = pc.match_substring_regex(pc.utf8_trim_whitespace(col), _INT_RE)
+    if pc.all(ints).as_py() is not False:
+        return parse_int(parsed, col, path, errors, field_name)
+    seconds = parse_float(parsed, col, path, errors, field_name, limit=float(MAX_INT))
+    return pc.cast(pc.floor(seconds), pa.int64())
 
 
 def check_nonempty(
@@ -369,14 +420,15 @@ def lookup_cats(items: pa.Array, cat_map: dict[str, str] | pa.Table | None) -> p
 
 
 def finish_events(path_desc: str, columns: dict[str, pa.Array]) -> pa.Table:
-    """Assemble an events table with the canonical column types."""
+    """Assemble an events table: the canonical columns (``user``, ``item``, ``cat``, ``ts``,
+    ``label``) cast to their types, every other column as it is."""
     types = {"user": pa.string(), "item": pa.string(), "cat": pa.string(),
              "ts": pa.int64(), "label": pa.int8()}
     out = {}
     for name, arr in columns.items():
         if isinstance(arr, pa.ChunkedArray):
             arr = arr.combine_chunks()
-        out[name] = arr.cast(types[name])
+        out[name] = arr.cast(types[name]) if name in types else arr
     table = pa.table(out)
     if table.num_rows == 0:
         raise DataFormatError(path_desc, None, None, "no valid records")

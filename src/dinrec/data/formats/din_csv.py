@@ -173,7 +173,7 @@ def read(inputs: Sequence[Path], options: ReadOptions, errors: ErrorLog) -> Read
 
 FORMAT = Format(
     name="din-csv",
-    read=read,
+    reader=read,
     summary="DIN's processed Amazon Electronics CSVs (train/test rows + cate_list.csv)",
     inputs="TRAIN TEST CATE_LIST | FOLDER",
 )

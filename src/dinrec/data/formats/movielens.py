@@ -172,7 +172,7 @@ def read(inputs: Sequence[Path], options: ReadOptions, errors: ErrorLog) -> Read
 
 FORMAT = Format(
     name="movielens",
-    read=read,
+    reader=read,
     summary="MovieLens ml-100k / ml-1m / ml-latest ratings + movie genres (auto-detected)",
     inputs="RATINGS [MOVIES] | FOLDER",
 )

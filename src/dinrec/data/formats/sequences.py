@@ -110,7 +110,7 @@ def read(inputs: Sequence[Path], options: ReadOptions, errors: ErrorLog) -> Read
 
 FORMAT = Format(
     name="sequences",
-    read=read,
+    reader=read,
     summary="one line per user 'user item1 item2 ...' + optional item->attributes JSON",
     inputs="SEQUENCES... [ITEM2ATTRIBUTES.json]",
 )
