@@ -73,7 +73,7 @@ def live_url(app):
 
 
 # --------------------------------------------------------------------------- routes
-def test_healthz_and_metadata(client, ranker):
+def test_healthz_and_metadata(client, ranker, tiny_din_run):
     assert client.get("/healthz").json() == {"status": "ok"}
     meta = client.get("/metadata").json()
     assert meta["model"] == "din" and meta["backend"] == "torch" and meta["has_attention"]
@@ -81,7 +81,8 @@ def test_healthz_and_metadata(client, ranker):
     assert meta["limits"]["max_candidates"] == 50 and meta["config"]["model"]["name"] == "din"
     assert meta["dinrec_version"]
     schema = client.get("/openapi.json").json()
-    assert {"/score", "/recommend", "/healthz", "/metadata"} <= set(schema["paths"])
+    assert {"/score", "/recommend", "/healthz", "/metadata", "/metrics", "/admin/model"} <= set(schema["paths"])
+    assert meta["served"]["version"] == 1 and meta["served"]["run"] == str(tiny_din_run)
 
 
 def test_recommend_matches_ranker(client, ranker, good):
@@ -148,7 +149,8 @@ def test_schemathesis_no_server_errors(app, mode):
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     checks = [not_a_server_error] + ([response_schema_conformance] if mode == "positive" else [])
     operations = [r.ok() for r in schema.get_all_operations()]
-    assert {op.path for op in operations} == {"/score", "/recommend", "/healthz", "/metadata"}
+    assert {op.path for op in operations} == {"/score", "/recommend", "/healthz", "/metadata",
+                                              "/metrics", "/admin/model"}
     for op in operations:
         if mode == "negative" and op.method.upper() == "GET":
             continue  # no inputs to get wrong

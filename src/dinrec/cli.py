@@ -381,6 +381,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-history", type=int, default=1000)
     p.add_argument("--max-rows", type=int, default=1000, help="rows per /score request")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--admin-token", default=None,
+                   help="enables POST /admin/model (live model swap) for this bearer token "
+                   "(default: $DINREC_ADMIN_TOKEN; neither: admin routes off)")
+    p.add_argument("--no-access-log", action="store_true", help="no JSON line per request")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_run_serve)
 
@@ -398,7 +402,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_candidates=args.max_candidates, max_history=args.max_history,
                     max_rows=args.max_rows, max_body_bytes=args.max_body_bytes)
     cfg = ServeConfig(run=str(args.run), onnx=args.onnx, threads=args.threads,
-                      precision=args.precision, limits=limits)
+                      precision=args.precision, limits=limits, admin_token=args.admin_token,
+                      access_log=not args.no_access_log)
     serve(cfg, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
     return 0
 
