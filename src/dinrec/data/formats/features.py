@@ -77,6 +77,15 @@ def split_multi(col: pa.Array, sep: str) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), values.filter(pa.array(keep)))
 
 
+def first_values(lists: pa.Array) -> pa.Array:
+    """The first value of each list as a string (null for a null or empty list)."""
+    flat = lists.flatten().cast(pa.string())
+    rows, first = np.unique(np.asarray(pc.list_parent_indices(lists)), return_index=True)
+    take = np.full(len(lists), -1, dtype=np.int64)
+    take[rows] = first
+    return flat.take(pa.array(take, mask=take < 0))
+
+
 def type_column(parsed: Parsed, name: str, col: pa.Array, path: str | Path,
                 errors: ErrorLog, kinds: dict[str, ColumnKind]) -> pa.Array:
     """``col`` (strings or lists of strings) typed as the schema reads column ``name``.
@@ -93,11 +102,7 @@ def type_column(parsed: Parsed, name: str, col: pa.Array, path: str | Path,
             n_values = np.asarray(pc.list_value_length(col).fill_null(0))
             errors.bad_rows(path, parsed.line_no, n_values > 1, parsed.keep, name,
                             f"a list, not one number (numeric feature {spec.feature!r})")
-            flat = col.flatten().cast(pa.string())
-            rows, first = np.unique(np.asarray(pc.list_parent_indices(col)), return_index=True)
-            take = np.full(len(col), -1, dtype=np.int64)
-            take[rows] = first
-            col = flat.take(pa.array(take, mask=take < 0))
+            col = first_values(col)
         col = pc.utf8_trim_whitespace(pc.fill_null(col.cast(pa.string()), ""))
         empty = pc.equal(pc.utf8_length(col), 0)
         values = parse_float(parsed, pc.if_else(empty, "0", col), path, errors, name)

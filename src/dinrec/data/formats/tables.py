@@ -104,11 +104,11 @@ def read_table(path: Path, sep: str | None, errors: ErrorLog, progress: bool = F
 
 
 # ------------------------------------------------------------------------- JSON lines
-def _scalars(v: Any) -> Iterable[str]:
+def scalars(v: Any) -> Iterable[str]:
     """String values of a JSON value, nested lists flattened (objects ignored)."""
     if isinstance(v, list | tuple):
         for x in v:
-            yield from _scalars(x)
+            yield from scalars(x)
     elif isinstance(v, bool):
         yield "true" if v else "false"
     elif isinstance(v, str | int | float):
@@ -128,10 +128,10 @@ def records_to_parsed(records: list[tuple[int, dict[str, Any]]]) -> Parsed:
     for name, is_list in names.items():
         raw = [obj.get(name) for _, obj in records]
         if is_list:
-            vals = [None if v is None or isinstance(v, dict) else list(_scalars(v)) for v in raw]
+            vals = [None if v is None or isinstance(v, dict) else list(scalars(v)) for v in raw]
             cols[name] = pa.array(vals, pa.list_(pa.string()))
         else:
-            vals = [None if v is None or isinstance(v, dict) else next(iter(_scalars(v)), None)
+            vals = [None if v is None or isinstance(v, dict) else next(iter(scalars(v)), None)
                     for v in raw]
             cols[name] = pa.array(vals, pa.string())
     line_no = np.asarray([n for n, _ in records], np.int64)
