@@ -264,7 +264,7 @@ def read(inputs: Sequence[Path], options: ReadOptions, errors: ErrorLog) -> Read
     notes = result.notes
     if options.min_rating is not None:
         keep = pc.greater_equal(cols["rating"], options.min_rating).fill_null(False)
-        dropped = len(keep) - pc.sum(keep).as_py()
+        dropped = len(keep) - (pc.sum(keep).as_py() or 0)
         cols = {k: v.filter(keep) for k, v in cols.items()}
         notes.append(f"{dropped} reviews rated below {options.min_rating} dropped")
     if "items" in result.sources:

@@ -16,7 +16,10 @@ import ast
 import gzip
 import json
 import logging
+import re
 import sys
+import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from dinrec.errors import DataFormatError
+from dinrec.errors import DataFormatError, DinrecError
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +127,7 @@ def read_bytes(path: str | Path, progress: bool = False) -> bytes:
                 chunks.append(chunk)
                 bar.update(len(chunk))
         data = b"".join(chunks)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DataFormatError(str(path), None, None, f"cannot read: {exc}") from None
     if not data.strip():
         raise DataFormatError(str(path), None, None, "empty file")
@@ -178,6 +181,21 @@ def decode(
 
 
 # --------------------------------------------------------------------------- parsing
+_SURROGATE = re.compile(r"\\[uU][dD][89a-fA-F]")
+
+
+def check_unicode(text: str, obj: Any, path: str | Path, line_no: int | None) -> None:
+    """Reject a parsed JSON / Python value holding a lone surrogate (``"\\ud800"``): it
+    cannot be stored as UTF-8. Only checked when ``text`` has such an escape."""
+    if _SURROGATE.search(text) is None:
+        return
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataFormatError(str(path), line_no, None,
+                              "a lone surrogate escape (\\ud800-\\udfff) is not text") from None
+
+
 def parse_record(line: str, path: str | Path = "<line>", line_no: int = 1) -> dict[str, Any]:
     """One JSON object or Python dict literal; anything else raises :class:`DataFormatError`."""
     text = line.strip()
@@ -185,11 +203,14 @@ def parse_record(line: str, path: str | Path = "<line>", line_no: int = 1) -> di
         obj = json.loads(text)
     except (ValueError, RecursionError):
         try:
-            obj = ast.literal_eval(text)
+            with warnings.catch_warnings():  # e.g. "invalid escape sequence" in a string
+                warnings.simplefilter("ignore")
+                obj = ast.literal_eval(text)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
             what = type(exc).__name__ if not str(exc) else str(exc).splitlines()[0]
             raise DataFormatError(str(path), line_no, None,
                                   f"neither JSON nor a Python dict literal ({what})") from None
+    check_unicode(text, obj, path, line_no)
     if not isinstance(obj, dict):
         raise DataFormatError(str(path), line_no, None,
                               f"expected an object, got {type(obj).__name__}")
@@ -440,7 +461,12 @@ def unescape(sep: str) -> str:
     named = {"tab": "\t", "comma": ",", "space": " ", "pipe": "|", "semicolon": ";"}
     if sep.lower() in named:
         return named[sep.lower()]
-    return sep.encode("utf-8").decode("unicode_escape") if "\\" in sep else sep
+    if "\\" not in sep:
+        return sep
+    try:
+        return sep.encode("utf-8").decode("unicode_escape")
+    except UnicodeDecodeError:
+        raise DinrecError(f"not a valid separator escape: {sep!r}") from None
 
 
 # --------------------------------------------------------------------------- samples

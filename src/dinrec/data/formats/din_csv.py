@@ -29,8 +29,10 @@ from dinrec.data.formats.common import (
 )
 from dinrec.errors import DataFormatError
 
-_LIST_RE = r"^\s*\[\s*([0-9]+\s*(,\s*[0-9]+\s*)*)?\]\s*$"
-_PAIR_RE = r"^\s*\(\s*[0-9]+\s*,\s*[0-9]+\s*\)\s*$"
+# ids of 1-18 digits (int64-safe); only spaces and tabs around them (they are trimmed)
+_ID = r"[ \t]*[0-9]{1,18}[ \t]*"
+_LIST_RE = rf"^[ \t]*\[({_ID}(,{_ID})*)?\][ \t]*$"
+_PAIR_RE = rf"^[ \t]*\({_ID},{_ID}\)[ \t]*$"
 
 
 def find_inputs(inputs: Sequence[Path]) -> tuple[Path, Path, Path]:

@@ -106,6 +106,9 @@ def read(inputs: Sequence[Path], options: ReadOptions, errors: ErrorLog) -> Read
     if options.cat_col and options.item_cats:
         raise DinrecError("give --cat-col or --item-cats, not both")
     sep = unescape(options.sep) if options.sep else None
+    if sep is not None and (len(sep) != 1 or sep in '\n\r"'):
+        raise DinrecError(f"--sep must be one character other than a quote or a line end, "
+                          f"not {sep!r}")
     kinds = column_kinds(options.schema)
     tables, records, notes = [], 0, []
     for path in map(Path, inputs):

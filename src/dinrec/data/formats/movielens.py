@@ -210,7 +210,7 @@ def read(inputs: Sequence[Path], options: ReadOptions, errors: ErrorLog) -> Read
     notes = []
     if options.min_rating is not None:
         keep = pc.greater_equal(table.column("rating"), options.min_rating)
-        notes.append(f"{table.num_rows - pc.sum(keep).as_py()} ratings below "
+        notes.append(f"{table.num_rows - (pc.sum(keep).as_py() or 0)} ratings below "
                      f"{options.min_rating} dropped")
         table = table.filter(keep)
     item = pc.utf8_trim_whitespace(table.column("item")).combine_chunks()

@@ -23,6 +23,7 @@ from dinrec.data.formats import Format, ReadOptions, ReadResult
 from dinrec.data.formats.common import (
     UNKNOWN_CAT,
     ErrorLog,
+    check_unicode,
     decode,
     finish_events,
     lookup_cats,
@@ -40,6 +41,7 @@ def read_attrs(path: Path, text: str, errors: ErrorLog) -> dict[str, list[str]]:
         raise DataFormatError(str(path), exc.lineno, None, f"invalid JSON: {exc.msg}") from None
     except RecursionError:
         raise DataFormatError(str(path), None, None, "invalid JSON: nested too deeply") from None
+    check_unicode(text, obj, path, None)
     if not isinstance(obj, dict):
         raise DataFormatError(str(path), 1, None, "expected a JSON object {item: [attributes]}")
     out: dict[str, list[str]] = {}
