@@ -43,9 +43,10 @@ import torch.nn.functional as F
 
 from dinrec import __version__
 from dinrec.data.batches import BatchLoader
+from dinrec.data.schema import Schema
 from dinrec.data.store import SampleStore
 from dinrec.errors import DinrecError, RunFolderError
-from dinrec.models import CTRModel, model_class
+from dinrec.models import CTRModel, create_model, model_class
 from dinrec.train import distributed as D
 from dinrec.train.checkpoint import (
     CheckpointError,
@@ -138,11 +139,7 @@ class TrainResult:
 
 # --------------------------------------------------------------------------- model building
 def model_config_for(cfg: TrainConfig, store: SampleStore) -> dict[str, Any]:
-    vocabs = store.vocabs
     return {
-        "n_users": len(vocabs.user),
-        "n_items": len(vocabs.item),
-        "n_cats": len(vocabs.cat),
         "embedding_dim": cfg.embedding_dim,
         "hidden": list(cfg.hidden),
         "activation": cfg.activation,
@@ -150,12 +147,8 @@ def model_config_for(cfg: TrainConfig, store: SampleStore) -> dict[str, Any]:
     }
 
 
-def build_model_from(name: str, config: dict[str, Any]) -> CTRModel:
-    cls = model_class(name)
-    try:
-        return cls(cls.config_class.from_dict(config))
-    except TypeError as exc:
-        raise DinrecError(f"model {name!r}: bad configuration: {exc}") from None
+def build_model_from(name: str, config: dict[str, Any], schema: Schema, table_sizes: dict[str, int]) -> CTRModel:
+    return create_model(name, schema, table_sizes, **config)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -511,19 +504,21 @@ def _train(
     np.random.seed(cfg.seed % 2**32)  # noqa: NPY002 - libraries may use the global stream
 
     model_cfg = model_config_for(cfg, store)
-    model = build_model_from(cfg.model, model_cfg).to(device)
+    model = build_model_from(cfg.model, model_cfg, store.schema, store.table_sizes()).to(device)
     if not resume and main:
         _write_json(
             run_dir / CONFIG_FILE,
             {
                 "dinrec_version": __version__,
-                "model": {"name": cfg.model, "config": model.config.to_dict()},
+                "model": {"name": cfg.model, "config": model.config.to_dict(),
+                          "table_sizes": store.table_sizes()},
                 "train": cfg.to_dict(),
                 "store": str(Path(store_dir).resolve()),
                 "vocab_sizes": _vocab_sizes(store),
                 "world_size": ctx.world_size,
             },
         )
+        store.schema.save(run_dir)
         shutil.copytree(store.path / "vocab", run_dir / "vocab", dirs_exist_ok=True)
         shutil.copy2(store.path / "stats.json", run_dir / "store_stats.json")
 
@@ -772,8 +767,7 @@ def _train(
 
 
 def _vocab_sizes(store: SampleStore) -> dict[str, int]:
-    v = store.vocabs
-    return {"user": len(v.user), "item": len(v.item), "cat": len(v.cat)}
+    return store.table_sizes()
 
 
 def _start_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -795,7 +789,8 @@ def load_run_model(run_dir: str | Path, which: str = "best") -> tuple[CTRModel, 
     path = run_dir / (BEST if which == "best" else LAST)
     if not path.exists():
         raise RunFolderError(f"{run_dir}: no {path.relative_to(run_dir)} (is the run finished?)")
-    model = build_model_from(saved["model"]["name"], saved["model"]["config"])
+    model = build_model_from(saved["model"]["name"], saved["model"]["config"], Schema.load(run_dir),
+                             saved["model"]["table_sizes"])
     state = load_checkpoint(path)["model"]
     try:
         model.load_state_dict(state)
