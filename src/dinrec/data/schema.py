@@ -250,7 +250,7 @@ class Schema:
             if f.table and f.table not in owners:
                 raise SchemaError(f"{role}.{f.name}.table: no feature has table {f.table!r}")
             owner = owners.get(f.table_name)
-            if owner is not None and not f.is_numeric and owner.kind == "numeric":
+            if f.table and owner is not None and owner is not f and owner.kind == "numeric":
                 raise SchemaError(f"{role}.{f.name}.table: {f.table!r} is numeric")
 
     # ------------------------------------------------------------------ (de)serialisation
