@@ -40,11 +40,12 @@ def test_time_past_the_limits_is_a_bad_line(tmp_path, value, reason):
 
 
 @pytest.mark.parametrize("value", ["999999999999999999", "-999999999999999999", "1e18",
-                                   "-5", "0", "1.5e9", "000000000000000000000042"])
+                                   "-5", "0", "1.5e9", "000000000000000000000042",
+                                   "+42", " 7 "])
 def test_time_at_the_limits_is_read(tmp_path, value):
     path = write(tmp_path / "log.tsv", HEAD + GOOD + f"u3\ti1\t{value}\t1\n")
     result, _ = read_with("events", [path], time_col="time", label_col="label")
-    expected = int(value) if value.lstrip("-").isdigit() else int(float(value))
+    expected = int(value) if value.strip().lstrip("+-").isdigit() else int(float(value))
     assert result.events.column("ts").to_pylist()[-1] == expected
     prepare("events", [path], tmp_path / "out", options=_opts(time_col="time"))
     assert (tmp_path / "out" / "stats.json").exists()

@@ -378,7 +378,7 @@ def parse_int(
         errors.bad_rows(path, parsed.line_no, big, parsed.keep, field_name,
                         f"out of range (beyond ±{MAX_INT:.0e})")
         col = pc.if_else(pa.array(big), pa.scalar(None, pa.string()), col)
-    values = pc.cast(col, pa.int64())
+    values = pc.cast(pc.utf8_ltrim(col, characters="+"), pa.int64())  # Arrow rejects "+5"
     if allowed is not None:
         good = np.asarray(pc.is_in(values, pa.array(allowed, pa.int64())).fill_null(True))
         if not good.all():
