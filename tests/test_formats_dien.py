@@ -37,7 +37,9 @@ def test_dien_text_prepare_stats(tmp_path):
     assert rows["test"] == 3 and rows["train"] + rows["valid"] == 8
     assert report.stats["categories"] == 2 + 3  # pad, oov + Books, Music, Toys
     test = read_split(tmp_path / "s", "test")
-    assert test.column("cat").to_pylist()[1] == 1  # "Garden" is not in train: <oov>
+    store = SampleStore(tmp_path / "s")
+    cat_of_item = store.items.features["cat"]  # (N,) category id per item key
+    assert cat_of_item[test.column("item").to_numpy()[1]] == 1  # "Garden" not in train: <oov>
 
 
 @pytest.mark.parametrize(("fmt", "inputs"), [("dien-text", DIEN), ("din-csv", [DIN])])
