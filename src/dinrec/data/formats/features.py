@@ -42,7 +42,7 @@ class ColumnKind:
 
 
 def _bounded(values: list[str] | None) -> bool:
-    return bool(values) and all(str(v).lstrip()[:1] in "<>=" for v in values or [])
+    return bool(values) and all(str(v).lstrip()[:1] in "<>=!" for v in values or [])
 
 
 def column_kinds(schema: Schema | None) -> dict[str, ColumnKind]:
