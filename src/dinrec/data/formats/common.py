@@ -256,10 +256,10 @@ def read_delimited(
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     n_expected = len(names)
     n_min = n_expected if min_fields is None else min_fields
-    invalid: list[tuple[int | None, int]] = []
+    invalid: list[tuple[int, int]] = []
 
-    def handler(row) -> str:
-        invalid.append((row.number, row.actual_columns))
+    def handler(row) -> str:  # row.number is None only in the threaded pass (re-run below)
+        invalid.append((row.number or 0, row.actual_columns))
         return "skip"
 
     def parse(threads: bool) -> pa.Table:

@@ -110,7 +110,8 @@ def read(inputs: Sequence[Path], options: ReadOptions, errors: ErrorLog) -> Read
         raise DinrecError(f"--sep must be one character other than a quote or a line end, "
                           f"not {sep!r}")
     kinds = column_kinds(options.schema)
-    tables, records, notes = [], 0, []
+    tables: list[pa.Table] = []
+    records, notes = 0, []
     for path in map(Path, inputs):
         table, n, dropped = read_log(path, sep, options, errors, kinds)
         if tables and not _compatible(tables[0], table):
@@ -129,17 +130,17 @@ def read(inputs: Sequence[Path], options: ReadOptions, errors: ErrorLog) -> Read
         item_cats = read_item_cats(Path(options.item_cats), options, errors)
         columns["cat"] = lookup_cats(columns["item"], item_cats)
         notes.append(f"item categories: {item_cats.num_rows} items from {options.item_cats}")
-    for role, path, key, default in (("item", options.item_table, options.item_key,
+    for role, side_path, key, default in (("item", options.item_table, options.item_key,
                                       options.item_col),
                                      ("user", options.user_table, options.user_key,
                                       options.user_col)):
-        if path is None:
+        if side_path is None:
             continue
-        side = read_side_table(Path(path), key, role, default, errors, kinds, options.progress)
+        side = read_side_table(Path(side_path), key, role, default, errors, kinds, options.progress)
         setattr(result, f"{role}s", side)
-        result.sources[f"{role}s"] = str(path)
+        result.sources[f"{role}s"] = str(side_path)
         notes.append(f"{role} table: {side.num_rows} {role}s, columns "
-                     f"{', '.join(side.column_names[1:]) or '(none)'} from {path}")
+                     f"{', '.join(side.column_names[1:]) or '(none)'} from {side_path}")
     result.events = finish_events(src, columns)
     return result
 FORMAT = Format(

@@ -147,11 +147,12 @@ def check_columns(result: ReadResult, schema: Schema, fmt: str, inputs: Sequence
     if result.users is not None:
         tables["users"] = result.users
     wanted: list[tuple[tuple[str, ...], str, Feature | None, bool]] = []
-    for role, f in schema.features():
-        if f is schema.user_key or f is schema.item_key or f.source in ("cat", *BUILTIN):
+    for role, feat in schema.features():
+        if feat is schema.user_key or feat is schema.item_key or feat.source in ("cat", *BUILTIN):
             continue
-        look = {"user": ("users", "events"), "item": ("items", "events")}.get(role, ("events",))
-        wanted.append((look, f.source, f, f.is_numeric))
+        look: tuple[str, ...] = {"user": ("users", "events"),
+                                 "item": ("items", "events")}.get(role, ("events",))
+        wanted.append((look, feat.source, feat, feat.is_numeric))
     for s in schema.sequences:
         if s.filter_column:
             wanted.append((("events",), s.filter_column, None, _bounded(s.values)))

@@ -125,8 +125,8 @@ def read_items(path: Path, kind: str, text: str, bad_lines, errors: ErrorLog,
         flags = np.stack([
             np.asarray(pc.equal(parsed.column(f"g{i}"), "1")) for i in range(19)
         ], axis=1)
-        bad = ~np.isin(np.stack([np.asarray(parsed.column(f"g{i}")) for i in range(19)], 1),
-                       ["0", "1"]).all(axis=1)
+        bad = np.asarray(~np.isin(np.stack([np.asarray(parsed.column(f"g{i}"))
+                                            for i in range(19)], 1), ["0", "1"]).all(axis=1))
         errors.bad_rows(path, parsed.line_no, bad, parsed.keep, "genres", "flags must be 0 or 1")
         offsets = np.zeros(len(flags) + 1, dtype=np.int32)
         np.cumsum(flags.sum(axis=1), out=offsets[1:])

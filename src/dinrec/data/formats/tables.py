@@ -128,12 +128,12 @@ def records_to_parsed(records: list[tuple[int, dict[str, Any]]]) -> Parsed:
     for name, is_list in names.items():
         raw = [obj.get(name) for _, obj in records]
         if is_list:
-            vals = [None if v is None or isinstance(v, dict) else list(scalars(v)) for v in raw]
-            cols[name] = pa.array(vals, pa.list_(pa.string()))
+            lists = [None if v is None or isinstance(v, dict) else list(scalars(v)) for v in raw]
+            cols[name] = pa.array(lists, pa.list_(pa.string()))
         else:
-            vals = [None if v is None or isinstance(v, dict) else next(iter(scalars(v)), None)
+            strs = [None if v is None or isinstance(v, dict) else next(iter(scalars(v)), None)
                     for v in raw]
-            cols[name] = pa.array(vals, pa.string())
+            cols[name] = pa.array(strs, pa.string())
     line_no = np.asarray([n for n, _ in records], np.int64)
     return Parsed(pa.table(cols) if cols else pa.table({}), line_no, np.ones(len(records), bool))
 
