@@ -95,4 +95,5 @@ def test_prepare_subprocess_exit_code_and_no_traceback(tmp_path):
 def test_prepare_synthetic(tmp_path, capsys):
     code, out, err = run(["synthetic", "--preset", "tiny", "--out", str(tmp_path / "s"),
                           "--split", "by-user"], capsys)
-    assert code == 0, err and "synthetic preset 'tiny'" in out
+    assert code == 0, err
+    assert "synthetic preset 'tiny'" in out
