@@ -16,11 +16,17 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from dinrec.serve.app import ServeConfig, create_app  # noqa: E402
 from dinrec.serve.metrics import ACCESS_LOGGER, JsonFormatter, log_config  # noqa: E402
 from dinrec.serve.ranker import Ranker  # noqa: E402
+from serve_inputs import rich_ranker, rich_store  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def ranker(tiny_din_run) -> Ranker:
-    return Ranker(tiny_din_run)
+def store_path(tmp_path_factory):
+    return rich_store(tmp_path_factory.mktemp("rich") / "store")
+
+
+@pytest.fixture(scope="module")
+def ranker(store_path) -> Ranker:
+    return rich_ranker(store_path)
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -36,10 +42,10 @@ def value(parsed: dict, name: str, **labels: str) -> float:
     return parsed.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_metrics_count_requests_latency_candidates_and_model(tiny_din_run, ranker):
-    app = create_app(ServeConfig(run=str(tiny_din_run)), ranker=ranker)
-    items = ranker.index["item"].tokens[2:40]
-    body = {"user": "u", "history": items[:5], "candidates": items[5:25], "k": 3}
+def test_metrics_count_requests_latency_candidates_and_model(store_path, ranker):
+    app = create_app(ServeConfig(run=str(store_path)), ranker=ranker)
+    items = [f"i{i}" for i in range(40)]
+    body = {"user": "u", "sequences": {"hist": items[:5]}, "candidates": items[5:25], "k": 3}
     with TestClient(app) as c:
         for _ in range(3):
             assert c.post("/recommend", json=body).status_code == 200
@@ -58,16 +64,16 @@ def test_metrics_count_requests_latency_candidates_and_model(tiny_din_run, ranke
     assert 0 < value(m, "dinrec_request_seconds_sum", route="/recommend") < 60
     assert value(m, "dinrec_candidates_scored_total", route="/recommend") == 3 * 20
     assert value(m, "dinrec_candidates_scored_total", route="/score") == 4
-    assert value(m, "dinrec_model_info", model="din", version="1", run=str(tiny_din_run),
+    assert value(m, "dinrec_model_info", model="din", version="1", run=str(store_path),
                  backend="torch") == 1
     assert value(m, "dinrec_model_version") == 1
 
 
-def test_access_log_is_one_json_line_per_request(tiny_din_run, ranker, caplog):
-    app = create_app(ServeConfig(run=str(tiny_din_run)), ranker=ranker)
-    items = ranker.index["item"].tokens[2:12]
+def test_access_log_is_one_json_line_per_request(store_path, ranker, caplog):
+    app = create_app(ServeConfig(run=str(store_path)), ranker=ranker)
+    items = [f"i{i}" for i in range(10)]
     with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER), TestClient(app) as c:
-        c.post("/recommend", json={"user": "u", "history": items[:3], "candidates": items[3:]})
+        c.post("/recommend", json={"user": "u", "sequences": {"hist": items[:3]}, "candidates": items[3:]})
         c.post("/recommend", json={"user": 1, "candidates": ["a"]})
     records = [r for r in caplog.records if r.name == ACCESS_LOGGER]
     lines = [json.loads(JsonFormatter().format(r)) for r in records]
@@ -76,7 +82,7 @@ def test_access_log_is_one_json_line_per_request(tiny_din_run, ranker, caplog):
     assert all(x["duration_ms"] > 0 and x["bytes"] > 0 and x["model_version"] == 1 for x in lines)
     assert lines[0]["level"] == "info" and lines[0]["ts"].endswith("Z")
     # Off: nothing logged.
-    quiet = create_app(ServeConfig(run=str(tiny_din_run), access_log=False), ranker=ranker)
+    quiet = create_app(ServeConfig(run=str(store_path), access_log=False), ranker=ranker)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER), TestClient(quiet) as c:
         c.get("/healthz")

@@ -3,53 +3,58 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
-import numpy as np
 import pytest
+
+from serve_inputs import rich_ranker, rich_store
 
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from dinrec.errors import DinrecError  # noqa: E402
 from dinrec.serve.app import ServeConfig, create_app  # noqa: E402
 from dinrec.serve.ranker import Ranker  # noqa: E402
 from dinrec.serve.swap import ModelSlot, ModelSpec, Served, SharedState, SwapError  # noqa: E402
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SEEDS = {"runA": 0, "runB": 1}  # two "runs": the same schema, different weights
 
 
 @pytest.fixture(scope="module")
-def run_b(tiny_din_run, tmp_path_factory) -> Path:
-    """A second DIN run on the same store whose scores differ from ``tiny_din_run``'s."""
-    from dinrec.train.trainer import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("run_b") / "run"
-    train(TrainConfig(model="din", max_steps=8, seed=7, lr=3e-3, progress=False),
-          tiny_din_run.parent / "store", out)
-    return out
+def store_path(tmp_path_factory) -> Path:
+    return rich_store(tmp_path_factory.mktemp("rich") / "store")
 
 
 @pytest.fixture(scope="module")
-def body(tiny_din_run) -> dict:
-    ranker = Ranker(tiny_din_run)
-    items = ranker.index["item"].tokens[2:60]
-    return {"user": ranker.index["user"].tokens[2], "history": items[:20], "candidates": items[20:],
-            "k": 38}
+def rankers(store_path) -> dict[str, Ranker]:
+    return {run: rich_ranker(store_path, seed=seed) for run, seed in SEEDS.items()}
 
 
-def expected(run: Path, body: dict) -> dict[str, float]:
-    rec = Ranker(run).rank(body["user"], body["history"], body["candidates"], k=body["k"])
+def loader_of(rankers: dict[str, Ranker]):
+    def load(spec: ModelSpec) -> Ranker:
+        if spec.run not in rankers:
+            raise DinrecError(f"{spec.run}: not a dinrec run folder")
+        time.sleep(0.2)  # loading takes a while; requests keep coming meanwhile
+        return rankers[spec.run]
+
+    return load
+
+
+BODY = {"user": "u2", "sequences": {"hist": ["i1", "i3", {"item": "i5", "rating": 4}], "liked": ["i7"]},
+        "candidates": [f"i{i}" for i in range(10, 48)], "k": 38}
+
+
+def expected(ranker: Ranker) -> dict[str, float]:
+    rec = ranker.recommend(BODY["user"], BODY["candidates"], BODY["sequences"], k=BODY["k"])
     return {s.item: s.score for s in rec.ranked}
 
 
@@ -64,15 +69,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_swap_under_load_no_errors_and_whole_models(tiny_din_run, run_b, body):
+def test_swap_under_load_no_errors_and_whole_models(rankers):
     """A client hammers /recommend (8 concurrent) while the model is swapped A -> B -> A -> B."""
     import uvicorn
 
-    runs = {1: tiny_din_run, 2: run_b, 3: tiny_din_run, 4: run_b}
-    want = {v: expected(r, body) for v, r in runs.items()}
+    runs = {1: "runA", 2: "runB", 3: "runA", 4: "runB"}
+    want = {v: expected(rankers[r]) for v, r in runs.items()}
     assert not whole_model({"ranked": [{"item": i, "score": s} for i, s in want[1].items()]}, want[2])
-
-    app = create_app(ServeConfig(run=str(tiny_din_run), admin_token=TOKEN))
+    body = BODY
+    app = create_app(ServeConfig(run="runA", admin_token=TOKEN), ranker=rankers["runA"],
+                     loader=loader_of(rankers))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -101,7 +107,7 @@ def test_swap_under_load_no_errors_and_whole_models(tiny_din_run, run_b, body):
         swaps = []
         for version in (2, 3, 4):
             time.sleep(0.7)
-            r = httpx.post(url + "/admin/model", json={"run": str(runs[version])}, headers=AUTH, timeout=60)
+            r = httpx.post(url + "/admin/model", json={"run": runs[version]}, headers=AUTH, timeout=60)
             assert r.status_code == 200, r.text
             swaps.append(r.json())
         time.sleep(0.7)
@@ -122,26 +128,43 @@ def test_swap_under_load_no_errors_and_whole_models(tiny_din_run, run_b, body):
     assert len(answers) > 40
 
 
-def test_swap_refusals_keep_the_served_model(tiny_din_run, body, tmp_path):
-    app = create_app(ServeConfig(run=str(tiny_din_run), admin_token=TOKEN))
+def test_swap_refusals_keep_the_served_model(rankers):
+    app = create_app(ServeConfig(run="runA", admin_token=TOKEN), ranker=rankers["runA"],
+                     loader=loader_of(rankers))
     with TestClient(app) as c:
-        assert c.post("/admin/model", json={"run": str(tiny_din_run)}).status_code == 401
-        assert c.post("/admin/model", json={"run": str(tiny_din_run)},
+        assert c.post("/admin/model", json={"run": "runB"}).status_code == 401
+        assert c.post("/admin/model", json={"run": "runB"},
                       headers={"Authorization": "Bearer nope"}).status_code == 401
-        r = c.post("/admin/model", json={"run": str(tmp_path / "missing")}, headers=AUTH)
+        r = c.post("/admin/model", json={"run": "missing"}, headers=AUTH)
         assert r.status_code == 422 and "missing" in r.json()["message"]
-        r = c.post("/admin/model", json={"run": str(tiny_din_run), "which": "worst"}, headers=AUTH)
+        r = c.post("/admin/model", json={"run": "runB", "which": "worst"}, headers=AUTH)
         assert r.status_code == 422 and r.json()["message"].startswith("which:")
-        assert c.post("/recommend", json=body).json()["version"] == 1
+        assert c.post("/recommend", json=BODY).json()["version"] == 1
         assert c.get("/admin/model", headers=AUTH).json()["version"] == 1
         assert 'dinrec_model_swaps_total{outcome="refused"} 1.0' in c.get("/metrics").text
-        # The same run again is a swap too (e.g. best.pt rewritten by a later training).
-        r = c.post("/admin/model", json={"run": str(tiny_din_run), "which": "last"}, headers=AUTH)
+        r = c.post("/admin/model", json={"run": "runB", "which": "last"}, headers=AUTH)
         assert r.status_code == 200 and r.json()["served"]["which"] == "last"
-        assert c.post("/recommend", json=body).json()["version"] == 2
-    off = create_app(ServeConfig(run=str(tiny_din_run)), ranker=app.state.slot.current.ranker)
+        assert r.json()["previous"]["run"] == "runA"
+        out = c.post("/recommend", json=BODY).json()
+        assert out["version"] == 2 and whole_model(out, expected(rankers["runB"]))
+    off = create_app(ServeConfig(run="runA"), ranker=rankers["runA"])
     with TestClient(off) as c:
-        assert c.post("/admin/model", json={"run": str(tiny_din_run)}, headers=AUTH).status_code == 404
+        assert c.post("/admin/model", json={"run": "runB"}, headers=AUTH).status_code == 404
+
+
+def test_swap_to_another_schema_is_refused(rankers, tmp_path):
+    """A run whose requests differ (another schema) cannot replace the served one."""
+    from dinrec.data.schema import Schema
+
+    other = Ranker.__new__(Ranker)
+    other.__dict__.update(rankers["runB"].__dict__)
+    other.schema = Schema.default()
+    app = create_app(ServeConfig(run="runA", admin_token=TOKEN), ranker=rankers["runA"],
+                     loader=lambda spec: other)
+    with TestClient(app) as c:
+        r = c.post("/admin/model", json={"run": "default-schema"}, headers=AUTH)
+        assert r.status_code == 409 and "schema" in r.json()["message"]
+        assert c.post("/recommend", json=BODY).json()["version"] == 1
 
 
 def _fake(sig: str) -> SimpleNamespace:
@@ -170,48 +193,3 @@ def test_slot_refuses_other_requests_and_follows_shared_state(tmp_path):
         assert [s.run for s in loaded] == ["x", "b", "b"]
 
     asyncio.run(scenario())
-
-
-def test_workers_share_swaps_and_metrics(tiny_din_run, run_b, body):
-    """`dinrec serve --workers 2`: a swap sent to one worker reaches both; /metrics sums both."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dinrec", "serve", str(tiny_din_run), "--port", str(port),
-         "--workers", "2", "--admin-token", TOKEN, "--log-level", "warning", "--no-access-log"],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
-    )
-    try:
-        t_end = time.time() + 120
-        while time.time() < t_end:
-            assert proc.poll() is None, "server exited"
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        want_b = expected(run_b, body)
-        with httpx.Client(base_url=url, timeout=30) as c:
-            # New connections: the kernel spreads them over both workers.
-            n = sum(httpx.post(url + "/recommend", json=body, timeout=30).status_code == 200
-                    for _ in range(30))
-            assert n == 30
-            assert c.post("/admin/model", json={"run": str(run_b)}, headers=AUTH).status_code == 200
-            time.sleep(4)  # both workers poll the shared state every 0.5 s and load run B
-            for _ in range(30):
-                a = httpx.post(url + "/recommend", json=body, timeout=30).json()
-                assert a["version"] == 2 and whole_model(a, want_b)
-            text = c.get("/metrics").text
-        from prometheus_client.parser import text_string_to_metric_families
-
-        fams = {f.name: f for f in text_string_to_metric_families(text)}
-        ok = sum(s.value for s in fams["dinrec_requests"].samples
-                 if s.name == "dinrec_requests_total" and s.labels["route"] == "/recommend")
-        assert ok == 60  # both workers' requests, whichever worker answered the scrape
-        versions = {s.labels["pid"]: s.value for s in fams["dinrec_model_version"].samples}
-        assert len(versions) == 2 and set(versions.values()) == {2.0}
-        assert np.isclose(sum(s.value for s in fams["dinrec_candidates_scored"].samples
-                              if s.name.endswith("_total")), 60 * len(body["candidates"]))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -43,12 +43,13 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from dinrec import __version__
 from dinrec.errors import DinrecError
 from dinrec.serve.metrics import MULTIPROC_ENV, Metrics, MetricsMiddleware, log_config
 from dinrec.serve.ranker import Ranker
+from dinrec.serve.requests import ID_TAG, OBJECT_TAG, plain, request_models
 from dinrec.serve.swap import ModelSlot, ModelSpec, Served, SharedState, SwapError
 
 log = logging.getLogger(__name__)
@@ -92,16 +93,16 @@ class ServeConfig:
 
 # --------------------------------------------------------------------------- schemas
 class ExplanationOut(BaseModel):
-    item: str
-    category: str
-    position: int = Field(description="0 = oldest item of the history used")
-    weight: float = Field(description="attention weight of this history item for the candidate")
+    sequence: str = Field(description="the behaviour sequence")
+    position: int = Field(description="0 = oldest event of the sequence used")
+    weight: float = Field(description="attention weight of this event for the candidate")
+    event: dict[str, Any] = Field(description="the event's features: given inline, else the item table's")
 
 
 class ScoredOut(BaseModel):
     item: str
-    category: str
     score: float = Field(description="click probability")
+    attributes: dict[str, Any] = Field(description="the item's features (inline, else the item table's)")
     explanation: list[ExplanationOut]
 
 
@@ -111,7 +112,7 @@ class RecommendResponse(BaseModel):
     user: str
     ranked: list[ScoredOut]
     unknown: dict[str, list[str]] = Field(
-        description="tokens not in the run's vocabularies, by kind (user, item): scored as OOV"
+        description="tokens not in the run's vocabularies, by feature: scored as out-of-vocabulary"
     )
 
 
@@ -147,6 +148,8 @@ class MetadataResponse(BaseModel):
     vocab_sizes: dict[str, int]
     limits: dict[str, int]
     config: dict[str, Any]
+    feature_schema: dict[str, Any] = Field(alias="schema",
+                                           description="the run's feature schema (what requests carry)")
 
 
 class ErrorItem(BaseModel):
@@ -176,36 +179,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "request body too large"},
     422: {"model": ErrorResponse, "description": "invalid request; the message names the field"},
 }
-
-
-def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
-    """The /recommend and /score request models for ``limits``."""
-    Token = Annotated[StrictStr, StringConstraints(min_length=1, max_length=limits.max_token_chars)]
-    History = Annotated[
-        list[Token], Field(max_length=limits.max_history, description="item tokens, oldest first")
-    ]
-
-    class RecommendRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        user: Token
-        history: History = []
-        candidates: list[Token] = Field(min_length=1, max_length=limits.max_candidates)
-        k: StrictInt = Field(10, ge=1, le=limits.max_candidates, description="items returned")
-        explain: StrictInt = Field(
-            0, ge=0, le=limits.max_explain, description="history items explained per ranked item"
-        )
-
-    class ScoreRow(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        user: Token
-        history: History = []
-        item: Token
-
-    class ScoreRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        rows: list[ScoreRow] = Field(min_length=1, max_length=limits.max_rows)
-
-    return RecommendRequest, ScoreRequest
 
 
 # --------------------------------------------------------------------------- body limit
@@ -267,8 +240,16 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(json.dumps(payload).encode(), status_code=status, media_type="application/json")
 
 
+def _sequences(seqs: BaseModel) -> dict[str, list[Any]]:
+    return {name: [plain(e) for e in events] for name, events in seqs.__dict__.items()}
+
+
+def _context(ctx: BaseModel) -> dict[str, Any]:
+    return {k: v for k, v in ctx.__dict__.items() if v is not None}
+
+
 def _field(loc: Any) -> str:
-    parts = [str(p) for p in loc]
+    parts = [str(p) for p in loc if p not in (ID_TAG, OBJECT_TAG)]
     if parts and parts[0] == "body":
         parts = parts[1:]
     return ".".join(parts) or "body"
@@ -305,7 +286,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = [
-            {"loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
+            {"loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())
+                     if p not in (ID_TAG, OBJECT_TAG)],
              "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
             for e in exc.errors()
         ]
@@ -325,8 +307,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"message": str(exc), "detail": []}, status_code=422)
 
 
-def create_app(config: ServeConfig, ranker: Ranker | None = None) -> FastAPI:
-    """The FastAPI app for ``config`` (``ranker``: serve this one instead of loading the run).
+def create_app(config: ServeConfig, ranker: Ranker | None = None,
+               loader: Callable[[ModelSpec], Ranker] | None = None) -> FastAPI:
+    """The FastAPI app for ``config`` (``ranker``: serve this one instead of loading the run;
+    ``loader``: how a swap loads a :class:`ModelSpec`, default ``Ranker(spec.run, ...)``).
 
     Sets torch's thread count to ``config.threads`` (process-wide) when it loads the run.
     """
@@ -339,11 +323,12 @@ def create_app(config: ServeConfig, ranker: Ranker | None = None) -> FastAPI:
         metrics.set_model(served.ranker.model_name, served.version, served.spec.run,
                           served.ranker.backend.name)
 
-    slot = ModelSlot(_initial(config, ranker, state), _loader(config), state, on_swap=on_swap,
+    slot = ModelSlot(_initial(config, ranker, state), loader or _loader(config), state, on_swap=on_swap,
                      on_refused=lambda exc: metrics.swaps.labels("refused").inc())
     first = slot.current
     metrics.set_model(first.ranker.model_name, first.version, first.spec.run, first.ranker.backend.name)
-    RecommendRequest, ScoreRequest = request_models(limits)
+    models = request_models(first.ranker.schema, limits)
+    RecommendRequest, ScoreRequest = models["RecommendRequest"], models["ScoreRequest"]
     token = _admin_token(config)
 
     @contextlib.asynccontextmanager
@@ -373,7 +358,7 @@ def create_app(config: ServeConfig, ranker: Ranker | None = None) -> FastAPI:
             "model": r.model_name, "served": served.describe(), "dinrec_version": __version__,
             "backend": r.backend.name, "precision": r.precision, "has_attention": r.has_attention,
             "max_len": r.max_len, "vocab_sizes": r.vocab_sizes, "limits": asdict(limits),
-            "config": r.run_config,
+            "config": r.run_config, "schema": r.schema.to_dict(),
         }
 
     @app.get("/healthz", response_model=HealthResponse)
@@ -393,12 +378,15 @@ def create_app(config: ServeConfig, ranker: Ranker | None = None) -> FastAPI:
     @app.post("/recommend", response_model=RecommendResponse, responses=_ERRORS)
     async def recommend(req: RecommendRequest) -> Response:  # type: ignore[valid-type]
         served = slot.current  # read once: this request is answered by this model only
-        rec = served.ranker.rank(req.user, req.history, req.candidates, k=req.k, explain=req.explain)
+        rec = served.ranker.recommend(
+            plain(req.user), [plain(c) for c in req.candidates], _sequences(req.sequences),
+            _context(req.context), k=req.k, explain=req.explain,
+        )
         metrics.candidates.labels("/recommend").inc(len(req.candidates))
         ranked = [
-            {"item": s.item, "category": s.category, "score": s.score,
+            {"item": s.item, "score": s.score, "attributes": s.attributes,
              "explanation": [  # plain dicts: dataclasses.asdict deep-copies, 3x slower here
-                 {"item": e.item, "category": e.category, "position": e.position, "weight": e.weight}
+                 {"sequence": e.sequence, "position": e.position, "weight": e.weight, "event": e.event}
                  for e in s.explanation
              ]}
             for s in rec.ranked
@@ -409,7 +397,9 @@ def create_app(config: ServeConfig, ranker: Ranker | None = None) -> FastAPI:
     @app.post("/score", response_model=ScoreResponse, responses=_ERRORS)
     async def score(req: ScoreRequest) -> Response:  # type: ignore[valid-type]
         served = slot.current
-        out = served.ranker.score([(r.user, r.history, r.item) for r in req.rows])
+        rows = [{"user": plain(r.user), "item": plain(r.item), "context": _context(r.context),
+                 "sequences": _sequences(r.sequences)} for r in req.rows]
+        out = served.ranker.score(rows)
         metrics.candidates.labels("/score").inc(len(req.rows))
         return _json({"model": served.ranker.model_name, "version": served.version,
                       "probabilities": out.probabilities, "unknown": out.unknown})
