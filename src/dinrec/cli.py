@@ -258,20 +258,28 @@ def _run_recommend(args: argparse.Namespace) -> int:
     else:
         candidates = ranker.sample_candidates(args.sample, exclude=history, seed=args.seed)
     rec = ranker.rank(args.user, history, candidates, k=args.top, explain=args.explain)
-    if "item" in rec.unknown and args.candidates is not None:
-        bad = [c for c in rec.unknown["item"] if c in candidates]
+    key = ranker.schema.item_key.name
+    if key in rec.unknown and args.candidates is not None:
+        bad = [c for c in rec.unknown[key] if c in candidates]
         if bad:
             raise DinrecError(f"--candidates: not items of this run's vocabulary: {', '.join(bad[:5])}")
-    if "user" in rec.unknown:
+    if ranker.schema.user_key.name in rec.unknown:
         raise DinrecError(f"--user: {args.user!r} is not in this run's vocabulary")
     if args.json:
         print(json.dumps({"model": ranker.model_name, **rec.to_dict()}, indent=2))
         return 0
-    print(f"user {rec.user}, {ranker.model_name}, history of {len(rec.history)} items "
-          f"(newest last): {' '.join(rec.history[-10:])}")
+    main = ranker.schema.main_sequence.name
+    used = [e if isinstance(e, str) else e[key] for e in rec.history[main]]
+    print(f"user {rec.user}, {ranker.model_name}, {main} of {len(used)} events "
+          f"(newest last): {' '.join(used[-10:])}")
+
+    def attrs(d: dict) -> str:
+        return ", ".join(f"{k}={'|'.join(v) if isinstance(v, list) else v}" for k, v in d.items() if k != key)
+
     for rank, s in enumerate(rec.ranked, 1):
-        why = ", ".join(f"{e.item} [{e.category}] {e.weight:.3f}" for e in s.explanation)
-        print(f"{rank:>3}. {s.item:<12} [{s.category}] p={s.score:.4f}" + (f"   <- {why}" if why else ""))
+        print(f"{rank:>3}. {s.item:<12} p={s.score:.4f}  [{attrs(s.attributes)}]")
+        for e in s.explanation:
+            print(f"       <- {e.sequence}[{e.position}] {e.event[key]} w={e.weight:.3f}  [{attrs(e.event)}]")
     if rec.unknown:
         print("unknown (scored as out-of-vocabulary): " + "; ".join(
             f"{k}: {', '.join(v[:5])}" for k, v in rec.unknown.items()))
@@ -417,8 +425,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="file to write (default: RUN/export/model.onnx|.pt)")
     p.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset")
-    p.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"],
-                   help="ONNX: torch.export-based (dynamo) or TorchScript-based (legacy) exporter")
+    p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "legacy"],
+                   help="ONNX: torch.export-based (dynamo), TorchScript-based (legacy), or auto "
+                   "(legacy for the DIEN family's recurrences, dynamo otherwise)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip comparing the exported model with PyTorch")
     p.set_defaults(func=_run_export)
