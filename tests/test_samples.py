@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dinrec.data.samples import (
+    SPLITS,
     BuiltSamples,
     PrepareConfig,
     SampleSet,
@@ -336,3 +337,59 @@ def test_distinct_histories_stay_exact_on_hash_collisions(monkeypatch):
     got = build_ready_samples(splits, PrepareConfig())  # every history has the same hash
     assert rows_of(got, "train") == rows_of(want, "train")
     assert len(got.sequences["hist"]) >= 5
+
+
+# ---------------------------------------------------------------------------- tie policy
+def test_tied_timestamps_are_ordered_by_file_order():
+    """The documented tie policy (dinrec.data.samples): events with the same ``ts`` keep
+    their file order, so the later one in the file may have the earlier ones in its history
+    (never the reverse), and leave-last-out's test target is the last in the file."""
+    table = pa.table({
+        "user": ["u"] * 6 + ["w"] * 4,
+        "item": ["A", "B", "C", "D", "E", "F", "p", "q", "r", "s"],
+        "ts": pa.array([5, 5, 5, 3, 7, 7, 1, 1, 1, 1], pa.int64()),
+    })
+    built = build_event_samples(table, PrepareConfig(neg_per_pos=0))
+    tok = np.array(built.items.tokens.to_pylist(), dtype=object)  # by item key
+    got = {}
+    for split in SPLITS:
+        ss = built.splits[split].rows()
+        for r in range(len(ss["label"])):
+            hist = built.sequences["hist"].history(int(ss["seq"][r]), int(ss["end.hist"][r]), 9)
+            got[tok[ss["item"][r]]] = (split, "".join(tok[hist]))
+    assert got == {  # D (ts 3) first; A, B, C tied at 5; E, F tied at 7; p..s all tied
+        "A": ("train", "D"), "B": ("train", "DA"), "C": ("train", "DAB"),
+        "E": ("valid", "DABC"), "F": ("test", "DABCE"),
+        "q": ("train", "p"), "r": ("valid", "pq"), "s": ("test", "pqr"),
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(event_lists, st.sampled_from(["leave-last-out", "time"]))
+def test_targets_and_histories_respect_time_with_ties(events, split):
+    """On logs full of tied timestamps: a valid/test target is never earlier than any
+    training target of its user, and no history event is later than its target."""
+    table = pa.table({
+        "user": [e["user"] for e in events], "item": [f"{e['item']}@{n}" for n, e in enumerate(events)],
+        "ts": pa.array([e["ts"] for e in events], pa.int64()),
+        "label": pa.array([e["label"] for e in events], pa.int8()),
+    })  # each item token names its event
+    try:
+        built = build_event_samples(table, PrepareConfig(neg_per_pos=0, split=split, max_len=100))
+    except DinrecError:
+        return
+    ts_of = {f"{e['item']}@{n}": e["ts"] for n, e in enumerate(events)}
+    tok = np.array(built.items.tokens.to_pylist(), dtype=object)
+    last_train: dict[int, int] = {}
+    for name in SPLITS:
+        ss, q = built.splits[name].rows(), built.sequences["hist"]
+        for r in range(len(ss["label"])):
+            target_ts = int(ss["ts"][r])
+            hist = q.history(int(ss["seq"][r]), int(ss["end.hist"][r]), 100)
+            for h in tok[hist]:
+                assert not ts_of[h] > target_ts  # strictly later would be a leak
+            user = int(ss["user"][r])
+            if name == "train":
+                last_train[user] = max(last_train.get(user, target_ts), target_ts)
+            elif user in last_train:
+                assert not target_ts < last_train[user], (name, user)

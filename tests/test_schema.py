@@ -458,3 +458,16 @@ def test_old_store_without_schema_is_refused(tmp_path, rich_store):
     (tmp_path / "old" / "schema.json").unlink()
     with pytest.raises(DinrecError, match="prepare` again"):
         SampleStore(tmp_path / "old")
+
+
+def test_a_feature_missing_everywhere_is_oov_not_a_crash(tmp_path):
+    """An item table whose ``brand`` is null for every item (found by the formats fuzzer)."""
+    events, items, _ = rich_tables()
+    items = items.set_column(1, "brand", pa.array([None] * items.num_rows, pa.string()))
+    items = items.set_column(2, "genres", pa.array([None] * items.num_rows, pa.string()))
+    schema = Schema.from_dict({"item": ["item", "brand", {"name": "genres", "kind": "multi"}]})
+    prepare_events(events, tmp_path / "s", PrepareConfig(), schema, items=items)
+    store = SampleStore(tmp_path / "s")
+    assert store.table_sizes()["brand"] == 2 and store.table_sizes()["genres"] == 2
+    b = next(iter(BatchLoader(store, "train", batch_size=8)))
+    assert (b.item["brand"] == 1).all() and (b.item["genres"] == 0).all()

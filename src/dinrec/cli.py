@@ -335,7 +335,30 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    "(default: its first two)")
     r.add_argument("--item-attrs", default=None, metavar="JSON",
                    help="sequences: item -> [attributes] map (first = category)")
+    r.add_argument("--item-table", default=None, metavar="FILE",
+                   help="events: item side table (CSV/TSV/Parquet with a header, or JSON lines)")
+    r.add_argument("--item-key", default=None, metavar="COL",
+                   help="events: the item column of --item-table (default: --item-col, else the first)")
+    r.add_argument("--user-table", default=None, metavar="FILE",
+                   help="events: user side table (CSV/TSV/Parquet with a header, or JSON lines)")
+    r.add_argument("--user-key", default=None, metavar="COL",
+                   help="events: the user column of --user-table (default: --user-col, else the first)")
     r.add_argument("--preset", default="small", help="synthetic: preset name")
+    f = p.add_argument_group("features (the schema; see docs/formats.md, \"The feature schema\")")
+    f.add_argument("--schema", default=None, metavar="JSON", help="schema file (default: user; "
+                   "item + cat; one sequence 'hist'); the flags below add to it")
+    f.add_argument("--user-features", default=None, metavar="F,...",
+                   help="e.g. gender,age:numeric:buckets=18|25|35|50,occupation")
+    f.add_argument("--item-features", default=None, metavar="F,...",
+                   help="e.g. brand,genres:multi,price:numeric:log")
+    f.add_argument("--context-features", default=None, metavar="F,...", help="e.g. hour,platform")
+    f.add_argument("--sequence", action="append", default=None, metavar="NAME[:COL:V|V]",
+                   help="a behaviour sequence (repeat; the first is the main one), e.g. "
+                   "liked:rating:>=4 and disliked:rating:<4")
+    f.add_argument("--event-features", default=None, metavar="F,...",
+                   help="per-event features of every sequence, e.g. rating:numeric")
+    f.add_argument("--time-gap", default=None, metavar="S,...",
+                   help="add the time since each event, bucketed at these seconds")
     p.set_defaults(func=_run_prepare)
 
 
@@ -366,8 +389,16 @@ def _run_prepare(args: argparse.Namespace) -> int:
         time_col=args.time_col, label_col=args.label_col, sep=args.sep,
         item_cats=Path(args.item_cats) if args.item_cats else None, item_cats_cols=cats_cols,
         item_attrs=Path(args.item_attrs) if args.item_attrs else None, preset=args.preset,
+        item_table=Path(args.item_table) if args.item_table else None, item_key=args.item_key,
+        user_table=Path(args.user_table) if args.user_table else None, user_key=args.user_key,
     )
-    report = prepare(args.format, args.inputs, args.out, cfg, options, args.on_error)
+    from dinrec.data.schema import schema_from_options
+
+    schema = schema_from_options(
+        args.schema, args.max_len, args.user_features, args.item_features,
+        args.context_features, args.sequence, args.event_features, args.time_gap,
+    )
+    report = prepare(args.format, args.inputs, args.out, cfg, options, args.on_error, schema)
     print(summary(report))
     return 0
 

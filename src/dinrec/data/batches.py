@@ -197,7 +197,7 @@ class BatchLoader:
         self._users = _feature_arrays(self.schema.user, self.store.users, stats)
         self._items = _feature_arrays(self.schema.item, self.store.items, stats)
         self._stats = stats
-        self._needs_ts = any(f.name == TIME_GAP for s in self.schema.sequences
+        self._needs_ts = any(f.source == TIME_GAP for s in self.schema.sequences
                              for f in s.event_features)
         self._columns = ["label", "user", "item", "seq"]
         self._columns += [f"end.{s.name}" for s in self.schema.sequences]
@@ -399,7 +399,7 @@ class BatchLoader:
         items = {k: torch.from_numpy(v.take(keys, axis=0)) for k, v in self._items.items()}
         events = {}
         for f in event_features:
-            if f.name == TIME_GAP:
+            if f.source == TIME_GAP:
                 gap = rows["ts"][sel][:, None] - flat_events["ts"].take(idx)  # (B, T) seconds
                 ids = np.searchsorted(np.asarray(f.boundaries, np.float64), gap, side="right")
                 v = (ids + NUM_SPECIAL) * mask

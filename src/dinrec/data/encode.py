@@ -188,11 +188,14 @@ def ids_of(f: Feature, t: Tokens, vocab: Vocab | None, table_owner: Feature) -> 
     """Ids of the rows: ``(n,)`` int64 (categorical) or ``(n, max_values)`` (multi, 0-padded)."""
     if f.kind == "numeric":  # bucketed number: 2 + bucket, missing -> OOV
         return np.where(t.codes < 0, OOV_ID, t.codes + NUM_SPECIAL).astype(np.int64)
-    if vocab is not None:
-        per_token = vocab.encode_distinct(t.distinct)  # (D,)
+    if not len(t.distinct):  # every value missing
+        per_value = np.full(len(t.codes), OOV_ID, dtype=np.int64)
     else:
-        per_token = hash_ids(t.distinct, table_owner.hash_buckets)
-    per_value = np.where(t.codes < 0, OOV_ID, per_token.take(np.maximum(t.codes, 0)))
+        if vocab is not None:
+            per_token = vocab.encode_distinct(t.distinct)  # (D,)
+        else:
+            per_token = hash_ids(t.distinct, table_owner.hash_buckets)
+        per_value = np.where(t.codes < 0, OOV_ID, per_token.take(np.maximum(t.codes, 0)))
     if t.rows is None:
         return per_value.astype(np.int64)
     out = np.zeros((t.n, f.max_values), dtype=np.int64)

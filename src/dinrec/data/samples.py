@@ -364,11 +364,11 @@ def _sample_negatives(
 def _check_schema(schema: Schema, has_ts: bool) -> None:
     for s in schema.sequences:
         for f in s.event_features:
-            if f.name == TIME_GAP and not f.boundaries:
-                raise SchemaError(f"sequences.{s.name}.event_features.{TIME_GAP}: the built-in "
+            if f.source == TIME_GAP and not f.boundaries:
+                raise SchemaError(f"sequences.{s.name}.event_features.{f.name}: the built-in "
                                   "time gap needs boundaries (seconds), e.g. [3600, 86400, 604800]")
-            if f.name == TIME_GAP and not has_ts:
-                raise DinrecError(f"sequences.{s.name}: {TIME_GAP} needs event times (a ts column)")
+            if f.source == TIME_GAP and not has_ts:
+                raise DinrecError(f"sequences.{s.name}: {f.name} (the time gap) needs event times (a ts column)")
             if f.kind == "multi":
                 raise SchemaError(f"sequences.{s.name}.event_features.{f.name}: multi-valued "
                                   "per-event features are not supported; use categorical")
@@ -542,7 +542,7 @@ def _row_columns(schema: Schema, events: pa.Table, order: np.ndarray) -> dict[st
     out = {}
     idx = pa.array(order)
     for role, f in schema.features():
-        if role == "context" or (role == "event" and f.name != TIME_GAP):
+        if role == "context" or (role == "event" and f.source != TIME_GAP):
             out[f.name] = _column(events, f.source, f"{role} feature {f.name!r}").take(idx)
     return out
 
@@ -562,8 +562,8 @@ def _sequences(schema: Schema, events: pa.Table, order: np.ndarray, pos: np.ndar
         ends[s.name] = before - first[useg]  # (n,)
         at = np.flatnonzero(member)
         ev = {f.name: enc.rows[f.name].take(at, axis=0)
-              for f in s.event_features if f.name != TIME_GAP}
-        if any(f.name == TIME_GAP for f in s.event_features):
+              for f in s.event_features if f.source != TIME_GAP}
+        if any(f.source == TIME_GAP for f in s.event_features):
             ev["ts"] = ts.take(at)
         seqs[s.name] = Sequences(np.append(first, len(at)).astype(np.int64),
                                  item_keys.take(at), ev)

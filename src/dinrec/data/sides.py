@@ -153,7 +153,7 @@ def encode_schema(schema: Schema, min_count: int, users: Domain, items: Domain,
     nums: dict[str, np.ndarray] = {}
     weights: dict[str, np.ndarray] = {}
     for role, f in schema.features():
-        if f.name == "time_gap" and role == "event":
+        if f.source == "time_gap" and role == "event":
             continue  # computed from times when batches are made
         dom = where.get(role)
         if f is schema.user_key or f is schema.item_key:
