@@ -3,7 +3,7 @@
 ``RICH`` has every feature kind in every role: a numeric user feature, a user feature
 sharing the ``cat`` table, a context feature, multi-valued genres (mean) and tags (sum),
 a hashed brand with its own width, a numeric price, and two sequences, the first with
-per-event features (a rating, a time-gap bucket and a numeric dwell time).
+per-event features (a rating, a bucketed time gap and a numeric dwell time).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ RICH = Schema(
     sequences=[
         SequenceSpec("liked", max_len=9, filter_column="rating", values=[">=4"], event_features=[
             Feature("rating"),
-            Feature("gap"),  # a bucketed time gap is an id to the models
+            Feature("gap", kind="numeric", boundaries=[60.0, 3600.0]),  # bucketed: an id
             Feature("dwell", kind="numeric"),
         ]),
         SequenceSpec("disliked", max_len=5, filter_column="rating", values=["<4"]),
