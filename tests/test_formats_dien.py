@@ -171,6 +171,13 @@ def test_din_csv_bad_cate_list(tmp_path):
     write(tmp_path / "cate_list.csv", "0\n1\nx\n")
     with pytest.raises(DataFormatError, match=r"cate_list.csv:3: cat: not an integer"):
         read_with("din-csv", [tmp_path], on_error="skip")  # fatal even when skipping
+    # a line with two fields would shift every later item id: fatal too (a fuzz find)
+    write(tmp_path / "cate_list.csv", "0\n1\t2\n1\n")
+    with pytest.raises(DataFormatError, match=r"cate_list.csv:2: expected 1 fields, got 2"):
+        read_with("din-csv", [tmp_path], on_error="skip")
+    write(tmp_path / "cate_list.csv", "\t\"\n")
+    with pytest.raises(DataFormatError, match=r"cate_list.csv:1: "):
+        read_with("din-csv", [tmp_path], on_error="skip")
 
 
 def test_din_csv_needs_three_files():
