@@ -186,7 +186,7 @@ def predict(model: CTRModel, loader, device: str = "cpu", amp: bool = False):
             logits = model(batch).logits
         labels.append(batch.label.cpu())
         probs.append(torch.sigmoid(logits.float()).cpu())
-        users.append(batch.user.cpu())
+        users.append(batch.group.cpu())  # one key per raw user (GAUC)
     if not labels:
         return np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, dtype=np.int64)
     return torch.cat(labels).numpy(), torch.cat(probs).numpy(), torch.cat(users).numpy()
