@@ -164,3 +164,13 @@ def test_bfloat16_precision_is_close(store, ranker):
     assert max(abs(pa_[k] - pb[k]) for k in pa_) < 5e-3
     with pytest.raises(DinrecError, match="precision"):
         make_ranker(store, precision="float8")
+
+
+def test_attributes_read_back_as_given(ranker, tables):
+    """Decoded item attributes are the raw values of the item table (log features too)."""
+    rec = ranker.recommend("u1", ["i12", "i13"], {"hist": ["i14"]}, k=2, explain=1)
+    for s in rec.ranked:
+        want = item_row(tables, int(s.item[1:]))
+        assert s.attributes["cat"] == want["cat"] and sorted(s.attributes["genres"]) == sorted(want["genres"])
+        assert s.attributes["price"] == pytest.approx(want["price"], rel=1e-6)
+        assert s.explanation[0].event["price"] == pytest.approx(item_row(tables, 14)["price"], rel=1e-6)

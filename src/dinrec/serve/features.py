@@ -124,8 +124,10 @@ class FeatureCodec:
 
     def decode(self, value: Any) -> Any:
         """An encoded value from a side table -> what a person reads (token, tokens, number)."""
-        if self.numeric:
-            return None if value is None or np.isnan(value) else float(value)
+        if self.numeric:  # side tables hold log1p(x) for log features
+            if value is None or np.isnan(value):
+                return None
+            return round(float(np.expm1(value) if self.feature.log else value), 6)
         if self.kind == "multi":
             return [self.decode_id(int(i)) for i in np.asarray(value) if i != 0]
         return self.decode_id(int(value))
