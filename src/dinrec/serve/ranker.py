@@ -247,7 +247,8 @@ class Ranker:
         scores = self.score_candidates(history, feats, return_alphas=want)
         probs = scores.probabilities
         order = np.argsort(-probs, kind="stable")[: min(k, len(candidates))]  # ties: request order
-        ranked = [self._scored(candidates[i], float(probs[i]), i, scores.alphas, used, explain)
+        described: dict[tuple[str, int], dict[str, Any]] = {}  # each attended event decoded once
+        ranked = [self._scored(candidates[i], float(probs[i]), i, scores.alphas, used, explain, described)
                   for i in order.tolist()]
         uid = user if isinstance(user, str) else user[self.schema.user_key.name]
         return Recommendation(uid, ranked, _nonempty(unknown), used)
@@ -259,7 +260,8 @@ class Ranker:
                               k=k, explain=explain)
 
     def _scored(self, cand: Entry, p: float, i: int, alphas: dict[str, np.ndarray] | None,
-                used: dict[str, list[Entry]], explain: int) -> Scored:
+                used: dict[str, list[Entry]], explain: int,
+                described: dict[tuple[str, int], dict[str, Any]]) -> Scored:
         enc = self.encoder
         attrs = enc.describe(cand, self.schema.item)
         expl = []
@@ -269,8 +271,9 @@ class Ranker:
                 continue
             w = alphas[s.name][i, : len(events)]  # (T,)
             for j in np.argsort(-w, kind="stable")[:explain].tolist():
-                expl.append(Explanation(s.name, j, float(w[j]),
-                                        enc.describe(events[j], self.schema.item + s.event_features)))
+                if (s.name, j) not in described:
+                    described[s.name, j] = enc.describe(events[j], self.schema.item + s.event_features)
+                expl.append(Explanation(s.name, j, float(w[j]), described[s.name, j]))
         return Scored(attrs.pop(self.schema.item_key.name), p, attrs, expl)
 
     # ------------------------------------------------------------------ CLI helpers
