@@ -215,13 +215,13 @@ class BatchLoader:
                     events[f.name] = normalise(events[f.name], st["mean"], st["std"])
             self._flat[q.name] = (items, events)
         if neg_history:
-            items = self.store.items
-            if items.n_known <= NUM_SPECIAL + 1:
+            side = self.store.items
+            if side.n_known <= NUM_SPECIAL + 1:
                 raise DinrecError("neg_history needs at least two items in the item vocabulary")
-            self._n_items = items.n_known
+            self._n_items = side.n_known
             self._neg_table = None  # popularity as a lookup table: O(1) per draw
             if neg_sampling == "popularity":
-                counts_ = items.counts[NUM_SPECIAL : items.n_known].astype(np.float64)
+                counts_ = side.counts[NUM_SPECIAL : side.n_known].astype(np.float64)
                 if counts_.sum() > 0:
                     size = max(1 << 20, 16 * len(counts_))
                     reps = np.maximum(np.round(counts_ / counts_.sum() * size), counts_ > 0)
@@ -352,7 +352,7 @@ class BatchLoader:
             for j in range(p - first, last - first):
                 if self.bucket:
                     k = int(slots[j])
-                    sel = order[k * B : (k + 1) * B]  # the last slot may be partial
+                    sel: Any = order[k * B : (k + 1) * B]  # the last slot may be partial
                 else:
                     sel = slice(j * B, (j + 1) * B)
                 batch = self._make_batch(rows, sel, int(starts[j]))

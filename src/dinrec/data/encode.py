@@ -140,6 +140,8 @@ def tokens_of(f: Feature, col: pa.Array, weight: np.ndarray, where: str) -> Toke
     n = len(col)
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
+    rows: np.ndarray | None = None
+    pos: np.ndarray | None = None
     if f.kind == "multi":
         lists = _as_lists(col, f.sep, where)
         if lists.null_count:
@@ -160,7 +162,6 @@ def tokens_of(f: Feature, col: pa.Array, weight: np.ndarray, where: str) -> Toke
             return Tokens(pa.array([], pa.string()), np.zeros(0, np.int64),
                           np.where(np.isnan(vals), -1, b), None, None, n)
         codes, distinct = string_codes(col)
-        rows = pos = None
     codes = codes.astype(np.int64)
     w = weight if rows is None else weight.take(rows)
     ok = codes >= 0

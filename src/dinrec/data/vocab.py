@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +33,7 @@ PAD_TOKEN = "<pad>"
 OOV_TOKEN = "<oov>"
 ITEM_CAT_FILE = "item_cat.arrow"
 
-ArrayLike = pa.Array | pa.ChunkedArray | np.ndarray | Iterable[str]
+ArrayLike: TypeAlias = pa.Array | pa.ChunkedArray | np.ndarray | Iterable[str]
 
 
 def _as_string_array(values: ArrayLike) -> pa.Array | pa.ChunkedArray:
@@ -245,8 +245,9 @@ class Vocabularies:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Vocabularies):
             return NotImplemented
-        same_ic = (self.item_cat is None) == (other.item_cat is None) and (
-            self.item_cat is None or np.array_equal(self.item_cat, other.item_cat))
+        a, b = self.item_cat, other.item_cat
+        same_ic = (a is None and b is None) or (
+            a is not None and b is not None and np.array_equal(a, b))
         return self.tables == other.tables and same_ic
 
     def save(self, directory: str | Path) -> None:
