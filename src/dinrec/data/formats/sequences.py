@@ -44,6 +44,9 @@ def read_attrs(path: Path, text: str, errors: ErrorLog) -> dict[str, list[str]]:
     check_unicode(text, obj, path, None)
     if not isinstance(obj, dict):
         raise DataFormatError(str(path), 1, None, "expected a JSON object {item: [attributes]}")
+    fast = _plain_attrs(obj)
+    if fast is not None:
+        return fast
     out: dict[str, list[str]] = {}
     for item, attrs in obj.items():
         if not isinstance(attrs, list):
@@ -58,6 +61,27 @@ def read_attrs(path: Path, text: str, errors: ErrorLog) -> dict[str, list[str]]:
             continue
         out[str(item)] = values
     return out
+
+
+def _plain_attrs(obj: dict) -> dict[str, list[str]] | None:
+    """The map when every value is a list of non-empty strings or of int64s (the S3-Rec
+    files), converted by Arrow in one go; None when anything needs the checked loop."""
+    try:
+        lists = pa.array(list(obj.values()))
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return None
+    t = lists.type
+    if not (pa.types.is_list(t) and (pa.types.is_int64(t.value_type)
+                                     or pa.types.is_string(t.value_type))):
+        return None
+    flat = lists.flatten()
+    if lists.null_count or flat.null_count:
+        return None
+    flat = flat.cast(pa.string())
+    if len(flat) and pc.any(pc.equal(pc.utf8_length(flat), 0)).as_py():
+        return None
+    values = pa.ListArray.from_arrays(lists.offsets, flat).to_pylist()
+    return dict(zip(map(str, obj.keys()), values, strict=True))
 
 
 def items_table(attrs: dict[str, list[str]]) -> pa.Table:
