@@ -250,6 +250,24 @@ def test_din_candidates_in_training_mode_and_with_the_plain_attention(schema):
         _check_candidates(_model("din", attention="din").eval(), s, sizes)
 
 
+@pytest.mark.parametrize("name", ["din", "dien"])
+def test_candidates_in_bfloat16_products_stay_close(name):
+    """``compute_dtype=torch.bfloat16`` (the server's --precision) on the rich schema."""
+    torch.manual_seed(3)
+    s, sizes = SCHEMAS["rich"]
+    model = _model(name, "rich").eval()
+    history = history_row(random_batch(s, sizes, b=1, k=0), 0)
+    cands = random_candidates(s, sizes, 300)
+    with torch.no_grad():  # as a server runs it (bfloat16 products need no autograd)
+        want = model.candidate_scorer()(history, cands, return_alphas=True)
+        got = model.candidate_scorer()(history, cands, return_alphas=True, compute_dtype=torch.bfloat16)
+    assert got.logits.dtype == torch.float32
+    assert not torch.equal(got.alphas["disliked"], want.alphas["disliked"])  # the bfloat16 path ran
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=2e-2)
+    for k in want.alphas:
+        torch.testing.assert_close(got.alphas[k].float(), want.alphas[k], rtol=0, atol=2e-2)
+
+
 def test_din_candidate_scorer_is_a_snapshot_of_eval_mode():
     torch.manual_seed(2)
     s, sizes = SCHEMAS["rich"]
