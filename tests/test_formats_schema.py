@@ -125,6 +125,15 @@ def test_list_column_read_as_categorical_or_numeric():
                   schema=_schema(item=["item", {"name": "categories", "kind": "numeric"}]))
 
 
+def test_filter_on_a_column_split_into_lists():
+    """A multi feature and a text sequence filter on one column (a fuzz find: the core's
+    filter then met lists): one line naming the column."""
+    schema = _schema(context=[{"name": "b", "column": "behaviour", "kind": "multi"}],
+                     sequences=[{"name": "s", "filter_column": "behaviour", "values": ["buy"]}])
+    with pytest.raises(DataFormatError, match=r"log.csv: behaviour: holds lists .* filter"):
+        read_with("events", [RICH / "log.csv"], schema=schema, **RICH_OPTS)
+
+
 def test_side_table_duplicate_and_empty_keys(tmp_path):
     dup = write(tmp_path / "items.tsv", (RICH / "items.tsv").read_text() + "i2\tOther\t1\tX\n")
     with pytest.raises(DataFormatError, match=rf"^{dup}:7: item_id: duplicate key"):

@@ -128,6 +128,9 @@ def _check_type(where: str, col: str, t: pa.DataType, f: Feature | None, numeric
     if f is not None and f.kind == "categorical" and _is_list(t):
         raise DataFormatError(where, None, col, f"holds lists: declare feature {f.name!r} "
                               "with kind \"multi\"")
+    if f is None and _is_list(t):
+        raise DataFormatError(where, None, col, "holds lists (a multi-valued feature reads it): "
+                              "a sequence filter needs one value per event")
 
 
 def check_columns(result: ReadResult, schema: Schema, fmt: str, inputs: Sequence[Path],
