@@ -191,19 +191,24 @@ class BatchLoader:
         self._num_batches = min(counts)
         self._stream_rows = min(self._rows, self._num_batches * batch_size)
         self._hist_len = min(max_len, self.store.max_len)  # the store cut at its max_len
+        self._setup_features()
+        if neg_history:
+            self._setup_negatives()
+
+    def _setup_features(self) -> None:
+        """The gather sources of every feature: side tables by key, flat sequence values."""
         self.schema: Schema = self.store.schema
         self._seqs = self.store.sequences  # memory-mapped, shared by every window
-        stats = self.store.numeric_stats
+        stats = self._stats = self.store.numeric_stats
         self._users = _feature_arrays(self.schema.user, self.store.users, stats)
         self._items = _feature_arrays(self.schema.item, self.store.items, stats)
-        self._stats = stats
         self._needs_ts = any(f.source == TIME_GAP for s in self.schema.sequences
                              for f in s.event_features)
         self._columns = ["label", "user", "item", "seq"]
         self._columns += [f"end.{s.name}" for s in self.schema.sequences]
         self._columns += [f"ctx.{f.name}" for f in self.schema.context]
         self._columns += ["ts"] if self._needs_ts else []
-        # gather sources: padding positions read entry 0 (zeros when a sequence is empty)
+        # padding positions read entry 0 (zeros when a sequence is empty)
         self._flat: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
         for q in self.schema.sequences:
             seq = self._seqs[q.name]
@@ -214,19 +219,21 @@ class BatchLoader:
                     st = stats[f.name]
                     events[f.name] = normalise(events[f.name], st["mean"], st["std"])
             self._flat[q.name] = (items, events)
-        if neg_history:
-            side = self.store.items
-            if side.n_known <= NUM_SPECIAL + 1:
-                raise DinrecError("neg_history needs at least two items in the item vocabulary")
-            self._n_items = side.n_known
-            self._neg_table = None  # popularity as a lookup table: O(1) per draw
-            if neg_sampling == "popularity":
-                counts_ = side.counts[NUM_SPECIAL : side.n_known].astype(np.float64)
-                if counts_.sum() > 0:
-                    size = max(1 << 20, 16 * len(counts_))
-                    reps = np.maximum(np.round(counts_ / counts_.sum() * size), counts_ > 0)
-                    ids = np.arange(NUM_SPECIAL, NUM_SPECIAL + len(counts_))
-                    self._neg_table = np.repeat(ids, reps.astype(np.int64))
+
+    def _setup_negatives(self) -> None:
+        """``neg_history``: draw from the known items (keys 2..n_known-1, == their ids)."""
+        side = self.store.items
+        if side.n_known <= NUM_SPECIAL + 1:
+            raise DinrecError("neg_history needs at least two items in the item vocabulary")
+        self._n_items = side.n_known
+        self._neg_table = None  # popularity as a lookup table: O(1) per draw
+        if self.neg_sampling == "popularity":
+            counts_ = side.counts[NUM_SPECIAL : side.n_known].astype(np.float64)
+            if counts_.sum() > 0:
+                size = max(1 << 20, 16 * len(counts_))
+                reps = np.maximum(np.round(counts_ / counts_.sum() * size), counts_ > 0)
+                ids = np.arange(NUM_SPECIAL, NUM_SPECIAL + len(counts_))
+                self._neg_table = np.repeat(ids, reps.astype(np.int64))
 
     # ------------------------------------------------------------------ plan
     def _rank_pieces(self, rank: int) -> list[tuple[int, int, int]]:

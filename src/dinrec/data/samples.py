@@ -826,6 +826,37 @@ def _strs(x: Any) -> pa.Array:
     return x.cast(pa.large_string())
 
 
+def _ready_encode(tables: dict[str, pa.Table], cfg: PrepareConfig, schema: Schema
+                  ) -> tuple[Encoded, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Encode ready-made samples: every item occurrence (per split its targets, then its
+    histories; train first) and user as codes, an item's category from its first (training)
+    occurrence. Returns the encoding, item and user codes, each split's history offsets."""
+    parts_i, parts_c, users, hist = [], [], [], {}
+    for name in SPLITS:
+        t = tables[name]
+        hi, hoff = _flat_lists(t.column("hist_items"))
+        hc, hoff_c = _flat_lists(t.column("hist_cats"))
+        if not np.array_equal(hoff, hoff_c):
+            raise DinrecError(f"samples of split {name!r}: hist_items and hist_cats lengths differ")
+        hist[name] = hoff
+        parts_i += [_strs(t.column("item")), _strs(hi)]
+        parts_c += [_strs(t.column("cat")), _strs(hc)]
+        users.append(_strs(t.column("user")))
+    n_train_occ = len(parts_i[0]) + len(parts_i[1])
+    icodes, idistinct = string_codes(pa.concat_arrays(parts_i))
+    ucodes, udistinct = string_codes(pa.concat_arrays(users))
+    icodes, ucodes = icodes.astype(np.int64), ucodes.astype(np.int64)
+    first = np.full(len(idistinct), len(icodes), dtype=np.int64)  # train part comes first
+    np.minimum.at(first, icodes, np.arange(len(icodes)))
+    cats = pa.concat_arrays(parts_c).take(pa.array(first))
+    idom = Domain(idistinct, np.bincount(icodes[:n_train_occ], minlength=len(idistinct)),
+                  {f.name: cats if f.source == "cat" else idistinct for f in schema.item[1:]})
+    n_tr_users = tables["train"].num_rows
+    udom = Domain(udistinct, np.bincount(ucodes[:n_tr_users], minlength=len(udistinct)), {})
+    enc = encode_schema(schema, cfg.min_count, udom, idom, {}, np.zeros(0, np.int64))
+    return enc, icodes, ucodes, hist
+
+
 def build_ready_samples(
     splits: dict[str, pa.Table], cfg: PrepareConfig, schema: Schema | None = None
 ) -> BuiltSamples:
@@ -855,30 +886,7 @@ def build_ready_samples(
     if tables["train"].num_rows == 0:
         raise DinrecError("the training split is empty")
 
-    # ---- every item occurrence (targets, then histories; train first) as one token array
-    parts_i, parts_c, users, hist = [], [], [], {}
-    for name in SPLITS:
-        t = tables[name]
-        hi, hoff = _flat_lists(t.column("hist_items"))
-        hc, hoff_c = _flat_lists(t.column("hist_cats"))
-        if not np.array_equal(hoff, hoff_c):
-            raise DinrecError(f"samples of split {name!r}: hist_items and hist_cats lengths differ")
-        hist[name] = hoff
-        parts_i += [_strs(t.column("item")), _strs(hi)]
-        parts_c += [_strs(t.column("cat")), _strs(hc)]
-        users.append(_strs(t.column("user")))
-    n_train_occ = len(parts_i[0]) + len(parts_i[1])
-    icodes, idistinct = string_codes(pa.concat_arrays(parts_i))
-    ucodes, udistinct = string_codes(pa.concat_arrays(users))
-    icodes, ucodes = icodes.astype(np.int64), ucodes.astype(np.int64)
-    first = np.full(len(idistinct), len(icodes), dtype=np.int64)  # train part comes first
-    np.minimum.at(first, icodes, np.arange(len(icodes)))
-    cats = pa.concat_arrays(parts_c).take(pa.array(first))
-    idom = Domain(idistinct, np.bincount(icodes[:n_train_occ], minlength=len(idistinct)),
-                  {f.name: cats if f.source == "cat" else idistinct for f in schema.item[1:]})
-    n_tr_users = tables["train"].num_rows
-    udom = Domain(udistinct, np.bincount(ucodes[:n_tr_users], minlength=len(udistinct)), {})
-    enc = encode_schema(schema, cfg.min_count, udom, idom, {}, np.zeros(0, np.int64))
+    enc, icodes, ucodes, hist = _ready_encode(tables, cfg, schema)
     keys = enc.item_key.take(icodes)  # (occurrences,) item key of each
 
     # ---- windows (cut to max_len) into the history parts of the pool
