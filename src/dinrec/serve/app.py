@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 ENV_CONFIG = "DINREC_SERVE_CONFIG"  # JSON ServeConfig handed to uvicorn worker processes
 ENV_ADMIN_TOKEN = "DINREC_ADMIN_TOKEN"  # the admin token when --admin-token is not given
+WORKER_HEALTHCHECK_S = 120  # uvicorn's worker ping timeout (its default, 5 s, is shorter than a load)
 
 
 @dataclass
@@ -475,6 +476,13 @@ def serve(
     if workers <= 1:
         uvicorn.run(create_app(config), **common)
         return
+    import inspect
+
+    if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
+        # uvicorn kills a worker that does not answer its ping within this many seconds; loading
+        # torch and a model on a busy machine can take longer than the default 5 s, which made
+        # workers restart in a loop and never serve.
+        common["timeout_worker_healthcheck"] = WORKER_HEALTHCHECK_S
     folder = Path(tempfile.mkdtemp(prefix="dinrec-serve-"))
     try:
         (folder / "metrics").mkdir()
