@@ -116,6 +116,13 @@ def test_non_numeric_value_in_a_numeric_feature(tmp_path):
                   schema=_schema(item=["item", {"name": "price", "kind": "numeric"}]))
 
 
+def test_numeric_feature_on_the_category_column():
+    schema = _schema(item=["item", {"name": "cat", "kind": "numeric"}])
+    with pytest.raises(DataFormatError, match=r"seq.txt: cat: is string, not numbers"):
+        read_with("sequences", [FIX / "sequences" / "seq.txt"], schema=schema)
+    read_with("events", [RICH / "log.csv"], schema=schema, **RICH_OPTS)  # no cat: "unknown"
+
+
 def test_list_column_read_as_categorical_or_numeric():
     with pytest.raises(DataFormatError, match="categories: holds lists: declare feature"):
         read_with("events", [RICH / "log.csv"], item_table=RICH / "items.jsonl", **RICH_OPTS,

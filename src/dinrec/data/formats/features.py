@@ -139,7 +139,8 @@ def check_columns(result: ReadResult, schema: Schema, fmt: str, inputs: Sequence
 
     User features: the users table or the events; item features: the items table or the
     events; context, per-event features and sequence filters: the events. ``user``,
-    ``item``, ``cat`` and built-in per-event features are always available.
+    ``item``, ``cat`` and built-in per-event features are always available (``cat`` is
+    still type-checked where a reader gives it).
     """
     if result.splits is not None:
         tables = {"events": next(iter(result.splits.values()))}
@@ -151,7 +152,7 @@ def check_columns(result: ReadResult, schema: Schema, fmt: str, inputs: Sequence
         tables["users"] = result.users
     wanted: list[tuple[tuple[str, ...], str, Feature | None, bool]] = []
     for role, feat in schema.features():
-        if feat is schema.user_key or feat is schema.item_key or feat.source in ("cat", *BUILTIN):
+        if feat is schema.user_key or feat is schema.item_key or feat.source in BUILTIN:
             continue
         look: tuple[str, ...] = {"user": ("users", "events"),
                                  "item": ("items", "events")}.get(role, ("events",))
@@ -161,6 +162,8 @@ def check_columns(result: ReadResult, schema: Schema, fmt: str, inputs: Sequence
             wanted.append((("events",), s.filter_column, None, _bounded(s.values)))
     for look, col, f, numeric in wanted:
         found = [t for t in look if t in tables and col in tables[t].column_names]
+        if not found and col == "cat":
+            continue  # always there: the core gives every item "unknown"
         if not found:
             role = f"feature {f.name!r}" if f is not None else "sequence filter"
             avail = sorted({c for t in look if t in tables for c in tables[t].column_names})
