@@ -73,8 +73,10 @@ async def open_loop(
     poisson: bool = False,
     max_connections: int = 512,
     timeout: float = 30.0,
+    transport: object | None = None,
 ) -> LoadReport:
-    """Send ``bodies`` (round-robin) to ``url + path`` at ``rate`` per second for ``seconds``."""
+    """Send ``bodies`` (round-robin) to ``url + path`` at ``rate`` per second for ``seconds``
+    (``transport``: an httpx transport, for tests)."""
     import httpx
 
     times = schedule(rate, seconds, poisson)
@@ -84,7 +86,7 @@ async def open_loop(
     lag = 0.0
     headers = {"content-type": "application/json"}
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, transport=transport) as client:
 
         async def send(i: int, due: float) -> None:
             try:
