@@ -58,7 +58,7 @@ def test_prepared_histories_round_trip(tmp_path, fmt, inputs):
         assert g["item"] == v.item.token_to_id(w["item"]) and g["label"] == w["label"]
     distinct = {(tuple(r["hist_items"]), tuple(r["hist_cats"]))
                 for t in result.splits.values() for r in t.to_pylist()}
-    assert report.stats["sequences"]["count"] == len(distinct)
+    assert report.stats["sequences"]["hist"]["count"] == len(distinct)
     assert len(distinct) <= sum(report.stats["rows"].values()) * 0.6
 
 
