@@ -288,6 +288,8 @@ def read_delimited(
         if invalid:
             table = parse(False)  # single-threaded: the handler learns line numbers
     except pa.ArrowInvalid as exc:
+        if header and "skip initial" in str(exc):  # nothing but the header line
+            raise DataFormatError(str(path), None, None, "no records after the header") from None
         raise DataFormatError(str(path), None, None, f"cannot parse: {exc}") from None
 
     first = 2 if header else 1
