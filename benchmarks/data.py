@@ -23,9 +23,9 @@ The rich schema (:func:`dinrec.data.synthetic.rich_schema`) adds user gender and
 bucketed time gap per event) and ``disliked`` sequences.
 
 With ``--against`` each round runs, in child processes and alternating which goes first,
-the prepare of 1M events and a batch-rate measurement of both code trees on the default
-schema; it prints the median (and range) of the ratios this / other. Prints tables;
-asserts nothing about time.
+the prepare of 1M events and a batch-rate measurement (samples per CPU second of the
+process) of both code trees on the default schema; it prints the median (and range) of
+the ratios this / other. Prints tables; asserts nothing about time.
 """
 
 from __future__ import annotations
@@ -77,19 +77,23 @@ def _padded_len(b) -> int:
     return sum(int(s.mask.shape[1]) for s in b.sequences.values())
 
 
-def _batch_rate(store: str, batch_size: int, seconds: float = 5.0, **kw) -> tuple[float, float]:
+def _batch_rate(store: str, batch_size: int, seconds: float = 5.0, cpu: bool = False,
+                **kw) -> tuple[float, float]:
+    """Samples per second (wall, or with ``cpu`` per CPU second of this process: steadier
+    on a shared machine) and the mean padded history length, over ``seconds``."""
     from dinrec.data import BatchLoader
 
+    clock = time.process_time if cpu else time.perf_counter
     loader = BatchLoader(store, "train", batch_size=batch_size, max_len=100, **kw)
     n = pad = 0
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    t0 = clock()
+    while clock() - t0 < seconds:
         for b in loader:
             n += len(b)
             pad += _padded_len(b)
-            if time.perf_counter() - t0 > seconds:
+            if clock() - t0 > seconds:
                 break
-    dt = time.perf_counter() - t0
+    dt = clock() - t0
     return n / dt, pad * batch_size / max(n, 1)
 
 
@@ -103,6 +107,7 @@ def _run(cmd: list[str], src: str | None = None) -> dict:
 
 
 def _table(tmp: str, sizes: list[str]) -> None:
+    print(f"CPU: {_cpu_name()}")
     print(f"{'schema':>7} {'events':>10} {'prepare s':>10} {'cpu s':>7} {'events/s':>12} "
           f"{'samples':>11} {'mean hist':>9} {'peak RSS MiB':>12} {'(gen s)':>8}")
     for schema in ("default", "rich"):
@@ -137,15 +142,26 @@ def _compare(tmp: str, other: str, rounds: int, seconds: float) -> None:
             for bs in (128, 1024):
                 for label, kw in BATCH_CASES:
                     b = _run(["--child-batches", out, str(bs), json.dumps(kw), str(seconds)], src)
-                    got[name][f"batches/s B={bs} {label}"] = b["rate"]
+                    got[name][f"samples/cpu-s B={bs} {label}"] = b["rate"]
         for k in got["this"]:
             ratios.setdefault(k, []).append(got["this"][k] / got["other"][k])
         print(f"round {r + 1}/{rounds} done", file=sys.stderr)
     print(f"this ({Path(__file__).resolve().parents[1]}) / other ({other}), default schema, "
           f"1M events, {rounds} interleaved rounds (time: < 1 is faster; rate: > 1 is faster)")
+    print(f"CPU: {_cpu_name()}")
     print(f"{'measure':>40} {'median':>8} {'min':>7} {'max':>7}")
     for k, v in ratios.items():
         print(f"{k:>40} {statistics.median(v):>8.3f} {min(v):>7.3f} {max(v):>7.3f}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return "unknown"
 
 
 def main() -> None:
@@ -162,7 +178,7 @@ def main() -> None:
         return
     if args.child_batches:
         store, bs, kw, seconds = args.child_batches
-        rate, _ = _batch_rate(store, int(bs), float(seconds), **json.loads(kw))
+        rate, _ = _batch_rate(store, int(bs), float(seconds), cpu=True, **json.loads(kw))
         print(json.dumps({"rate": rate}))
         return
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from dinrec.data import BatchLoader, PrepareConfig, SampleStore, prepare_events, prepare_samples
 from dinrec.data.encode import hash_ids
@@ -471,3 +472,31 @@ def test_a_feature_missing_everywhere_is_oov_not_a_crash(tmp_path):
     assert store.table_sizes()["brand"] == 2 and store.table_sizes()["genres"] == 2
     b = next(iter(BatchLoader(store, "train", batch_size=8)))
     assert (b.item["brand"] == 1).all() and (b.item["genres"] == 0).all()
+
+
+def test_context_features_of_every_kind_reach_the_batch(tmp_path):
+    """Context: categorical, multi (a text column split on '|') and numeric, per sample; a
+    sampled negative shares its positive's context."""
+    events, _, _ = rich_tables()
+    n = events.num_rows
+    tags = [("x|y" if k % 2 else "z") for k in range(n)]
+    events = events.append_column("tags", pa.array(tags)).append_column(
+        "paid", pa.array([float(k) for k in range(n)]))
+    schema = Schema.from_dict({"context": ["hour", {"name": "tags", "kind": "multi", "max_values": 3},
+                                           {"name": "paid", "kind": "numeric"}]})
+    prepare_events(events, tmp_path / "s", PrepareConfig(neg_per_pos=1), schema)
+    store = SampleStore(tmp_path / "s")
+    st = store.numeric_stats["paid"]
+    tags_v = store.vocabs.tags
+    by_ts = {e[2]: k for k, e in enumerate(EVENTS)}  # every event time here is distinct
+    for split in ("train", "test"):
+        ts = read_rows(store, split).column("ts").to_numpy()
+        at = 0
+        for b in all_batches(store, split):
+            assert b.context["tags"].shape == (len(b), 3) and b.context["paid"].dtype == torch.float32
+            for r in range(len(b)):
+                k = by_ts[int(ts[at + r])]
+                want = [tags_v.token_to_id(t) for t in tags[k].split("|")]
+                assert b.context["tags"][r].tolist() == want + [0] * (3 - len(want))
+                assert float(b.context["paid"][r]) == pytest.approx((k - st["mean"]) / st["std"], abs=1e-5)
+            at += len(b)

@@ -116,7 +116,8 @@ def summary(report: PrepareReport) -> str:
         + (f"   events: {report.events:,}" if report.events is not None else ""),
         "  rows: " + ", ".join(f"{k} {v:,}" for k, v in rows.items()),
         f"  users: {s.get('users', 0):,}   items: {s.get('items', 0):,}   "
-        f"categories: {s.get('categories', 0):,}   (vocabulary sizes, with <pad> and <oov>)",
+        + (f"categories: {s['categories']:,}   " if s.get("categories") else "")
+        + "(vocabulary sizes, with <pad> and <oov>)",
     ]
     sizes = s.get("table_sizes", {})
     other = {k: v for k, v in sizes.items() if k not in ("user", "item", "cat")}
