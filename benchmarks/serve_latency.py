@@ -3,13 +3,16 @@
 Measures the Ranker's id-level path (the torch backend: the model's prepared candidate
 scorer, the sigmoid, the NumPy result) for DIN with the default schema, here and in a
 baseline source tree (e.g. the commit before the feature schema, ``git archive``d to a
-folder), **interleaved**: rounds alternate baseline / current in fresh subprocesses, each
-round prints its p50 over ``--runs`` calls, and the figure is the median of the rounds
-and the ratio of the medians. DIEN's figure (current tree) is printed beside it. Weights
-are random (the time does not depend on their values); vocabulary sizes are ML-1M's.
+folder), **interleaved in one process**: both trees are imported (the ``dinrec`` modules
+of one are dropped from ``sys.modules`` before the other is imported; the objects built
+keep working), then blocks of ``--block`` calls alternate baseline / current / DIEN for
+``--rounds`` rounds, so a busy machine slows all of them alike. Prints each variant's
+median and p90 per call, and the ratio current / baseline (median of the per-round ratios
+of block medians). Weights are random (the time does not depend on their values);
+vocabulary sizes are ML-1M's.
 
     git archive 36e3a58 | tar -x -C /tmp/base
-    python benchmarks/serve_latency.py --baseline /tmp/base --rounds 6 --threads 2
+    python benchmarks/serve_latency.py --baseline /tmp/base --rounds 30 --threads 2
 
 Prints figures, asserts nothing.
 """
@@ -17,12 +20,13 @@ Prints figures, asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 SIZES = {"user": 6042, "item": 3708, "cat": 20}
 
@@ -63,55 +67,65 @@ items = rng.integers(2, sizes["item"], {n}); cats = rng.integers(2, sizes["cat"]
 f = lambda: backend.score_candidates(5, hist, hc, items, cats, False)
 """
 
-TIMING = """
-for _ in range(10):
-    f()
-ms = []
-for _ in range({runs}):
-    t0 = time.perf_counter(); f(); ms.append((time.perf_counter() - t0) * 1e3)
-print(json.dumps({{"p50": float(np.median(ms)), "p90": float(np.percentile(ms, 90))}}))
-"""
+def build(src: Path, template: str, model: str, args: argparse.Namespace):
+    """Import the ``dinrec`` of ``src`` afresh and return its ``f()`` (one scoring call)."""
+    for name in [m for m in sys.modules if m == "dinrec" or m.startswith("dinrec.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(src))
+    try:
+        ns: dict = {}
+        exec(template.format(threads=args.threads, sizes=repr(SIZES), model=model,
+                             t=args.history, n=args.candidates), ns)
+        return ns["f"]
+    finally:
+        sys.path.remove(str(src))
 
 
-def measure(src: Path, code: str, threads: int) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(threads)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def script(template: str, model: str, args: argparse.Namespace) -> str:
-    fill = {"threads": args.threads, "sizes": repr(SIZES), "model": model, "t": args.history,
-            "n": args.candidates, "runs": args.runs}
-    return template.format(**fill) + TIMING.format(runs=args.runs)
+def block(f, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        f()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", type=Path, default=None, help="a source tree to compare with")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--runs", type=int, default=200, help="calls per round")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--block", type=int, default=10, help="calls per variant per round")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--history", type=int, default=100)
     p.add_argument("--candidates", type=int, default=1000)
+    p.add_argument("--no-dien", action="store_true")
     args = p.parse_args()
     here = Path(__file__).resolve().parents[1] / "src"
-    rows: dict[str, list[float]] = {"baseline din": [], "current din": [], "current dien": []}
-    for r in range(args.rounds):
-        if args.baseline is not None:
-            rows["baseline din"].append(measure(args.baseline / "src", script(BASELINE, "din", args),
-                                                args.threads)["p50"])
-        rows["current din"].append(measure(here, script(CURRENT, "din", args), args.threads)["p50"])
-        rows["current dien"].append(measure(here, script(CURRENT, "dien", args), args.threads)["p50"])
-        print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:.2f} ms" for k, v in rows.items() if v),
-              f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    variants = {}
+    if args.baseline is not None:
+        variants["baseline din"] = build(args.baseline / "src", BASELINE, "din", args)
+    variants["current din"] = build(here, CURRENT, "din", args)
+    if not args.no_dien:
+        variants["current dien"] = build(here, CURRENT, "dien", args)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    per_round: dict[str, list[float]] = {k: [] for k in variants}
+    for f in variants.values():
+        block(f, 5)  # warm-up: buffers, C builds
+    load0 = os.getloadavg()[0]
+    for _ in range(args.rounds):
+        for k, f in variants.items():
+            ms = block(f, args.block)
+            times[k] += ms
+            per_round[k].append(statistics.median(ms))
     print(f"1 history (T={args.history}) x {args.candidates} candidates, {args.threads} threads, "
-          f"median of {args.rounds} rounds of p50 over {args.runs} calls:")
-    med = {k: statistics.median(v) for k, v in rows.items() if v}
-    for k, v in med.items():
-        print(f"  {k:<13} {v:6.2f} ms  (rounds {min(rows[k]):.2f}-{max(rows[k]):.2f})")
-    if "baseline din" in med:
-        ratios = [c / b for b, c in zip(rows["baseline din"], rows["current din"], strict=True)]
-        print(f"  current / baseline (DIN): median of per-round ratios {statistics.median(ratios):.3f}")
+          f"{args.rounds} rounds x {args.block} calls each, interleaved (load average "
+          f"{load0:.1f} -> {os.getloadavg()[0]:.1f}):")
+    for k, v in times.items():
+        print(f"  {k:<13} median {statistics.median(v):7.2f} ms   p90 {np.percentile(v, 90):7.2f} ms")
+    if "baseline din" in times:
+        ratios = [c / b for b, c in zip(per_round["baseline din"], per_round["current din"], strict=True)]
+        print(f"  current / baseline (DIN): {statistics.median(ratios):.3f} (median of per-round ratios; "
+              f"quartiles {np.percentile(ratios, 25):.3f}-{np.percentile(ratios, 75):.3f})")
 
 
 if __name__ == "__main__":
