@@ -9,7 +9,9 @@ schema reads them (see :mod:`dinrec.data.formats.features`).
 
 from __future__ import annotations
 
+import gzip
 import logging
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -157,10 +159,14 @@ def read_records(path: Path, errors: ErrorLog, progress: bool = False) -> Parsed
 
 
 def _is_json(path: Path) -> bool:
+    """Whether the (possibly gzipped) file starts with ``{`` or ``[`` after blanks."""
     try:
-        head = read_bytes(path)[:4096].lstrip()
-    except DataFormatError:
-        return False
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(1 << 16).lstrip()
+    except (OSError, EOFError, zlib.error):
+        return False  # the real reader reports it
     return head[:1] in (b"{", b"[")
 
 
