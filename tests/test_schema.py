@@ -34,7 +34,9 @@ EVENTS = [  # user, item, ts, rating, hour, label
     ("b", "m9", 65, 5.0, "h12", 1), ("c", "m1", 5, 4.0, "h9", 1), ("c", "m4", 6, 3.0, "h9", 1),
     ("c", "m2", 7, 5.0, "h10", 1), ("c", "m6", 8, 4.0, "h10", 1), ("c", "m7", 9, 1.0, "h11", 1),
     ("c", "m10", 10, 4.0, "h11", 1), ("d", "m3", 100, 4.0, "h9", 1), ("d", "m11", 200, 2.0, "h9", 1),
-    ("d", "m1", 300, 5.0, "h9", 1),
+    ("d", "m1", 300, 5.0, "h9", 1), ("e", "m2", 1, 1.0, "h9", 1), ("e", "m5", 2, 2.0, "h9", 1),
+    ("e", "m8", 3, 1.0, "h10", 1), ("e", "m9", 4, 2.0, "h10", 1), ("e", "m1", 5, 5.0, "h9", 1),
+    ("e", "m3", 6, 4.0, "h9", 1), ("e", "m6", 7, 3.0, "h12", 1), ("e", "m7", 8, 5.0, "h9", 1),
 ]
 ITEMS = [  # item, brand, genres, price
     ("m1", "sony", "Drama|Comedy|War", 10.0), ("m2", "fox", "Comedy", 3.0),
@@ -43,7 +45,8 @@ ITEMS = [  # item, brand, genres, price
     ("m8", "mgm", "Horror", 5.0), ("m9", "mgm", "Drama", 8.0), ("m10", "fox", "War", 2.0),
     ("m11", "zzz", "Sci|Fi", 6.0), ("m12", "sony", "Drama", 9.0),
 ]
-USERS = [("a", "F", 25.0), ("b", "M", 40.0), ("c", "F", 17.0), ("d", None, 60.0)]
+USERS = [("a", "F", 25.0), ("b", "M", 40.0), ("c", "F", 17.0), ("d", None, 60.0),
+         ("e", "M", 33.0)]
 RICH = {
     "user": ["user", "gender", {"name": "age", "kind": "numeric", "boundaries": [18, 30, 50]}],
     "item": ["item", "brand", {"name": "genres", "kind": "multi", "max_values": 2},
@@ -308,7 +311,7 @@ def test_two_sequences_have_their_own_masks_and_lengths(rich_store):
     for b in all_batches(rich_store, "train") + all_batches(rich_store, "test"):
         liked, disliked = b.sequences["liked"], b.sequences["disliked"]
         for s, cap in ((liked, 3), (disliked, 2)):
-            assert s.mask.shape[1] <= cap
+            assert s.mask.shape[1] <= cap and s.mask.sum(1).max() <= cap
             assert ((s.items["item"] != 0) == s.mask).all()  # every history item is known here
             assert (s.items["genres"][~s.mask] == 0).all() and (s.items["price"][~s.mask] == 0).all()
         assert not torch_equal(liked.mask.sum(1), disliked.mask.sum(1)) or len(b) == 0
@@ -418,7 +421,7 @@ def test_leak_checks_hold_with_several_sequences(rich_store):
                 last_train[user] = max(last_train.get(user, -1), row["ts"])
             else:
                 assert not row["ts"] < last_train.get(user, -1), (split, user)
-    assert set(last_train) == {"a", "b", "c"} and n_hist > 20  # d has no train target
+    assert set(last_train) == {"a", "b", "c", "e"} and n_hist > 20  # d has no train target
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -488,14 +491,15 @@ def test_context_features_of_every_kind_reach_the_batch(tmp_path):
     store = SampleStore(tmp_path / "s")
     st = store.numeric_stats["paid"]
     tags_v = store.vocabs.tags
-    by_ts = {e[2]: k for k, e in enumerate(EVENTS)}  # every event time here is distinct
+    by_ts = {(e[0], e[2]): k for k, e in enumerate(EVENTS)}  # (user, ts) names an event
     for split in ("train", "test"):
-        ts = read_rows(store, split).column("ts").to_numpy()
+        rows = read_rows(store, split)
+        ts, users = rows.column("ts").to_numpy(), rows.column("user").to_numpy()
         at = 0
         for b in all_batches(store, split):
             assert b.context["tags"].shape == (len(b), 3) and b.context["paid"].dtype == torch.float32
             for r in range(len(b)):
-                k = by_ts[int(ts[at + r])]
+                k = by_ts[(store.users.tokens[int(users[at + r])].as_py(), int(ts[at + r]))]
                 want = [tags_v.token_to_id(t) for t in tags[k].split("|")]
                 assert b.context["tags"][r].tolist() == want + [0] * (3 - len(want))
                 assert float(b.context["paid"][r]) == pytest.approx((k - st["mean"]) / st["std"], abs=1e-5)

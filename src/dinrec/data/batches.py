@@ -79,8 +79,9 @@ def _concat_blocks(blocks: list[_Block]) -> _Block:
 
 
 def _read_piece(path: Path, start: int, stop: int, n_rows: int, seqs: dict[str, Sequences],
-                max_len: int, columns: list[str]) -> _Block:
-    """Rows ``[start, stop)`` of a shard, their histories resolved to windows of ``seqs``."""
+                max_len: dict[str, int], columns: list[str]) -> _Block:
+    """Rows ``[start, stop)`` of a shard, their histories resolved to windows of ``seqs``
+    (each cut to its ``max_len[name]`` most recent events)."""
     table = pq.read_table(path, columns=columns, memory_map=True)
     if table.num_rows != n_rows:
         raise DinrecError(
@@ -108,7 +109,7 @@ def _read_piece(path: Path, start: int, stop: int, n_rows: int, seqs: dict[str, 
             bad = bool((end > q.offsets.take(seq + 1) - q.offsets.take(seq)).any())
         if bad:
             raise DinrecError(f"{path} points outside the store's sequences; prepare again")
-        cols[f"start.{name}"], cols[f"len.{name}"] = q.windows(seq, end, max_len)
+        cols[f"start.{name}"], cols[f"len.{name}"] = q.windows(seq, end, max_len[name])
     return _Block(cols)
 
 
@@ -120,7 +121,8 @@ class BatchLoader:
         store: a store directory or an opened :class:`SampleStore`.
         split: ``train``, ``valid`` or ``test``.
         batch_size: rows per batch (the last one may be smaller unless ``drop_last``).
-        max_len: histories keep their most recent ``max_len`` items.
+        max_len: histories keep their most recent ``max_len`` items (and never more than
+            their sequence's ``max_len`` in the schema).
         shuffle: seeded shuffling (shard order, rows inside the shuffle buffer, bucket order).
         seed: with the epoch number, fixes every random choice.
         bucket: sort rows by history length inside units of ``bucket_batches`` batches.
@@ -190,8 +192,8 @@ class BatchLoader:
         ]
         self._num_batches = min(counts)
         self._stream_rows = min(self._rows, self._num_batches * batch_size)
-        self._hist_len = min(max_len, self.store.max_len)  # the store cut at its max_len
         self._setup_features()
+        self._hist_len = {s.name: min(max_len, s.max_len) for s in self.schema.sequences}
         if neg_history:
             self._setup_negatives()
 

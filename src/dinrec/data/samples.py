@@ -85,7 +85,7 @@ TIME_GAP = "time_gap"  # the built-in per-event feature: seconds from the event 
 class PrepareConfig:
     """How events become samples (also recorded as ``prepare.json`` in the store)."""
 
-    max_len: int = 100  # longest history kept (most recent positives)
+    max_len: int = 100  # longest history kept (the default schema's; a schema sets its own)
     min_history: int = 1  # positives needed before an event becomes a sample
     neg_per_pos: int = 1  # sampled negatives per positive sample
     neg_sampling: str = "popularity"  # or "uniform"

@@ -241,8 +241,9 @@ def compute_stats(built: BuiltSamples, shard_rows: dict[str, list[int]]) -> dict
             "positive_rate": round(n_pos / len(ss), 6) if len(ss) else 0.0,
             "users": _distinct(ss.user),
             "history_length": _length_stats(np.minimum(ss.ends[main], built.max_len)),
-            "history_lengths": {q: _length_stats(np.minimum(e, built.max_len))
-                                for q, e in ss.ends.items()},
+            "history_lengths": {
+                q: _length_stats(np.minimum(e, built.schema.sequence(q).max_len))
+                for q, e in ss.ends.items()},
         }
     return {
         "format": STORE_FORMAT,
