@@ -328,8 +328,6 @@ def create_app(config: ServeConfig, ranker: Ranker | None = None,
                      on_refused=lambda exc: metrics.swaps.labels("refused").inc())
     first = slot.current
     metrics.set_model(first.ranker.model_name, first.version, first.spec.run, first.ranker.backend.name)
-    models = request_models(first.ranker.schema, limits)
-    RecommendRequest, ScoreRequest = models["RecommendRequest"], models["ScoreRequest"]
     token = _admin_token(config)
 
     @contextlib.asynccontextmanager
@@ -353,6 +351,18 @@ def create_app(config: ServeConfig, ranker: Ranker | None = None,
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
     _install_error_handlers(app)
 
+    _info_routes(app, slot, metrics, limits)
+    _scoring_routes(app, slot, metrics, request_models(first.ranker.schema, limits))
+    _admin_routes(app, slot, token)
+    routes = {r.path for r in app.routes if hasattr(r, "path")}
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes,
+                       version=lambda: slot.current.version, log_requests=config.access_log)
+    return app
+
+
+def _info_routes(app: FastAPI, slot: ModelSlot, metrics: Metrics, limits: Limits) -> None:
+    """``/healthz``, ``/metadata`` (of the model served now) and ``/metrics``."""
+
     def metadata(served: Served) -> dict[str, Any]:
         r = served.ranker
         return {
@@ -375,6 +385,11 @@ def create_app(config: ServeConfig, ranker: Ranker | None = None,
     async def get_metrics() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
+
+
+def _scoring_routes(app: FastAPI, slot: ModelSlot, metrics: Metrics, models: dict[str, Any]) -> None:
+    """``/recommend`` and ``/score`` with the request models generated from the schema."""
+    RecommendRequest, ScoreRequest = models["RecommendRequest"], models["ScoreRequest"]
 
     @app.post("/recommend", response_model=RecommendResponse, responses=_ERRORS)
     async def recommend(req: RecommendRequest) -> Response:  # type: ignore[valid-type]
@@ -404,12 +419,6 @@ def create_app(config: ServeConfig, ranker: Ranker | None = None,
         metrics.candidates.labels("/score").inc(len(req.rows))
         return _json({"model": served.ranker.model_name, "version": served.version,
                       "probabilities": out.probabilities, "unknown": out.unknown})
-
-    _admin_routes(app, slot, token)
-    routes = {r.path for r in app.routes if hasattr(r, "path")}
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes,
-                       version=lambda: slot.current.version, log_requests=config.access_log)
-    return app
 
 
 def _admin_routes(app: FastAPI, slot: ModelSlot, token: str | None) -> None:
