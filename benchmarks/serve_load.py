@@ -134,6 +134,23 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its descendants."""
+    total, todo, tick = 0.0, [pid], os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def http_load(args: argparse.Namespace, run: Path) -> None:
     from loadgen import open_loop, sweep
 
@@ -157,9 +174,13 @@ def http_load(args: argparse.Namespace, run: Path) -> None:
         print(f"HTTP /recommend, {args.candidates} candidates, T={args.history}, {args.workers} "
               f"workers x {args.server_threads} thread{' (ONNX)' if args.onnx else ''}, open loop "
               f"{args.duration:.0f} s per rate, load average {os.getloadavg()[0]:.2f}:", flush=True)
-        _, best = sweep(url, bodies, [float(r) for r in args.rates.split(",")], args.duration,
-                        args.p99_ms)
-        print(f"highest rate with p99 <= {args.p99_ms:.0f} ms and no error: {best}/s", flush=True)
+        cpu0 = tree_cpu(proc.pid)
+        reports, best = sweep(url, bodies, [float(r) for r in args.rates.split(",")], args.duration,
+                              args.p99_ms)
+        answered = sum(r.ok + r.errors for r in reports)
+        print(f"highest rate with p99 <= {args.p99_ms:.0f} ms and no error: {best}/s; server CPU "
+              f"{(tree_cpu(proc.pid) - cpu0) / max(answered, 1) * 1e3:.2f} ms per request "
+              f"(all workers, over the sweep)", flush=True)
         if args.soak > 0:
             rate = args.soak_rate or (best or 0) / 2
             if rate <= 0:
