@@ -1,18 +1,21 @@
-"""Load test of `dinrec serve` on loopback, plus in-process ranking latency.
+"""Load test of `dinrec serve` on loopback with an open-loop generator.
 
-Trains DIN on the ``small`` synthetic preset (or takes ``--run``), then
+Takes a run folder (``--run``), or builds one: DIN over the ``small`` synthetic preset,
+trained (``--steps``) or, with ``--untrained``, random weights in a run folder written
+here (load figures do not depend on the weight values). Then starts ``dinrec serve`` on a
+free loopback port in a subprocess and drives ``/recommend`` (``--candidates`` item ids,
+a ``--history`` of the main sequence) with the open-loop generator of
+``benchmarks/loadgen.py`` (fixed arrival rate, latency from each request's scheduled
+send time): a sweep over ``--rates`` reports throughput, p50/p90/p99 and errors per rate
+and the highest rate whose p99 is within ``--p99-ms``; ``--soak S`` then holds half that
+rate (or ``--soak-rate``) for S seconds and prints the server's resident memory (all its
+processes) at start and end. In-process latency: ``benchmarks/serve_latency.py``.
 
-1. in process: p50 latency of scoring one history (T items) against 1,000 candidates,
-   at the id level (``Ranker.score_candidate_ids``) and the token level (``Ranker.rank``);
-2. over HTTP: starts ``dinrec serve`` on a free loopback port in a subprocess and sends a
-   bounded load (count and time) of ``/recommend`` requests from an httpx async client at
-   a fixed concurrency; prints throughput, latency p50/p90/p99 and the non-2xx count.
+Prints figures, asserts nothing. The generator shares the machine with the server: on a
+small box its CPU use (printed) is part of what is measured.
 
-Prints figures, asserts nothing. The client shares the machine with the server: on a
-small box its CPU use is part of what is measured.
-
-    python benchmarks/serve_load.py                     # defaults: 10,000 requests, c=32
-    python benchmarks/serve_load.py --run runs/demo/din --requests 2000
+    python benchmarks/serve_load.py --untrained                         # sweep, 20 s per rate
+    python benchmarks/serve_load.py --run runs/demo/din --soak 600      # + 10-minute soak
 """
 
 from __future__ import annotations
@@ -26,21 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-
-@dataclass
-class LoadResult:
-    sent: int
-    ok: int
-    non_2xx: int
-    failed: int  # connection errors, timeouts
-    first_error: str
-    seconds: float
-    latencies_ms: np.ndarray  # (ok + non_2xx,)
 
 
 def free_port() -> int:
@@ -60,82 +51,49 @@ def train_run(out: Path, preset: str, steps: int) -> Path:
     return out / "run"
 
 
-def percentiles(ms: np.ndarray) -> str:
-    if ms.size == 0:
-        return "no samples"
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return f"p50 {p50:.2f} ms  p90 {p90:.2f} ms  p99 {p99:.2f} ms"
-
-
-def in_process(
-    run: Path, n_candidates: int, history: int, runs: int, threads: int, onnx: Path | None = None,
-    precision: str = "float32",
-) -> None:
+def untrained_run(out: Path, preset: str, model_name: str = "din") -> Path:
+    """A run folder with random weights (what the trainer writes, minus training)."""
     import torch
+    from dinrec.train.checkpoint import save_checkpoint
 
-    from dinrec.serve.ranker import Ranker
+    from dinrec.data import PrepareConfig, generate, prepare_events
+    from dinrec.data import preset as get_preset
+    from dinrec.data.store import SampleStore
+    from dinrec.models import create_model
 
-    torch.set_num_threads(threads)
-    ranker = Ranker(run, onnx=onnx, threads=threads, precision=precision)
-    rng = np.random.default_rng(0)
-    n_items = ranker.vocab_sizes["item"]
-    hist = rng.integers(2, n_items, history)  # (T,)
-    cands = rng.integers(2, n_items, n_candidates)  # (N,)
-    tokens = ranker.index["item"].tokens
-    hist_tok = [tokens[i] for i in hist]
-    cand_tok = [tokens[i] for i in cands]
-    user = ranker.index["user"].tokens[2]
-
-    def timed(f) -> np.ndarray:
-        for _ in range(5):
-            f()
-        out = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            f()
-            out.append((time.perf_counter() - t0) * 1e3)
-        return np.asarray(out)
-
-    ids = timed(lambda: ranker.score_candidate_ids(2, hist, cands))
-    tok = timed(lambda: ranker.rank(user, hist_tok, cand_tok, k=10, explain=3))
-    print(f"in-process, {ranker.model_name} ({ranker.backend.name}, {precision}), T={history}, "
-          f"N={n_candidates}, torch threads={threads}, {runs} runs:")
-    print(f"  ids    (score_candidate_ids)   {percentiles(ids)}")
-    print(f"  tokens (rank, k=10, explain=3) {percentiles(tok)}")
+    events, _ = generate(get_preset(preset))
+    prepare_events(events, out / "store", PrepareConfig())
+    store = SampleStore(out / "store")
+    torch.manual_seed(0)
+    model = create_model(model_name, store.schema, store.table_sizes())
+    run = out / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    config = {"model": {"name": model_name, "config": model.config.to_dict(),
+                        "table_sizes": store.table_sizes()},
+              "train": {"max_len": store.max_len}, "store": str(store.path.resolve())}
+    (run / "config.json").write_text(json.dumps(config))
+    store.schema.save(run)
+    save_checkpoint(run / "checkpoints" / "best.pt", {"model": model.state_dict()})
+    return run
 
 
-def precision_agreement(run: Path, n_candidates: int, history: int, requests: int = 50) -> None:
-    """How far bfloat16 ranking is from float32: max |p diff| and top-10 overlap."""
-    from dinrec.serve.ranker import Ranker
-
-    exact, fast = Ranker(run), Ranker(run, precision="bfloat16")
-    rng = np.random.default_rng(1)
-    n_items = exact.vocab_sizes["item"]
-    diffs, overlap = [], []
-    for _ in range(requests):
-        hist = rng.integers(2, n_items, history)
-        cands = rng.choice(np.arange(2, n_items), size=min(n_candidates, n_items - 2), replace=False)
-        p = exact.score_candidate_ids(2, hist, cands).probabilities
-        q = fast.score_candidate_ids(2, hist, cands).probabilities
-        diffs.append(np.abs(p - q).max())
-        overlap.append(len(set(np.argsort(-p)[:10]) & set(np.argsort(-q)[:10])) / 10)
-    print(f"bfloat16 vs float32 over {requests} requests: max |p diff| {max(diffs):.2e} "
-          f"(median {np.median(diffs):.2e}); top-10 overlap mean {np.mean(overlap):.3f}, "
-          f"min {min(overlap):.1f}")
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/loadgen.py
 
 
 def make_payloads(run: Path, n: int, n_candidates: int, history: int, seed: int = 0) -> list[bytes]:
-    from dinrec.data.vocab import Vocabularies
+    """Request bodies: a user id, a main-sequence history and candidates, by item id."""
+    from dinrec.serve.ranker import Ranker
 
-    vocabs = Vocabularies.load(run / "vocab")
-    items = vocabs.item.tokens.to_pylist()
-    users = vocabs.user.tokens.to_pylist()
+    ranker = Ranker(run)
+    items = sorted(ranker.encoder.items.keys)
+    users = sorted(ranker.encoder.users.keys) or ["u0"]
+    main = ranker.schema.main_sequence.name
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(min(n, 256)):  # a pool of distinct requests, reused round-robin
         body = {
             "user": users[rng.integers(len(users))],
-            "history": [items[i] for i in rng.integers(0, len(items), history)],
+            "sequences": {main: [items[i] for i in rng.integers(0, len(items), history)]},
             "candidates": [items[i] for i in rng.integers(0, len(items), n_candidates)],
             "k": 10,
             "explain": 3,
@@ -144,70 +102,7 @@ def make_payloads(run: Path, n: int, n_candidates: int, history: int, seed: int 
     return out
 
 
-async def load(url: str, payloads: list[bytes], total: int, concurrency: int, time_limit: float) -> LoadResult:
-    import httpx
-
-    latencies: list[float] = []
-    counts = {"ok": 0, "non_2xx": 0, "failed": 0, "sent": 0}
-    errors: list[str] = []
-    deadline = time.perf_counter() + time_limit
-    next_i = 0
-    headers = {"content-type": "application/json"}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as client:
-
-        async def worker() -> None:
-            nonlocal next_i
-            while next_i < total and time.perf_counter() < deadline:
-                body = payloads[next_i % len(payloads)]
-                next_i += 1
-                counts["sent"] += 1
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post("/recommend", content=body, headers=headers)
-                except httpx.HTTPError as exc:
-                    counts["failed"] += 1
-                    errors.append(f"{type(exc).__name__}: {exc}")
-                    continue
-                latencies.append((time.perf_counter() - t0) * 1e3)
-                counts["ok" if 200 <= r.status_code < 300 else "non_2xx"] += 1
-                if not 200 <= r.status_code < 300:
-                    errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        seconds = time.perf_counter() - t0
-    return LoadResult(
-        sent=counts["sent"], ok=counts["ok"], non_2xx=counts["non_2xx"], failed=counts["failed"],
-        first_error=errors[0] if errors else "", seconds=seconds, latencies_ms=np.asarray(latencies),
-    )
-
-
-_WRK_LUA = """
-local bodies = {}
-for line in io.lines(os.getenv("DINREC_PAYLOADS")) do bodies[#bodies + 1] = line end
-local i = 0
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-request = function()
-  i = i + 1
-  return wrk.format(nil, "/recommend", nil, bodies[(i % #bodies) + 1])
-end
-"""
-
-
-def wrk_load(url: str, payloads: list[bytes], seconds: float, concurrency: int, tmp: Path) -> str:
-    """The same load from `wrk` (a C client: far less of the 2 cores than Python's)."""
-    (tmp / "payloads.jsonl").write_bytes(b"\n".join(payloads) + b"\n")
-    (tmp / "load.lua").write_text(_WRK_LUA)
-    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, int(seconds))}s", "--latency",
-           "-s", str(tmp / "load.lua"), url]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60,
-                         env={**os.environ, "DINREC_PAYLOADS": str(tmp / "payloads.jsonl")})
-    return res.stdout + res.stderr
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
     import httpx
 
     t_end = time.time() + timeout
@@ -223,96 +118,126 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> Non
     raise RuntimeError("server did not become healthy")
 
 
+def tree_rss(pid: int) -> int:
+    """Resident bytes of process ``pid`` and all its descendants (Linux /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:"))
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its descendants."""
+    total, todo, tick = 0.0, [pid], os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def http_load(args: argparse.Namespace, run: Path) -> None:
+    from loadgen import open_loop, sweep
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "dinrec", "serve", str(run), "--host", "127.0.0.1", "--port", str(port),
            "--workers", str(args.workers), "--threads", str(args.server_threads), "--log-level", "warning"]
+    if not args.access_log:
+        cmd.append("--no-access-log")
     if args.onnx:
         cmd += ["--onnx", str(args.onnx)]
     else:
         cmd += ["--precision", args.precision]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(args.server_threads)})
+    log_file = open(os.devnull, "wb")  # the JSON access log: written (costs what it costs), not kept
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(args.server_threads)},
+                            stderr=log_file)
     try:
         wait_healthy(url, proc)
-        payloads = make_payloads(run, args.requests, args.candidates, args.history)
-        asyncio.run(load(url, payloads, min(200, args.requests), args.concurrency, 30))  # warm-up
-        if args.client == "wrk":
-            with tempfile.TemporaryDirectory() as tmp:
-                report = wrk_load(url, payloads, args.wrk_seconds, args.concurrency, Path(tmp))
-            print(f"wrk, /recommend, {args.candidates} candidates, T={args.history}, concurrency "
-                  f"{args.concurrency}, {args.workers} workers x {args.server_threads} thread:")
-            print(report)
-            return
-        res = asyncio.run(load(url, payloads, args.requests, args.concurrency, args.time_limit))
-        import httpx
-
-        health = httpx.get(url + "/healthz", timeout=5).status_code
+        bodies = make_payloads(run, 256, args.candidates, args.history)
+        asyncio.run(open_loop(url, bodies, 50, 4))  # warm-up: connections, allocator, caches
+        print(f"HTTP /recommend, {args.candidates} candidates, T={args.history}, {args.workers} "
+              f"workers x {args.server_threads} thread{' (ONNX)' if args.onnx else ''}, open loop "
+              f"{args.duration:.0f} s per rate, load average {os.getloadavg()[0]:.2f}:", flush=True)
+        cpu0 = tree_cpu(proc.pid)
+        reports, best = sweep(url, bodies, [float(r) for r in args.rates.split(",")], args.duration,
+                              args.p99_ms)
+        answered = sum(r.ok + r.errors for r in reports)
+        print(f"highest rate with p99 <= {args.p99_ms:.0f} ms and no error: {best}/s; server CPU "
+              f"{(tree_cpu(proc.pid) - cpu0) / max(answered, 1) * 1e3:.2f} ms per request "
+              f"(all workers, over the sweep)", flush=True)
+        if args.soak > 0:
+            rate = args.soak_rate or (best or 0) / 2
+            if rate <= 0:
+                print("soak: no rate met the objective and no --soak-rate given")
+                return
+            rss0 = tree_rss(proc.pid)
+            load0 = os.getloadavg()
+            r = asyncio.run(open_loop(url, bodies, rate, args.soak))
+            rss1 = tree_rss(proc.pid)
+            print(f"soak {args.soak:.0f} s at {rate:.0f}/s (load average {load0[0]:.2f} -> "
+                  f"{os.getloadavg()[0]:.2f}):\n  {r.line()}")
+            print(f"  server RSS (all processes) start {rss0 / 2**20:.1f} MiB, end "
+                  f"{rss1 / 2**20:.1f} MiB ({(rss1 - rss0) / 2**20:+.1f} MiB)")
+            if r.first_error:
+                print(f"  first error: {r.first_error}")
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
-    print(f"HTTP /recommend, {args.candidates} candidates, T={args.history}, concurrency "
-          f"{args.concurrency}, {args.workers} workers x {args.server_threads} thread"
-          f"{' (ONNX)' if args.onnx else f' ({args.precision})'}:")
-    print(f"  {res.sent:,} sent in {res.seconds:.1f} s: {res.ok / res.seconds:,.0f} req/s; "
-          f"non-2xx {res.non_2xx}, failed {res.failed}; /healthz after: {health}")
-    print(f"  latency {percentiles(res.latencies_ms)}")
-    if res.first_error:
-        print(f"  first error: {res.first_error}")
+        log_file.close()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", type=Path, default=None, help="run folder (default: train DIN on --preset)")
+    p.add_argument("--run", type=Path, default=None, help="run folder (default: build one on --preset)")
     p.add_argument("--preset", default="small")
     p.add_argument("--steps", type=int, default=300, help="training steps when no --run")
-    p.add_argument("--requests", type=int, default=10_000)
-    p.add_argument("--time-limit", type=float, default=300.0, help="seconds of load at most")
+    p.add_argument("--untrained", action="store_true", help="no --run: random weights, no training")
+    p.add_argument("--rates", default="100,150,200,250,300,350,400,500",
+                   help="open-loop sweep: requests per second, comma-separated")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per rate of the sweep")
+    p.add_argument("--p99-ms", type=float, default=50.0, help="the latency objective of the sweep")
+    p.add_argument("--soak", type=float, default=0.0, help="then hold a rate this many seconds")
+    p.add_argument("--soak-rate", type=float, default=None, help="default: half the sweep's best")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="the server writes its JSON access log (to /dev/null here)")
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--history", type=int, default=100)
-    p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--server-threads", type=int, default=1)
     p.add_argument("--onnx", type=Path, default=None, help="serve this ONNX export instead")
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
                    help="`dinrec serve --precision` for the HTTP load")
-    p.add_argument("--export-onnx", action="store_true",
-                   help="export the run to ONNX first and serve that (`dinrec serve --onnx`)")
-    p.add_argument("--inproc-candidates", type=int, default=1000)
-    p.add_argument("--inproc-runs", type=int, default=200)
-    p.add_argument("--inproc-threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--skip-http", action="store_true")
-    p.add_argument("--client", choices=["httpx", "wrk"], default="httpx",
-                   help="load generator: Python httpx (default) or wrk (apt-get install wrk)")
-    p.add_argument("--wrk-seconds", type=float, default=30.0, help="duration of the wrk load")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run
         if run is None:
             t0 = time.perf_counter()
-            run = train_run(Path(tmp), args.preset, args.steps)
-            print(f"trained DIN on preset {args.preset!r}, {args.steps} steps ({time.perf_counter() - t0:.0f} s)")
-        for threads in sorted({1, args.inproc_threads}):
-            for precision in ("float32", "bfloat16"):
-                in_process(run, args.inproc_candidates, args.history, args.inproc_runs, threads,
-                           precision=precision)
-        precision_agreement(run, args.inproc_candidates, args.history)
-        if args.export_onnx:
-            import logging
-
-            from dinrec.serve.export import export_run
-
-            for name in ("torch.onnx", "onnxscript", "onnx_ir"):
-                logging.getLogger(name).setLevel(logging.ERROR)
-
-            args.onnx = export_run(run, "onnx", Path(tmp) / "model.onnx").path
-            in_process(run, args.inproc_candidates, args.history, args.inproc_runs, 1, args.onnx)
-        if not args.skip_http:
-            http_load(args, run)
+            if args.untrained:
+                run = untrained_run(Path(tmp), args.preset)
+            else:
+                run = train_run(Path(tmp), args.preset, args.steps)
+            print(f"built a DIN run on preset {args.preset!r} ({time.perf_counter() - t0:.0f} s)")
+        http_load(args, run)
 
 
 if __name__ == "__main__":

@@ -28,17 +28,44 @@ def store(tmp_path_factory):
     return SampleStore(out)
 
 
+class Flat:
+    """A default-schema :class:`Batch` read as the flat fields these tests compare."""
+
+    def __init__(self, b: Batch):
+        h = b.sequences["hist"]
+        self.user, self.item, self.cat = b.user["user"], b.item["item"], b.item["cat"]
+        self.label, self.mask, self.group = b.label, h.mask, b.group
+        self.hist_items, self.hist_cats = h.items["item"], h.items["cat"]
+        self.neg_items = None if h.neg is None else h.neg["item"]
+        self.neg_cats = None if h.neg is None else h.neg["cat"]
+        self.n = len(b)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def flat(loader) -> list[Flat]:
+    return [Flat(b) for b in loader]
+
+
 def reference_rows(store: SampleStore, split: str) -> list[dict]:
     """Rows of a split with their histories resolved one by one in plain Python, from the
-    files alone: ``sequences[seq][max(0, hist_end - max_len) : hist_end]``."""
+    files alone: ``sequences[seq][max(0, end - max_len) : end]`` as item keys, ids and
+    categories looked up by key in ``items.arrow`` / ``users.arrow``."""
     seqs = pa.ipc.open_file(store.path / "sequences.arrow").read_all().to_pylist()
+    items = pa.ipc.open_file(store.path / "items.arrow").read_all().to_pydict()
+    users = pa.ipc.open_file(store.path / "users.arrow").read_all().to_pydict()
     cut = json.loads((store.path / "prepare.json").read_text())["max_len"]
     rows = pq.read_table(store.files(split)).to_pylist()
     for r in rows:
-        q, end = seqs[r["seq"]], r["hist_end"]
-        assert 0 <= end <= len(q["items"])
-        r["hist_items"] = q["items"][max(0, end - cut) : end]
-        r["hist_cats"] = q["cats"][max(0, end - cut) : end]
+        q, end = seqs[r["seq"]]["hist.items"], r["end.hist"]
+        assert 0 <= end <= len(q)
+        keys = q[max(0, end - cut) : end]
+        r["hist_items"] = [items["item"][k] for k in keys]
+        r["hist_cats"] = [items["cat"][k] for k in keys]
+        r["group"] = r["user"]
+        r["user"] = users["user"][r["group"]]
+        r["item"], r["cat"] = items["item"][r["item"]], items["cat"][r["item"]]
     return rows
 
 
@@ -55,6 +82,7 @@ def reference_batch(rows: list[dict], max_len: int) -> dict[str, np.ndarray]:
         hc[b, : len(c)] = c
         mask[b, : len(h)] = True
     return {
+        "group": np.array([r["group"] for r in rows]),
         "user": np.array([r["user"] for r in rows]),
         "item": np.array([r["item"] for r in rows]),
         "cat": np.array([r["cat"] for r in rows]),
@@ -65,14 +93,14 @@ def reference_batch(rows: list[dict], max_len: int) -> dict[str, np.ndarray]:
     }
 
 
-def as_np(b: Batch) -> dict[str, np.ndarray]:
+def as_np(b: Flat) -> dict[str, np.ndarray]:
     return {
         k: getattr(b, k).numpy()
-        for k in ("user", "item", "cat", "label", "hist_items", "hist_cats", "mask")
+        for k in ("user", "item", "cat", "label", "hist_items", "hist_cats", "mask", "group")
     }
 
 
-def row_keys(b: Batch) -> list[tuple]:
+def row_keys(b: Flat) -> list[tuple]:
     out = []
     for i in range(len(b)):
         n = int(b.mask[i].sum())
@@ -91,7 +119,7 @@ def test_unshuffled_batches_equal_reference(store, batch_size, max_len, small_bu
         shuffle_buffer=100 if small_buffer else 10**6,
     )  # fmt: skip
     assert len(loader) == -(-len(rows) // batch_size)
-    batches = list(loader)
+    batches = flat(loader)
     assert len(batches) == len(loader)
     for k, b in enumerate(batches):
         want = reference_batch(rows[k * batch_size : (k + 1) * batch_size], max_len)
@@ -111,21 +139,21 @@ def test_shuffled_epoch_is_a_permutation_and_seeded(store, bucket):
     )
     kw = dict(batch_size=64, bucket=bucket, bucket_batches=4, shuffle_buffer=1000)
     a = BatchLoader(store, "train", seed=1, **kw)
-    e0 = [row_keys(b) for b in a]
-    e1 = [row_keys(b) for b in a]  # the loader moves to epoch 1 by itself
+    e0 = [row_keys(b) for b in flat(a)]
+    e1 = [row_keys(b) for b in flat(a)]  # the loader moves to epoch 1 by itself
     assert sorted(sum(e0, [])) == want and sorted(sum(e1, [])) == want
     assert e0 != e1
     b = BatchLoader(store, "train", seed=1, **kw)
-    assert [row_keys(x) for x in b] == e0  # same seed, same epoch -> same batches
+    assert [row_keys(x) for x in flat(b)] == e0  # same seed, same epoch -> same batches
     b.set_epoch(1)
-    assert [row_keys(x) for x in b] == e1
+    assert [row_keys(x) for x in flat(b)] == e1
     c = BatchLoader(store, "train", seed=2, **kw)
-    assert [row_keys(x) for x in c] != e0
+    assert [row_keys(x) for x in flat(c)] != e0
 
 
 def test_bucketing_reduces_padding(store):
     def padding(loader):
-        return sum(int((~b.mask).sum()) for b in loader)
+        return sum(int((~b.mask).sum()) for b in flat(loader))
 
     plain = BatchLoader(store, "train", batch_size=32, seed=0)
     bucketed = BatchLoader(store, "train", batch_size=32, seed=0, bucket=True)
@@ -139,7 +167,7 @@ def test_resume_gives_the_same_remaining_batches(store, bucket):
     )
     full = BatchLoader(store, "train", **kw)
     full.set_epoch(2)
-    ref = [b for b in full]
+    ref = flat(full)
     for stop in (1, 4, 7, len(ref) - 1):
         first = BatchLoader(store, "train", **kw)
         first.set_epoch(2)
@@ -149,10 +177,10 @@ def test_resume_gives_the_same_remaining_batches(store, bucket):
         state = first.state_dict()
         resumed = BatchLoader(store, "train", **kw)
         resumed.load_state_dict(state)
-        rest = list(resumed)
+        rest = flat(resumed)
         assert len(rest) == len(ref) - stop
         for x, y in zip(rest, ref[stop:], strict=True):
-            for key in ("user", "item", "hist_items", "mask", "neg_items", "neg_cats"):
+            for key in ("user", "item", "hist_items", "mask", "neg_items", "neg_cats", "group"):
                 assert torch.equal(getattr(x, key), getattr(y, key))
         assert resumed.epoch == 3 and resumed.position == 0
     with pytest.raises(DinrecError, match="resume"):
@@ -163,7 +191,7 @@ def test_resume_gives_the_same_remaining_batches(store, bucket):
 def test_negative_history(store, sampling):
     loader = BatchLoader(store, "train", batch_size=128, neg_history=3, neg_sampling=sampling)
     item_cat = store.item_cat
-    for b in loader:
+    for b in flat(loader):
         B, T = b.hist_items.shape
         assert b.neg_items.shape == (B, T, 3) and b.neg_cats.shape == (B, T, 3)
         valid = b.mask[:, :, None].expand_as(b.neg_items)
@@ -173,7 +201,8 @@ def test_negative_history(store, sampling):
 
 
 def test_world_size_partitions_rows(store):
-    all_rows = Counter(sum((row_keys(b) for b in BatchLoader(store, "train", batch_size=64)), []))
+    all_rows = Counter(sum((row_keys(b) for b in flat(BatchLoader(store, "train", batch_size=64))),
+                           []))
     assert len(store.files("train")) == 5
     for ws in (2, 5, 7):  # round-robin shards for 2 and 5 ranks, row ranges for 7
         loaders = [
@@ -182,7 +211,7 @@ def test_world_size_partitions_rows(store):
         assert len({len(x) for x in loaders}) == 1  # every rank yields as many batches
         seen: Counter = Counter()
         for x in loaders:
-            rows = sum((row_keys(b) for b in x), [])
+            rows = sum((row_keys(b) for b in flat(x)), [])
             assert len(rows) >= 8 * (len(x) - 1)
             seen.update(rows)
         assert not seen - all_rows  # no row read twice or invented
@@ -197,17 +226,18 @@ def test_drop_last_and_empty_history(tmp_path):
     n = loader.num_rows
     sizes = [len(b) for b in loader]
     assert sizes == [100] * (n // 100)
-    first = next(iter(BatchLoader(tmp_path / "s", "train", batch_size=n, shuffle=False)))
+    first = Flat(next(iter(BatchLoader(tmp_path / "s", "train", batch_size=n, shuffle=False))))
     assert (first.mask.sum(1) == 0).any() and first.hist_items.shape[1] >= 1
 
 
 def test_batch_to_device(store):
     b = next(iter(BatchLoader(store, "valid", batch_size=4, neg_history=1)))
     c = b.to("cpu")
-    assert len(c) == 4 and torch.equal(c.hist_items, b.hist_items)
+    assert len(c) == 4 and torch.equal(Flat(c).hist_items, Flat(b).hist_items)
+    assert torch.equal(Flat(c).neg_cats, Flat(b).neg_cats) and torch.equal(c.group, b.group)
 
 
-def full_keys(b: Batch) -> list[tuple]:
+def full_keys(b: Flat) -> list[tuple]:
     """Every field of every row of a batch (history items and cats up to the mask)."""
     out = []
     for i in range(len(b)):
@@ -232,7 +262,7 @@ def test_unshuffled_bucketed_batches_equal_reference(store, max_len):
     B, ub = 16, 3
     loader = BatchLoader(store, "valid", batch_size=B, max_len=max_len, shuffle=False,
                          bucket=True, bucket_batches=ub, neg_history=2)
-    got = list(loader)
+    got = flat(loader)
     want = []
     for u in range(0, len(rows), B * ub):
         unit = rows[u : u + B * ub]
@@ -257,7 +287,7 @@ def test_shuffled_batches_hold_the_reference_rows(store, bucket):
         loader = BatchLoader(store, "train", batch_size=100, max_len=max_len, seed=4,
                              bucket=bucket, bucket_batches=5, shuffle_buffer=2000, neg_history=2)
         got = []
-        for b in loader:
+        for b in flat(loader):
             keys = full_keys(b)
             assert b.hist_items.shape[1] == max(1, max(len(k[4]) for k in keys))
             assert b.neg_items.shape == (*b.hist_items.shape, 2)

@@ -34,45 +34,81 @@ def read_split(store: Path, split: str) -> pa.Table:
 
 
 def rows_with_histories(store: Path, split: str) -> list[dict]:
-    """Rows of one split, each with ``hist_items`` / ``hist_cats`` id lists resolved in plain
-    Python from ``sequences.arrow``: ``sequence[max(0, hist_end - max_len) : hist_end]``."""
+    """Rows of one split as ids (``user``, ``item``, ``cat``), each with ``hist_items`` /
+    ``hist_cats`` id lists resolved in plain Python from the store's files: item keys
+    ``sequence[max(0, end - max_len) : end]`` of ``sequences.arrow``, ids by key from
+    ``items.arrow`` / ``users.arrow``."""
     import json
 
-    seqs = pa.ipc.open_file(Path(store) / "sequences.arrow").read_all().to_pylist()
-    cut = json.loads((Path(store) / "prepare.json").read_text())["max_len"]
+    store = Path(store)
+    seqs = pa.ipc.open_file(store / "sequences.arrow").read_all().to_pylist()
+    items = pa.ipc.open_file(store / "items.arrow").read_all().to_pydict()
+    users = pa.ipc.open_file(store / "users.arrow").read_all().to_pydict()
+    cut = json.loads((store / "prepare.json").read_text())["max_len"]
     rows = read_split(store, split).to_pylist()
     for r in rows:
-        q, end = seqs[r["seq"]], r["hist_end"]
-        r["hist_items"] = q["items"][max(0, end - cut) : end]
-        r["hist_cats"] = q["cats"][max(0, end - cut) : end]
+        end = r["end.hist"]
+        keys = seqs[r["seq"]]["hist.items"][max(0, end - cut) : end]
+        r["hist_items"] = [items["item"][k] for k in keys]
+        r["hist_cats"] = [items["cat"][k] for k in keys]
+        r["cat"] = items["cat"][r["item"]]
+        r["item"], r["user"] = items["item"][r["item"]], users["user"][r["user"]]
     return rows
 
 
-def check_no_leaks(store: Path, time_order: bool = True) -> None:
-    """No sampled negative of a user is one of their positives; in leave-last-out every
-    valid/test positive is not earlier than that user's training positives."""
-    tables = {s: read_split(store, s) for s in ("train", "valid", "test")}
-    pos: dict[int, set[int]] = {}
-    for t in tables.values():
-        for u, i, lab in zip(t["user"].to_numpy(), t["item"].to_numpy(), t["label"].to_numpy(),
-                             strict=True):
-            if lab == 1:
-                pos.setdefault(int(u), set()).add(int(i))
-    oov = 1
-    for t in tables.values():
-        for u, i, lab in zip(t["user"].to_numpy(), t["item"].to_numpy(), t["label"].to_numpy(),
-                             strict=True):
-            if lab == 0 and i != oov:
-                assert int(i) not in pos.get(int(u), set()), (u, i)
-    if time_order and "ts" in tables["train"].column_names:
+def check_no_leaks(store: Path, time_order: bool = True) -> int:
+    """Leak checks of a store made from events (main sequence), by raw user and raw item
+    (keys: OOV users and items stay distinct); returns the number of checks that bit.
+
+    * no negative row's item is a positive of that user in any split, the user's first
+      positive (which is never a target) included: every positive is in the user's
+      sequence, read whole;
+    * with ``time_order``: no valid/test target is earlier than a training target of that
+      user, and no history event is later than its target (the event at sequence position
+      ``p`` is the positive row with ``end == p``).
+    """
+    import json
+
+    store = Path(store)
+    seqs = pa.ipc.open_file(store / "sequences.arrow").read_all().column("hist.items").to_pylist()
+    tables = {s: read_split(store, s).to_pylist() for s in ("train", "valid", "test")}
+    checks = 0
+    pos: dict[int, set[int]] = {}  # user key -> every positive item key
+    pos_ts: dict[tuple[int, int], int] = {}  # (seq, position) -> time of that event
+    for rows in tables.values():
+        for r in rows:
+            pos.setdefault(r["user"], set()).update(seqs[r["seq"]])
+            if r["label"] == 1:
+                pos[r["user"]].add(r["item"])
+                if "ts" in r:
+                    pos_ts[(r["seq"], r["end.hist"])] = r["ts"]
+    for rows in tables.values():
+        for r in rows:
+            if r["label"] == 0 and r["item"] not in seqs[r["seq"]][r["end.hist"]:]:
+                assert r["item"] not in pos[r["user"]], (r["user"], r["item"])
+                checks += 1
+    assert checks > 0, "no negative row was checked: use a fixture with negatives"
+    cut = json.loads((store / "prepare.json").read_text())["max_len"]
+    if time_order and tables["train"] and "ts" in tables["train"][0]:
+        n_split = 0
         last_train: dict[int, int] = {}
-        tr = tables["train"]
-        for u, ts in zip(tr["user"].to_numpy(), tr["ts"].to_numpy(), strict=True):
-            last_train[int(u)] = max(last_train.get(int(u), ts), ts)
+        for r in tables["train"]:
+            last_train[r["user"]] = max(last_train.get(r["user"], r["ts"]), r["ts"])
         for s in ("valid", "test"):
-            t = tables[s]
-            for u, ts in zip(t["user"].to_numpy(), t["ts"].to_numpy(), strict=True):
-                assert ts >= last_train.get(int(u), ts), (s, u, ts)
+            for r in tables[s]:
+                if r["user"] in last_train:
+                    assert not r["ts"] < last_train[r["user"]], (s, r)
+                    n_split += 1
+        for rows in tables.values():
+            for r in rows:
+                for p in range(max(0, r["end.hist"] - cut), r["end.hist"]):
+                    if (r["seq"], p) in pos_ts:
+                        assert not pos_ts[(r["seq"], p)] > r["ts"], r  # strictly later: a leak
+                        checks += 1
+        assert n_split > 0, "no valid/test user has training targets: the time order check " \
+            "saw nothing; use a fixture whose users have training positives"
+        checks += n_split
+    return checks
 
 
 def read_with(fmt: str, inputs: list[Path], on_error: str = "fail", **opts):

@@ -37,7 +37,9 @@ def test_dien_text_prepare_stats(tmp_path):
     assert rows["test"] == 3 and rows["train"] + rows["valid"] == 8
     assert report.stats["categories"] == 2 + 3  # pad, oov + Books, Music, Toys
     test = read_split(tmp_path / "s", "test")
-    assert test.column("cat").to_pylist()[1] == 1  # "Garden" is not in train: <oov>
+    store = SampleStore(tmp_path / "s")
+    cat_of_item = store.items.features["cat"]  # (N,) category id per item key
+    assert cat_of_item[test.column("item").to_numpy()[1]] == 1  # "Garden" not in train: <oov>
 
 
 @pytest.mark.parametrize(("fmt", "inputs"), [("dien-text", DIEN), ("din-csv", [DIN])])
@@ -56,7 +58,7 @@ def test_prepared_histories_round_trip(tmp_path, fmt, inputs):
         assert g["item"] == v.item.token_to_id(w["item"]) and g["label"] == w["label"]
     distinct = {(tuple(r["hist_items"]), tuple(r["hist_cats"]))
                 for t in result.splits.values() for r in t.to_pylist()}
-    assert report.stats["sequences"]["count"] == len(distinct)
+    assert report.stats["sequences"]["hist"]["count"] == len(distinct)
     assert len(distinct) <= sum(report.stats["rows"].values()) * 0.6
 
 
@@ -169,6 +171,13 @@ def test_din_csv_bad_cate_list(tmp_path):
     write(tmp_path / "cate_list.csv", "0\n1\nx\n")
     with pytest.raises(DataFormatError, match=r"cate_list.csv:3: cat: not an integer"):
         read_with("din-csv", [tmp_path], on_error="skip")  # fatal even when skipping
+    # a line with two fields would shift every later item id: fatal too (a fuzz find)
+    write(tmp_path / "cate_list.csv", "0\n1\t2\n1\n")
+    with pytest.raises(DataFormatError, match=r"cate_list.csv:2: expected 1 fields, got 2"):
+        read_with("din-csv", [tmp_path], on_error="skip")
+    write(tmp_path / "cate_list.csv", "\t\"\n")
+    with pytest.raises(DataFormatError, match=r"cate_list.csv:1: "):
+        read_with("din-csv", [tmp_path], on_error="skip")
 
 
 def test_din_csv_needs_three_files():

@@ -1,146 +1,344 @@
-"""The CTR models: shapes, registry, padding invariance, candidate scoring, learning."""
+"""The CTR models over the schema: today's results on the default schema, every feature
+kind, padding invariance, one attention per sequence, candidate scoring, learning."""
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dinrec.data.batches import Batch
+from dinrec.data.batch import Batch
+from dinrec.data.schema import Feature, Schema, SequenceSpec
 from dinrec.errors import DinrecError
-from dinrec.models import MODELS, build_model
-from dinrec.models.din import DIN
-
-SIZES = dict(n_users=30, n_items=50, n_cats=8)
-
-
-def _batch(b=16, t=9, seed=0, k=1) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, t + 1, (b,), generator=g)
-    lengths[0] = t
-    mask = torch.arange(t)[None, :] < lengths[:, None]  # (B, T)
-    hist_items = torch.randint(2, SIZES["n_items"], (b, t), generator=g) * mask
-    hist_cats = torch.randint(2, SIZES["n_cats"], (b, t), generator=g) * mask
-    return Batch(
-        user=torch.randint(2, SIZES["n_users"], (b,), generator=g),
-        item=torch.randint(2, SIZES["n_items"], (b,), generator=g),
-        cat=torch.randint(2, SIZES["n_cats"], (b,), generator=g),
-        hist_items=hist_items,
-        hist_cats=hist_cats,
-        mask=mask,
-        label=torch.randint(0, 2, (b,), generator=g).float(),
-        neg_items=torch.randint(2, SIZES["n_items"], (b, t, k), generator=g) * mask[..., None],
-        neg_cats=torch.randint(2, SIZES["n_cats"], (b, t, k), generator=g) * mask[..., None],
-    )
-
+from dinrec.models import MODELS, create_model
+from dinrec.models.din import DIN, DINCandidateScorer
+from model_inputs import (
+    DEFAULT_SIZES,
+    RICH,
+    RICH_SIZES,
+    history_row,
+    random_batch,
+    random_candidates,
+    repeat_row,
+    with_garbage,
+)
 
 ALL = ["base", "wide_deep", "pnn", "din", "dien", "gru_att", "aigru", "agru", "augru"]
+SCHEMAS = {"default": (Schema.default(max_len=9), DEFAULT_SIZES), "rich": (RICH, RICH_SIZES)}
+FIXTURE = Path(__file__).parent / "fixtures" / "models_default_schema.pt"
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_forward_shapes_and_padding_invariance(name):
+def _model(name: str, schema: str = "default", **config) -> torch.nn.Module:
+    s, sizes = SCHEMAS[schema]
+    return create_model(name, s, sizes, **config)
+
+
+def _batch(schema: str = "default", **kw) -> Batch:
+    s, sizes = SCHEMAS[schema]
+    return random_batch(s, sizes, **kw)
+
+
+# --------------------------------------------------------------------------- today's results
+_fixture = torch.load(FIXTURE) if FIXTURE.exists() else {"cases": {}}
+
+
+@pytest.mark.parametrize("case", sorted(_fixture["cases"]))
+def test_default_schema_reproduces_the_pre_schema_models(case):
+    """Same seed -> same weights (created in the same order, same init) and the same
+    logits, attention weights, auxiliary loss and gradients as before the schema
+    (recorded by tests/fixtures/make_models_default_schema.py from commit 8cc926c)."""
+    c, x = _fixture["cases"][case], _fixture["inputs"]
+    sizes = {"user": _fixture["sizes"]["n_users"], "item": _fixture["sizes"]["n_items"],
+             "cat": _fixture["sizes"]["n_cats"]}
     torch.manual_seed(0)
-    model = build_model(name, **SIZES).eval()
-    batch = _batch()
+    model = create_model(c["name"], Schema.default(), sizes, **c["config"])
+    params = [p.detach().double() for p in model.parameters()]
+    assert [tuple(p.shape) for p in params] == c["param_shapes"]
+    torch.testing.assert_close(torch.stack([p.sum() for p in params]), c["param_sums"])
+    torch.testing.assert_close(torch.stack([p.square().sum() for p in params]), c["param_sq_sums"])
+    batch = Batch.from_ids(x["user"], x["item"], x["cat"], x["hist_items"], x["hist_cats"], x["mask"],
+                           x["label"], x["neg_items"], x["neg_cats"])
+    model.train()
     out = model(batch)
-    assert out.logits.shape == (16,)
-    assert torch.isfinite(out.logits).all()
-    # Garbage ids at padded positions change nothing.
-    noisy = _batch()
-    noisy.hist_items = torch.where(batch.mask, batch.hist_items, torch.randint(2, 50, batch.mask.shape))
-    noisy.hist_cats = torch.where(batch.mask, batch.hist_cats, torch.randint(2, 8, batch.mask.shape))
-    torch.testing.assert_close(model(noisy).logits, out.logits)
+    (out.logits.sin().sum() + (out.aux_loss if out.aux_loss is not None else 0.0)).backward()
+    torch.testing.assert_close(out.logits.detach(), c["train_logits"], rtol=1e-5, atol=1e-6)
+    if c["aux_loss"] is None:
+        assert out.aux_loss is None
+    else:
+        torch.testing.assert_close(out.aux_loss.detach(), c["aux_loss"], rtol=1e-5, atol=1e-6)
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.double() for p in model.parameters()]
+    torch.testing.assert_close(torch.stack([g.sum() for g in grads]), c["grad_sums"], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(torch.stack([g.square().sum() for g in grads]), c["grad_sq_sums"],
+                               rtol=1e-4, atol=1e-9)
+    model.eval()
+    with torch.no_grad():
+        ev = model(batch, return_alphas=True)
+    torch.testing.assert_close(ev.logits, c["eval_logits"], rtol=1e-5, atol=1e-6)
+    if c["eval_alphas"] is None:
+        assert ev.alphas is None
+    else:
+        assert list(ev.alphas) == ["hist"]
+        torch.testing.assert_close(ev.alphas["hist"], c["eval_alphas"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_fixture_is_there():
+    assert len(_fixture["cases"]) == 12, "tests/fixtures/models_default_schema.pt is missing"
+
+
+# --------------------------------------------------------------------------- every feature kind
+@pytest.mark.parametrize("name", ALL)
+def test_every_feature_kind_forward_and_backward(name):
+    """The rich schema (every kind in every role, two sequences, per-event features):
+    finite logits, and a gradient reaches every table and every numeric input."""
+    torch.manual_seed(0)
+    model = _model(name, "rich").train()
+    batch = _batch("rich", k=2)
+    for role in (batch.user, batch.item, batch.context):
+        for f, v in role.items():
+            if v.is_floating_point():
+                role[f] = v.clone().requires_grad_()
+    for seq in batch.sequences.values():
+        for d in (seq.items, seq.events):
+            for f, v in d.items():
+                if v.is_floating_point():
+                    d[f] = v.clone().requires_grad_()
+    out = model(batch)
+    assert out.logits.shape == (16,) and torch.isfinite(out.logits).all()
+    assert (out.aux_loss is not None) == model.needs_neg_history
+    (out.logits.sum() + (out.aux_loss if out.aux_loss is not None else 0.0)).backward()
+    for table, emb in model.embedding.tables.items():
+        assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0, table
+        assert (emb.weight.grad[0] == 0).all(), f"{table}: the padding row learned"
+    floats = [v for r in (batch.user, batch.item, batch.context) for v in r.values() if v.requires_grad]
+    floats += [v for s in batch.sequences.values() for d in (s.items, s.events) for v in d.values()
+               if v.requires_grad]
+    assert len(floats) == 6  # age, price, weekday, price of each event (2 sequences), dwell
+    for v in floats:
+        assert v.grad is not None and v.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("schema", ["default", "rich"])
+@pytest.mark.parametrize("name", ALL)
+def test_padding_never_changes_a_logit(name, schema):
+    """Garbage at padded sequence positions (ids, values, per-event features), extra
+    padding columns on multi-valued features, and rows with an empty sequence."""
+    torch.manual_seed(0)
+    s, sizes = SCHEMAS[schema]
+    model = _model(name, schema).eval()
+    batch = random_batch(s, sizes, empty_rows=True, seed=3)
+    noisy = with_garbage(batch, s, sizes)
+    assert any(not torch.equal(a, b) for a, b in zip(
+        noisy.sequences[s.main_sequence.name].items.values(),
+        batch.sequences[s.main_sequence.name].items.values(), strict=True))
+    with torch.no_grad():
+        want = model(batch, return_alphas=True)
+        got = model(noisy, return_alphas=True)
+    torch.testing.assert_close(got.logits, want.logits)
+    if want.alphas is not None:
+        for k in want.alphas:
+            torch.testing.assert_close(got.alphas[k], want.alphas[k])
+
+
+# --------------------------------------------------------------------------- sequences
+@pytest.mark.parametrize("name", ["din", "dien", "gru_att", "aigru"])
+def test_two_sequences_give_two_attentions_with_their_own_masks(name):
+    torch.manual_seed(0)
+    model = _model(name, "rich").eval()
+    batch = _batch("rich", empty_rows=True, seed=1)
+    with torch.no_grad():
+        out = model(batch, return_alphas=True)
+    assert list(out.alphas) == ["liked", "disliked"]
+    for s, a in out.alphas.items():
+        mask = batch.sequences[s].mask
+        assert a.shape == mask.shape
+        some = mask.any(1)  # (B,)
+        assert (~some).any() and some.any()
+        assert (a[~mask & some[:, None]] == 0).all(), s
+        torch.testing.assert_close(a[some].sum(1), torch.ones(int(some.sum())))
+        # an empty sequence: the reference's uniform weights (over padding read as zeros)
+        torch.testing.assert_close(a[~some], torch.full_like(a[~some], 1 / mask.shape[1]))
+    # Each sequence has its own attention unit ...
+    units = model.attentions if name == "din" else {"liked": model.attention, **model.attentions}
+    assert set(units) == {"liked", "disliked"} and units["liked"] is not units["disliked"]
+    # ... and reads only its own events: changing "disliked" leaves the "liked" weights.
+    other = batch.apply(lambda t: t.clone())
+    other.sequences["disliked"].items["item"] = torch.where(
+        other.sequences["disliked"].mask, (other.sequences["disliked"].items["item"] + 7) % 48 + 2, 0)
+    with torch.no_grad():
+        out2 = model(other, return_alphas=True)
+    torch.testing.assert_close(out2.alphas["liked"], out.alphas["liked"])
+    changed = batch.sequences["disliked"].mask.any(1)
+    assert not torch.allclose(out2.alphas["disliked"][changed], out.alphas["disliked"][changed])
+    assert not torch.allclose(out2.logits, out.logits)
 
 
 def test_din_alphas_and_attention_variants():
     torch.manual_seed(0)
     batch = _batch()
     for attention in ("fcn", "din"):
-        model = build_model("din", attention=attention, **SIZES).eval()
+        model = _model("din", attention=attention).eval()
         out = model(batch, return_alphas=True)
-        assert out.alphas.shape == batch.mask.shape
-        torch.testing.assert_close(out.alphas.sum(1), torch.ones(16))
-        assert (out.alphas[~batch.mask] == 0).all()
-    assert build_model("din", attention="din", **SIZES).attention.query_proj is None
+        a, mask = out.alphas["hist"], batch.sequences["hist"].mask
+        assert a.shape == mask.shape
+        torch.testing.assert_close(a.sum(1), torch.ones(16))
+        assert (a[~mask] == 0).all()
+        assert model(batch).alphas is None
+    assert _model("din", attention="din").attention.query_proj is None
     with pytest.raises(DinrecError, match="attention"):
-        build_model("din", attention="bogus", **SIZES)
+        _model("din", attention="bogus")
+    with pytest.raises(DinrecError, match="per-event features: use attention='fcn'"):
+        _model("din", "rich", attention="din")
+    plain = Schema(item=[Feature("item"), Feature("genres", kind="multi")], sequences=[SequenceSpec("a"), SequenceSpec("b")])
+    model = create_model("din", plain, {"user": 5, "item": 9, "genres": 4}, attention="din")
+    assert model.attentions["b"].query_proj is None
 
 
-@pytest.mark.parametrize("name", ["din", "base", "pnn", "dien"])
-def test_score_candidates_equals_repeated_rows(name):
+# --------------------------------------------------------------------------- candidates
+def _check_candidates(model, s, sizes, seed=0, compute_dtype=None):
+    batch = random_batch(s, sizes, b=4, seed=seed, k=0)
+    cands = random_candidates(s, sizes, 11, seed=seed + 7)
+    for row in (0, 3):
+        out = model.score_candidates(history_row(batch, row), cands, return_alphas=True,
+                                     compute_dtype=compute_dtype)
+        want = model(repeat_row(batch, row, cands), return_alphas=True)
+        torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-6)
+        if model.has_attention:
+            assert list(out.alphas) == [q.name for q in s.sequences]
+            for k, a in want.alphas.items():
+                torch.testing.assert_close(out.alphas[k], a, rtol=1e-5, atol=1e-6)
+        else:
+            assert out.alphas is None
+
+
+@pytest.mark.parametrize("schema", ["default", "rich"])
+@pytest.mark.parametrize("name", ALL)
+def test_score_candidates_equals_forward_on_the_same_rows(name, schema):
     torch.manual_seed(1)
-    model = build_model(name, **SIZES).eval()
-    t, n = 7, 11
-    hist_items = torch.tensor([5, 9, 9, 13, 2, 0, 0])
-    hist_cats = torch.tensor([3, 4, 4, 5, 2, 0, 0])
-    items = torch.randint(2, 50, (n,))
-    cats = torch.randint(2, 8, (n,))
-    user = torch.tensor(4)
-    out = model.score_candidates(user, hist_items, hist_cats, items, cats, return_alphas=True)
-    rows = Batch(
-        user=user.repeat(n), item=items, cat=cats,
-        hist_items=hist_items.repeat(n, 1), hist_cats=hist_cats.repeat(n, 1),
-        mask=(hist_items != 0).repeat(n, 1), label=torch.zeros(n),
-    )
-    want = model(rows, return_alphas=True)
+    s, sizes = SCHEMAS[schema]
+    model = _model(name, schema)
+    model.train()  # warm BatchNorm's running statistics a little, then evaluate
+    model(random_batch(s, sizes, b=32, seed=9))
+    model.eval()
+    _check_candidates(model, s, sizes)
+    scorer = model.candidate_scorer()
+    batch = random_batch(s, sizes, b=2, seed=4, k=0)
+    cands = random_candidates(s, sizes, 6)
+    torch.testing.assert_close(scorer(history_row(batch, 1), cands).logits,
+                               model(repeat_row(batch, 1, cands)).logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("schema", ["default", "rich"])
+def test_din_candidates_in_training_mode_and_with_the_plain_attention(schema):
+    """The autograd path (training mode; BatchNorm on batch statistics over the N rows
+    on both sides) and the plain din_attention's prepared scorer."""
+    torch.manual_seed(2)
+    s, sizes = SCHEMAS[schema]
+    model = _model("din", schema).train()
+    batch = random_batch(s, sizes, b=2, seed=0, k=0)
+    cands = random_candidates(s, sizes, 9)
+    out = model.score_candidates(history_row(batch, 0), cands, return_alphas=True)
+    want = model(repeat_row(batch, 0, cands), return_alphas=True)
     torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-6)
-    if name in ("din", "dien"):
-        assert out.alphas.shape == (n, t)
-        torch.testing.assert_close(out.alphas, want.alphas, rtol=1e-5, atol=1e-6)
+    for k in want.alphas:
+        torch.testing.assert_close(out.alphas[k], want.alphas[k])
+    out.logits.sum().backward()
+    assert model.attention.att1.weight.grad.abs().sum() > 0
+    if schema == "default":
+        _check_candidates(_model("din", attention="din").eval(), s, sizes)
 
 
-def test_registry():
-    assert {"base", "wide_deep", "pnn", "din"} <= set(MODELS)
-    with pytest.raises(DinrecError, match="unknown model 'nope'"):
-        build_model("nope", **SIZES)
-    model = build_model("din", embedding_dim=4, hidden=[8, 4], activation="dice", **SIZES)
-    assert isinstance(model, DIN)
-    again = type(model)(type(model.config).from_dict(model.config.to_dict()))
-    assert again.config == model.config
-    with pytest.raises(DinrecError, match="unknown fields"):
-        build_model("base", attention_size=3, **SIZES)
+@pytest.mark.parametrize("name", ["din", "dien"])
+def test_candidates_in_bfloat16_products_stay_close(name):
+    """``compute_dtype=torch.bfloat16`` (the server's --precision) on the rich schema."""
+    torch.manual_seed(3)
+    s, sizes = SCHEMAS["rich"]
+    model = _model(name, "rich").eval()
+    history = history_row(random_batch(s, sizes, b=1, k=0), 0)
+    cands = random_candidates(s, sizes, 300)
+    with torch.no_grad():  # as a server runs it (bfloat16 products need no autograd)
+        want = model.candidate_scorer()(history, cands, return_alphas=True)
+        got = model.candidate_scorer()(history, cands, return_alphas=True, compute_dtype=torch.bfloat16)
+    assert got.logits.dtype == torch.float32
+    assert not torch.equal(got.alphas["disliked"], want.alphas["disliked"])  # the bfloat16 path ran
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=2e-2)
+    for k in want.alphas:
+        torch.testing.assert_close(got.alphas[k].float(), want.alphas[k], rtol=0, atol=2e-2)
 
 
-@pytest.mark.parametrize("name", ["base", "wide_deep", "pnn", "din", "dien"])
-def test_models_learn_a_planted_rule(name):
-    """A label that depends on whether the target's category is in the history is learnable."""
+def test_din_candidate_scorer_is_a_snapshot_of_eval_mode():
+    torch.manual_seed(2)
+    s, sizes = SCHEMAS["rich"]
+    model = _model("din", "rich", embedding_dim=4, hidden=[8, 4])
+    with pytest.raises(DinrecError, match="eval mode"):
+        model.candidate_scorer()
+    model.eval()
+    history, cands = history_row(random_batch(s, sizes, b=1), 0), random_candidates(s, sizes, 20)
+    scorer = model.candidate_scorer()
+    assert isinstance(scorer, DINCandidateScorer)
+    before = scorer(history, cands, return_alphas=True)
+    want = model.score_candidates(history, cands, return_alphas=True)
+    torch.testing.assert_close(before.logits, want.logits)
+    with torch.no_grad():  # in place: the MLP (copied) and its folded first layer
+        model.mlp.out.bias += 1.0
+        model.mlp.hidden_layers[0].weight *= 1.5
+    unit = model.attentions["disliked"]  # new values (the attention's snapshot aliases its weights)
+    unit.att2.bias.data = unit.att2.bias.data + 0.5
+    torch.testing.assert_close(scorer(history, cands).logits, before.logits)  # the snapshot
+    fresh = model.candidate_scorer()(history, cands, return_alphas=True)
+    torch.testing.assert_close(fresh.logits, model.score_candidates(history, cands).logits)
+    assert not torch.allclose(fresh.logits, before.logits)
+    assert not torch.allclose(fresh.alphas["disliked"], before.alphas["disliked"])
+    torch.testing.assert_close(fresh.alphas["liked"], before.alphas["liked"])
+
+
+def test_candidate_input_errors():
+    batch = _batch(b=2)
+    cands = {"item": torch.tensor([3]), "cat": torch.tensor([2])}
+    for name in ("base", "din", "dien"):
+        model = _model(name).eval()
+        with pytest.raises(DinrecError, match="1 row"):
+            model.score_candidates(batch, cands)
+        with pytest.raises(DinrecError, match="missing feature 'cat'"):
+            model.score_candidates(history_row(batch, 0), {"item": torch.tensor([3, 4])})
+
+
+# --------------------------------------------------------------------------- fast paths
+@pytest.mark.parametrize("name", ["din", "dien", "gru_att"])
+def test_fast_paths_equal_the_literal_ones_for_any_behaviour_width(name):
+    """A training step (logits, auxiliary loss, every gradient) on the rich schema
+    (behaviour width 6+6+6+3+5+1 = 27, events 27+6+6+1 = 40, two sequences) with the fast
+    attention and fused GRU loops equals the reference attention + literal loops, float64."""
     torch.manual_seed(0)
-    model = build_model(name, embedding_dim=8, hidden=[32, 16], **SIZES)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    batches = [_batch(b=64, seed=s) for s in range(20)]
-    for b in batches:
-        b.label = (b.hist_cats == b.cat[:, None]).any(1).float()
-
-    def mean_loss() -> float:
-        model.eval()
-        with torch.no_grad():
-            losses = [F.binary_cross_entropy_with_logits(model(b).logits, b.label) for b in batches]
-        model.train()
-        return float(torch.stack(losses).mean())
-
-    before = mean_loss()
-    for _ in range(15):
-        for b in batches:
-            out = model(b)
-            loss = F.binary_cross_entropy_with_logits(out.logits, b.label)
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    after = mean_loss()
-    assert after < 0.8 * before, (before, after)
+    model = _model(name, "rich").double().train()
+    batch = _batch("rich", k=2).apply(lambda t: t.double() if t.is_floating_point() else t)
+    assert model.behaviour_dim == 27 and model.sequence_dim("liked") == 40
+    units = [m for m in model.modules() if hasattr(m, "att1")]
+    assert len(units) == 2
+    results = []
+    for fast in (True, False):
+        for unit in units:
+            unit.impl = "fast" if fast else "reference"
+        if name != "din":
+            model.extractor.impl = "fused" if fast else "padded"
+        if hasattr(model, "evolution"):
+            model.evolution.config = dataclasses.replace(model.evolution.config,
+                                                         impl="fused" if fast else "autograd")
+        model.zero_grad()
+        out = model(batch)
+        aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), dtype=torch.float64)
+        (out.logits.sin().sum() + aux).backward()
+        results.append([out.logits, aux, *(p.grad for p in model.parameters())])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("gru", ["fused", "fused_script"])
 def test_dien_fused_paths_equal_the_literal_ones(gru):
-    """A DIEN training step (logits, auxiliary loss, every gradient) with the fused GRU
-    loops and the fast attention equals nn.GRU + the literal AUGRU cell + the reference
-    attention, in float64."""
-    import dataclasses
-
     torch.manual_seed(0)
-    model = build_model("dien", **SIZES).double().train()
+    model = _model("dien").double().train()
     batch = _batch()
     results = []
     for fast in (True, False):
@@ -155,28 +353,111 @@ def test_dien_fused_paths_equal_the_literal_ones(gru):
         torch.testing.assert_close(a, b)
 
 
+# --------------------------------------------------------------------------- DIEN specifics
 def test_dien_auxiliary_loss_and_gradient_paths():
     torch.manual_seed(0)
-    model = build_model("dien", **SIZES)
-    batch = _batch()
+    model = _model("dien", "rich")
+    batch = _batch("rich", k=2)
     out = model(batch)
     assert out.aux_loss is not None and out.aux_loss.ndim == 0 and out.aux_loss > 0
-    # Gradients reach the attention through the AUGRU (its only path to the output).
     out.logits.sum().backward()
+    # Gradients reach the main attention through the AUGRU (its only path to the output).
     assert model.attention.att1.weight.grad.abs().sum() > 0
     assert model.evolution.weight_hh.grad.abs().sum() > 0
+    assert model.attentions["disliked"].att1.weight.grad.abs().sum() > 0
+    assert model.extractor.input_size == model.sequence_dim("liked") == 40
     # Padded negatives change nothing in the auxiliary loss.
-    noisy = _batch()
-    noisy.neg_items = torch.where(batch.mask[..., None], batch.neg_items, torch.randint(2, 50, batch.neg_items.shape))
-    torch.manual_seed(0)
+    noisy = batch.apply(lambda t: t.clone())
+    neg, mask = noisy.sequences["liked"].neg, batch.sequences["liked"].mask
+    neg["item"] = torch.where(mask[..., None], neg["item"], torch.randint(2, 50, neg["item"].shape))
     torch.testing.assert_close(model(noisy).aux_loss, model(batch).aux_loss)
+    # The negatives matter where they are valid.
+    neg["item"] = torch.where(mask[..., None], (neg["item"] + 5) % 48 + 2, neg["item"])
+    assert not torch.allclose(model(noisy).aux_loss, model(batch).aux_loss)
     # No auxiliary loss at evaluation; a clear error when training without negatives.
     model.eval()
     assert model(batch).aux_loss is None
     model.train()
-    batch.neg_items = None
+    batch.sequences["liked"].neg = None
     with pytest.raises(DinrecError, match="--neg-history"):
         model(batch)
-    assert not build_model("augru", **SIZES).needs_neg_history
+    assert not _model("augru").needs_neg_history
     with pytest.raises(DinrecError, match="evolution"):
-        build_model("dien", evolution="lstm", **SIZES)
+        _model("dien", evolution="lstm")
+
+
+def test_dien_without_negative_categories_reads_them_as_padding():
+    """``Batch.from_ids`` without neg_cats (as the pre-schema ``neg_cats=None``)."""
+    torch.manual_seed(0)
+    model = _model("dien")
+    b = _batch()
+    seq = b.sequences["hist"]
+    zeros = torch.zeros_like(seq.neg["item"])
+    batch = Batch.from_ids(b.user["user"], b.item["item"], b.item["cat"], seq.items["item"],
+                           seq.items["cat"], seq.mask, b.label, seq.neg["item"], None)
+    explicit = Batch.from_ids(b.user["user"], b.item["item"], b.item["cat"], seq.items["item"],
+                              seq.items["cat"], seq.mask, b.label, seq.neg["item"], zeros)
+    torch.testing.assert_close(model(batch).aux_loss, model(explicit).aux_loss)
+
+
+# --------------------------------------------------------------------------- registry, config
+def test_registry_and_config():
+    assert set(ALL) <= set(MODELS)
+    with pytest.raises(DinrecError, match="unknown model 'nope'"):
+        _model("nope")
+    model = _model("din", embedding_dim=4, hidden=[8, 4], activation="dice")
+    assert isinstance(model, DIN) and model.behaviour_dim == 8
+    again = create_model("din", model.schema, model.table_sizes, **model.config.to_dict())
+    assert again.config == model.config
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    with pytest.raises(DinrecError, match="unknown fields"):
+        _model("base", attention_size=3)
+    with pytest.raises(DinrecError, match="unknown fields.*n_users"):
+        _model("base", n_users=3)
+    with pytest.raises(DinrecError, match="no size for table 'cat'"):
+        create_model("din", Schema.default(), {"user": 3, "item": 4})
+
+
+def test_embedding_dim_comes_from_the_config_else_the_schema():
+    s = Schema(item=[Feature("item"), Feature("cat", embedding_dim=3)], embedding_dim=5)
+    sizes = DEFAULT_SIZES
+    assert create_model("base", s, sizes).behaviour_dim == 5 + 3
+    assert create_model("base", s, sizes, embedding_dim=7).behaviour_dim == 7 + 3
+
+
+# --------------------------------------------------------------------------- learning
+@pytest.mark.parametrize(("name", "schema"), [
+    *((m, "default") for m in ("base", "wide_deep", "pnn", "din", "dien")),
+    *((m, "rich") for m in ("base", "din", "dien")),
+])
+def test_models_learn_a_planted_rule(name, schema):
+    """A label that depends on whether the target's category is in the (main) history."""
+    torch.manual_seed(0)
+    s, sizes = SCHEMAS[schema]
+    model = create_model(name, s, sizes, embedding_dim=8, hidden=[32, 16])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    main = s.main_sequence.name
+    batches = [random_batch(s, sizes, b=64, seed=i) for i in range(20)]
+    for b in batches:
+        seq = b.sequences[main]
+        b.label = ((seq.items["cat"] == b.item["cat"][:, None]) & seq.mask).any(1).float()
+
+    def mean_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            losses = [F.binary_cross_entropy_with_logits(model(b).logits, b.label) for b in batches]
+        model.train()
+        return float(torch.stack(losses).mean())
+
+    before = mean_loss()
+    for _ in range(15 if schema == "default" else 30):  # more features: more noise to ignore
+        for b in batches:
+            out = model(b)
+            loss = F.binary_cross_entropy_with_logits(out.logits, b.label)
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    after = mean_loss()
+    assert after < 0.8 * before, (before, after)

@@ -95,4 +95,55 @@ def test_prepare_subprocess_exit_code_and_no_traceback(tmp_path):
 def test_prepare_synthetic(tmp_path, capsys):
     code, out, err = run(["synthetic", "--preset", "tiny", "--out", str(tmp_path / "s"),
                           "--split", "by-user"], capsys)
-    assert code == 0, err and "synthetic preset 'tiny'" in out
+    assert code == 0, err
+    assert "synthetic preset 'tiny'" in out
+
+
+RICH = FIX / "events-rich"
+
+
+def test_prepare_with_a_schema_file_and_flags(tmp_path, capsys):
+    """`--schema` (JSON) plus flags: side tables, a context feature, two behaviour
+    sequences split by a column, the built-in time gap; the store keeps the schema."""
+    schema = write(tmp_path / "shop.json", json.dumps({
+        "user": ["user", {"name": "age", "kind": "numeric", "boundaries": [25, 40]}],
+        "item": ["item", "brand", {"name": "categories", "kind": "multi", "max_values": 2}],
+    }))
+    code, out, err = run(["events", str(RICH / "log.csv"), "--user-col", "user_id",
+                          "--item-col", "item_id", "--time-col", "time",
+                          "--item-table", str(RICH / "items.jsonl"), "--item-key", "item_id",
+                          "--user-table", str(RICH / "users.csv"), "--user-key", "user_id",
+                          "--schema", str(schema), "--item-features", "price:numeric:log",
+                          "--context-features", "platform",
+                          "--sequence", "viewed:behaviour:click",
+                          "--sequence", "bought:behaviour:cart|buy", "--time-gap", "3600,86400",
+                          "--out", str(tmp_path / "s")], capsys)
+    assert code == 0, err
+    assert "sequences: viewed" in out and "brand" in out
+    from dinrec.data import BatchLoader, SampleStore
+    from dinrec.data.schema import Schema
+
+    store = SampleStore(tmp_path / "s")
+    s = store.schema
+    assert [f.name for f in s.item] == ["item", "brand", "categories", "price"]
+    assert [q.name for q in s.sequences] == ["viewed", "bought"]
+    assert [f.name for f in s.sequences[1].event_features] == ["time_gap_bought"]
+    assert Schema.load(tmp_path / "s") == s
+    b = next(iter(BatchLoader(store, "train", batch_size=64, shuffle=False)))
+    assert set(b.sequences) == {"viewed", "bought"} and b.item["categories"].shape[1] == 2
+    assert set(b.context) == {"platform"} and b.item["price"].dtype.is_floating_point
+    assert "time_gap_bought" in b.sequences["bought"].events
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--item-features", "nope"], "nope"),
+    (["--item-features", "price:numerc"], "unknown option 'numerc'"),
+    (["--sequence", "x:behaviour"], "expected NAME or NAME:COLUMN:VALUE"),
+    (["--time-gap", "an hour"], "--time-gap: 'an hour': expected seconds"),
+])
+def test_prepare_schema_flag_errors_are_one_line(tmp_path, capsys, flags, message):
+    code, out, err = run(["events", str(RICH / "log.csv"), "--user-col", "user_id",
+                          "--item-col", "item_id", "--time-col", "time", *flags,
+                          "--out", str(tmp_path / "s")], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s").exists()

@@ -18,10 +18,11 @@ from test_formats_common import check_no_leaks
 
 
 def _data_root() -> Path | None:
-    for p in (os.environ.get("DINREC_SHARED_DATA"), "/work/shared/data",
-              Path(__file__).resolve().parents[2] / "shared" / "data"):
+    """``$DINREC_SHARED_DATA``, else ``../shared/data`` beside the repository root."""
+    for p in (os.environ.get("DINREC_SHARED_DATA"),
+              Path(__file__).resolve().parents[1] / "../shared/data"):
         if p and Path(p).is_dir():
-            return Path(p)
+            return Path(p).resolve()
     return None
 
 

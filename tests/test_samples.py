@@ -11,8 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dinrec.data.samples import (
+    SPLITS,
     BuiltSamples,
     PrepareConfig,
+    SampleSet,
     build_event_samples,
     build_ready_samples,
 )
@@ -21,43 +23,56 @@ from dinrec.data.vocab import OOV_ID
 from dinrec.errors import DinrecError
 
 
+def ids(built: BuiltSamples, ss: SampleSet, col: str) -> np.ndarray:
+    """A split's ``user`` / ``item`` / ``cat`` ids (rows hold keys into the side tables)."""
+    if col == "user":
+        return built.users.features["user"][ss.user]
+    return built.items.features[col][ss.item]
+
+
 def rows_of(built: BuiltSamples, split: str) -> list[tuple]:
-    """(label, user, item, cat, history items, history cats) of every row, the history cut
-    from its sequence row by row: ``sequence[max(0, hist_end - max_len) : hist_end]``."""
-    ss, q = built.splits[split].rows(), built.sequences  # columns in row order
+    """(label, user, item, cat, history items, history cats) ids of every row, the history
+    cut from its sequence row by row: ``sequence[max(0, end - max_len) : end]``."""
+    ss, q = built.splits[split].rows(), built.sequences["hist"]  # columns in row order
+    item_id, cat_id = built.items.features["item"], built.items.features["cat"]
     out = []
     for r in range(len(ss["label"])):
-        s, end = int(ss["seq"][r]), int(ss["hist_end"][r])
-        items = q.items[q.offsets[s] : q.offsets[s + 1]].tolist()
-        cats = q.cats[q.offsets[s] : q.offsets[s + 1]].tolist()
-        assert 0 <= end <= len(items)
+        s, end = int(ss["seq"][r]), int(ss["end.hist"][r])
+        keys = q.items[q.offsets[s] : q.offsets[s + 1]]
+        assert 0 <= end <= len(keys)
         a = max(0, end - built.max_len)
-        out.append((int(ss["label"][r]), int(ss["user"][r]), int(ss["item"][r]), int(ss["cat"][r]),
-                    tuple(items[a:end]), tuple(cats[a:end])))  # fmt: skip
+        out.append((int(ss["label"][r]), int(built.users.features["user"][ss["user"][r]]),
+                    int(item_id[ss["item"][r]]), int(cat_id[ss["item"][r]]),
+                    tuple(item_id[keys[a:end]].tolist()), tuple(cat_id[keys[a:end]].tolist())))
     return out
 
 
 def reference(events: list[dict], max_len: int, min_history: int) -> dict[str, list[tuple]]:
-    """Slow per-user leave-last-out reference in tokens."""
+    """Slow per-user leave-last-out reference in tokens. An item's category is an item
+    attribute: its category in its first training event in (user, ts, file) order, else in
+    its first event."""
     by_user = defaultdict(list)
     for i, e in enumerate(events):
         by_user[e["user"]].append((e["ts"], i, e))
     out = {"train": [], "valid": [], "test": []}
-    for user, evs in by_user.items():
+    first: dict[str, tuple] = {}  # item -> (not train, rank, cat) of its first event
+    rank = 0
+    for user, evs in by_user.items():  # users in order of first appearance
         evs.sort(key=lambda x: (x[0], x[1]))
         positives = [e for _, _, e in evs if e["label"] == 1]
         P = len(positives)
         k = 0
         for _, _, e in evs:
             split = "test" if k >= P - 1 else "valid" if k == P - 2 else "train"
+            first[e["item"]] = min(first.get(e["item"], (2, 0, "")), (split != "train", rank, e["cat"]))
+            rank += 1
             if k >= min_history:
                 hist = positives[max(0, k - max_len) : k]
-                out[split].append(
-                    (e["label"], user, e["item"], e["cat"], tuple(h["item"] for h in hist),
-                     tuple(h["cat"] for h in hist))
-                )  # fmt: skip
+                out[split].append((e["label"], user, e["item"], tuple(h["item"] for h in hist)))
             k += e["label"] == 1
-    return out
+    cat = {i: c for i, (_, _, c) in first.items()}
+    return {k: [(lab, u, i, cat[i], hi, tuple(cat[h] for h in hi)) for lab, u, i, hi in v]
+            for k, v in out.items()}
 
 
 event_lists = st.lists(
@@ -143,10 +158,10 @@ def _user_tokens(events: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_leave_last_out_leaks(tiny):
     events, _ = tiny
     built = build_event_samples(events, PrepareConfig(neg_per_pos=3, max_len=10))
-    v = built.vocabs
     users, items, ts = _user_tokens(events)
-    pos_ids = defaultdict(set)
-    for u, i in zip(v.user.encode(users).tolist(), v.item.encode(items).tolist(), strict=True):
+    pos_ids = defaultdict(set)  # every positive of every user (keys: one per raw token)
+    for u, i in zip(built.users.keys_of(users).tolist(), built.items.keys_of(items).tolist(),
+                    strict=True):
         pos_ids[u].add(i)
     last_train_ts = defaultdict(lambda: -1)
     tr = built.splits["train"]
@@ -187,16 +202,15 @@ def test_vocab_from_train_only():
     built = build_event_samples(table, PrepareConfig(neg_per_pos=0))
     v = built.vocabs.item
     assert "only_test" not in v and "only_valid" not in v and "z" in v
-    test_items = set(built.splits["test"].item.tolist())
-    assert OOV_ID in test_items
-    assert OOV_ID in set(built.splits["valid"].item.tolist())
+    assert OOV_ID in set(ids(built, built.splits["test"], "item").tolist())
+    assert OOV_ID in set(ids(built, built.splits["valid"], "item").tolist())
 
 
 def test_min_count_maps_rare_items_to_oov(tiny):
     events, _ = tiny
     built = build_event_samples(events, PrepareConfig(min_count=5, neg_per_pos=0))
     assert (built.vocabs.item.counts[2:] >= 5).all()
-    assert OOV_ID in set(built.splits["train"].item.tolist())
+    assert OOV_ID in set(ids(built, built.splits["train"], "item").tolist())
 
 
 def test_by_user_split(tiny):
@@ -207,8 +221,9 @@ def test_by_user_split(tiny):
     assert len(built.vocabs.user) - 2 == n_users - round(0.2 * n_users) - round(0.1 * n_users)
     for name in ("valid", "test"):
         assert len(built.splits[name]) > 0
-        assert (built.splits[name].user == OOV_ID).all()
-    assert (built.splits["train"].user >= 2).all()
+        assert (ids(built, built.splits[name], "user") == OOV_ID).all()
+        assert (built.splits[name].user >= len(built.vocabs.user)).all()  # a key per raw user
+    assert (ids(built, built.splits["train"], "user") >= 2).all()
     ref = build_event_samples(events, PrepareConfig(neg_per_pos=1))
     assert sum(map(len, built.splits.values())) == sum(map(len, ref.splits.values()))
 
@@ -298,13 +313,15 @@ def test_sampled_negatives_follow_their_positive(tiny, split):
             at = starts + j
             assert (r.label[at] == 0).all()
             own[at] = False
-            for col in ("user", "ts", "seq", "hist_end"):
+            for col in ("user", "ts", "seq"):
                 assert np.array_equal(getattr(r, col)[at], getattr(r, col)[starts])
+            assert np.array_equal(r.ends["hist"][at], r.ends["hist"][starts])
         assert own.sum() + 2 * len(starts) == len(r)
         ref = plain.splits[name]
         ref = ref.take(np.argsort(ref.order)) if name == "train" else ref
-        for col in ("label", "user", "item", "cat", "ts", "seq", "hist_end"):
+        for col in ("label", "user", "item", "ts", "seq"):
             assert np.array_equal(getattr(r, col)[own], getattr(ref, col)), (name, col)
+        assert np.array_equal(r.ends["hist"][own], ref.ends["hist"])
 
 
 def test_distinct_histories_stay_exact_on_hash_collisions(monkeypatch):
@@ -314,9 +331,65 @@ def test_distinct_histories_stay_exact_on_hash_collisions(monkeypatch):
     train = _ready([f"u{k}" for k in range(len(hists))], ["a"] * len(hists), hists)
     splits = {"train": train, "valid": train.slice(0, 0), "test": train.slice(0, 0)}
     want = build_ready_samples(splits, PrepareConfig())
-    assert len(want.sequences) == 5  # xy, yx, [], x, xyz
+    assert len(want.sequences["hist"]) == 5  # xy, yx, [], x, xyz
     monkeypatch.setattr(samples_mod, "_window_hash",
-                        lambda items, cats, lens: np.zeros(len(lens), np.uint64))
+                        lambda keys, lens: np.zeros(len(lens), np.uint64))
     got = build_ready_samples(splits, PrepareConfig())  # every history has the same hash
     assert rows_of(got, "train") == rows_of(want, "train")
-    assert len(got.sequences) >= 5
+    assert len(got.sequences["hist"]) >= 5
+
+
+# ---------------------------------------------------------------------------- tie policy
+def test_tied_timestamps_are_ordered_by_file_order():
+    """The documented tie policy (dinrec.data.samples): events with the same ``ts`` keep
+    their file order, so the later one in the file may have the earlier ones in its history
+    (never the reverse), and leave-last-out's test target is the last in the file."""
+    table = pa.table({
+        "user": ["u"] * 6 + ["w"] * 4,
+        "item": ["A", "B", "C", "D", "E", "F", "p", "q", "r", "s"],
+        "ts": pa.array([5, 5, 5, 3, 7, 7, 1, 1, 1, 1], pa.int64()),
+    })
+    built = build_event_samples(table, PrepareConfig(neg_per_pos=0))
+    tok = np.array(built.items.tokens.to_pylist(), dtype=object)  # by item key
+    got = {}
+    for split in SPLITS:
+        ss = built.splits[split].rows()
+        for r in range(len(ss["label"])):
+            hist = built.sequences["hist"].history(int(ss["seq"][r]), int(ss["end.hist"][r]), 9)
+            got[tok[ss["item"][r]]] = (split, "".join(tok[hist]))
+    assert got == {  # D (ts 3) first; A, B, C tied at 5; E, F tied at 7; p..s all tied
+        "A": ("train", "D"), "B": ("train", "DA"), "C": ("train", "DAB"),
+        "E": ("valid", "DABC"), "F": ("test", "DABCE"),
+        "q": ("train", "p"), "r": ("valid", "pq"), "s": ("test", "pqr"),
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(event_lists, st.sampled_from(["leave-last-out", "time"]))
+def test_targets_and_histories_respect_time_with_ties(events, split):
+    """On logs full of tied timestamps: a valid/test target is never earlier than any
+    training target of its user, and no history event is later than its target."""
+    table = pa.table({
+        "user": [e["user"] for e in events], "item": [f"{e['item']}@{n}" for n, e in enumerate(events)],
+        "ts": pa.array([e["ts"] for e in events], pa.int64()),
+        "label": pa.array([e["label"] for e in events], pa.int8()),
+    })  # each item token names its event
+    try:
+        built = build_event_samples(table, PrepareConfig(neg_per_pos=0, split=split, max_len=100))
+    except DinrecError:
+        return
+    ts_of = {f"{e['item']}@{n}": e["ts"] for n, e in enumerate(events)}
+    tok = np.array(built.items.tokens.to_pylist(), dtype=object)
+    last_train: dict[int, int] = {}
+    for name in SPLITS:
+        ss, q = built.splits[name].rows(), built.sequences["hist"]
+        for r in range(len(ss["label"])):
+            target_ts = int(ss["ts"][r])
+            hist = q.history(int(ss["seq"][r]), int(ss["end.hist"][r]), 100)
+            for h in tok[hist]:
+                assert not ts_of[h] > target_ts  # strictly later would be a leak
+            user = int(ss["user"][r])
+            if name == "train":
+                last_train[user] = max(last_train.get(user, target_ts), target_ts)
+            elif user in last_train:
+                assert not target_ts < last_train[user], (name, user)

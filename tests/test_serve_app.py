@@ -1,17 +1,17 @@
-"""HTTP service: routes, limits, bad input (4xx, never 5xx, service keeps answering), schemathesis."""
+"""HTTP service over a rich schema: generated request models and OpenAPI, routes, 422 paths for
+every feature kind, limits, bad input (4xx, never 5xx, service keeps answering), schemathesis."""
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
+import torch
+
+from serve_inputs import rich_store
 
 pytest.importorskip("fastapi")
 schemathesis = pytest.importorskip("schemathesis")
@@ -19,7 +19,10 @@ schemathesis = pytest.importorskip("schemathesis")
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from dinrec.data.store import SampleStore  # noqa: E402
+from dinrec.models import create_model  # noqa: E402
 from dinrec.serve.app import Limits, ServeConfig, create_app  # noqa: E402
+from dinrec.serve.features import RequestEncoder, find_serving_folder  # noqa: E402
 from dinrec.serve.ranker import Ranker  # noqa: E402
 
 LIMITS = Limits(max_candidates=50, max_history=40, max_rows=20, max_explain=5,
@@ -27,13 +30,21 @@ LIMITS = Limits(max_candidates=50, max_history=40, max_rows=20, max_explain=5,
 
 
 @pytest.fixture(scope="module")
-def ranker(tiny_din_run) -> Ranker:
-    return Ranker(tiny_din_run)
+def store(tmp_path_factory) -> SampleStore:
+    return SampleStore(rich_store(tmp_path_factory.mktemp("rich") / "store"))
 
 
 @pytest.fixture(scope="module")
-def app(tiny_din_run, ranker):
-    return create_app(ServeConfig(run=str(tiny_din_run), limits=LIMITS), ranker=ranker)
+def ranker(store) -> Ranker:
+    torch.manual_seed(0)
+    model = create_model("din", store.schema, store.table_sizes())
+    encoder = RequestEncoder.load(find_serving_folder(store.path, None))
+    return Ranker.from_parts(model, encoder, {"model": {"name": "din", "config": {}}})
+
+
+@pytest.fixture(scope="module")
+def app(store, ranker):
+    return create_app(ServeConfig(run=str(store.path), limits=LIMITS), ranker=ranker)
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +53,16 @@ def client(app) -> TestClient:
 
 
 @pytest.fixture(scope="module")
-def good(ranker) -> dict:
-    items = ranker.index["item"].tokens[2:40]
-    return {"user": ranker.index["user"].tokens[2], "history": items[:10], "candidates": items[10:30],
-            "k": 5, "explain": 2}
+def good() -> dict:
+    return {
+        "user": {"user": "u3", "gender": "F", "age": 33},
+        "context": {"hour": "9", "platform": "android"},
+        "sequences": {"hist": ["i1", {"item": "i4", "rating": 5, "time_gap": 400}, "i9"],
+                      "liked": [{"item": "i2", "behaviour": "like"}]},
+        "candidates": [f"i{i}" for i in range(10, 30)] + [
+            {"item": "new-1", "cat": "c2", "genres": ["Drama", "Kids"], "price": 12.5}],
+        "k": 5, "explain": 2,
+    }
 
 
 def _free_port() -> int:
@@ -73,54 +90,93 @@ def live_url(app):
 
 
 # --------------------------------------------------------------------------- routes
-def test_healthz_and_metadata(client, ranker):
+def test_healthz_metadata_and_generated_openapi(client, ranker, store):
     assert client.get("/healthz").json() == {"status": "ok"}
     meta = client.get("/metadata").json()
     assert meta["model"] == "din" and meta["backend"] == "torch" and meta["has_attention"]
-    assert meta["vocab_sizes"] == ranker.vocab_sizes and meta["max_len"] == ranker.max_len
-    assert meta["limits"]["max_candidates"] == 50 and meta["config"]["model"]["name"] == "din"
-    assert meta["dinrec_version"]
-    schema = client.get("/openapi.json").json()
-    assert {"/score", "/recommend", "/healthz", "/metadata"} <= set(schema["paths"])
+    assert meta["max_len"] == 30 and meta["limits"]["max_candidates"] == 50
+    assert meta["schema"] == store.schema.to_dict() and meta["served"]["version"] == 1
+    api = client.get("/openapi.json").json()
+    assert {"/score", "/recommend", "/healthz", "/metadata", "/metrics", "/admin/model"} <= set(api["paths"])
+    comp = api["components"]["schemas"]
+    assert set(comp["User"]["properties"]) == {"user", "gender", "age"} and comp["User"]["required"] == ["user"]
+    assert set(comp["Item"]["properties"]) == {"item", "cat", "genres", "price"}
+    assert set(comp["Context"]["properties"]) == {"hour", "platform"}
+    assert set(comp["Sequences"]["properties"]) == {"hist", "liked"}
+    assert set(comp["Event_hist"]["properties"]) == {"item", "cat", "genres", "price", "rating", "time_gap"}
+    assert comp["Item"]["additionalProperties"] is False
+    genres = comp["Item"]["properties"]["genres"]["anyOf"][0]
+    assert genres["type"] == "array" and genres["items"]["type"] == "string"
 
 
 def test_recommend_matches_ranker(client, ranker, good):
-    body = {**good, "candidates": [*good["candidates"], "nope"], "user": "who"}
-    out = client.post("/recommend", json=body).json()
-    rec = ranker.rank("who", good["history"], body["candidates"], k=5, explain=2)
+    out = client.post("/recommend", json=good).json()
+    rec = ranker.recommend(good["user"], good["candidates"], good["sequences"], good["context"], k=5, explain=2)
     assert [r["item"] for r in out["ranked"]] == [s.item for s in rec.ranked]
     assert [r["score"] for r in out["ranked"]] == pytest.approx([s.score for s in rec.ranked], abs=1e-6)
-    assert out["unknown"] == {"user": ["who"], "item": ["nope"]}
-    assert all(len(r["explanation"]) == 2 for r in out["ranked"])
-    e = out["ranked"][0]["explanation"][0]
-    assert good["history"][e["position"]] == e["item"] and 0 < e["weight"] <= 1
+    assert out["unknown"] == {"item": ["new-1"]} and out["version"] == 1
+    for r in out["ranked"]:
+        assert {e["sequence"] for e in r["explanation"]} == {"hist", "liked"}
+        assert set(r["attributes"]) == {"cat", "genres", "price"}
+        for e in r["explanation"]:
+            events = good["sequences"][e["sequence"]]
+            given = events[e["position"]]
+            assert e["event"]["item"] == (given if isinstance(given, str) else given["item"])
+            assert 0 < e["weight"] <= 1 and "cat" in e["event"]
+    # shorthand user id == the user's table features
+    short = client.post("/recommend", json={**good, "user": "u3"}).json()
+    assert [r["item"] for r in short["ranked"]]
 
 
 def test_score_rows(client, ranker, good):
-    rows = [{"user": good["user"], "history": good["history"], "item": c} for c in good["candidates"][:4]]
-    rows.append({"user": "u?", "item": "i?"})
+    rows = [{"user": good["user"], "context": good["context"], "sequences": good["sequences"], "item": c}
+            for c in good["candidates"][:4]]
+    rows.append({"user": "u?", "item": {"item": "i?", "price": 3.0}})
     out = client.post("/score", json={"rows": rows}).json()
-    want = ranker.score([(r["user"], r.get("history", []), r["item"]) for r in rows])
+    want = ranker.score([{"user": r["user"], "context": r.get("context"), "sequences": r.get("sequences"),
+                          "item": r["item"]} for r in rows])
     assert out["probabilities"] == pytest.approx(want.probabilities, abs=1e-6)
     assert out["unknown"] == {"user": ["u?"], "item": ["i?"]}
 
 
+BASE = {"user": "u1", "candidates": ["i1"]}
+
+
 @pytest.mark.parametrize("path, body, field", [
-    ("/recommend", {"user": 5, "candidates": ["a"]}, "user"),
-    ("/recommend", {"user": "u", "candidates": [1, 2]}, "candidates.0"),
-    ("/recommend", {"user": "u", "candidates": []}, "candidates"),
-    ("/recommend", {"user": "u", "candidates": ["a"] * 51}, "candidates"),
-    ("/recommend", {"user": "u", "history": ["h"] * 41, "candidates": ["a"]}, "history"),
-    ("/recommend", {"user": "u", "candidates": ["a"], "k": -1}, "k"),
-    ("/recommend", {"user": "u", "candidates": ["a"], "k": 10**30}, "k"),
-    ("/recommend", {"user": "u", "candidates": ["a"], "k": "3"}, "k"),
-    ("/recommend", {"user": "u", "candidates": ["a"], "explain": 6}, "explain"),
-    ("/recommend", {"user": "", "candidates": ["a"]}, "user"),
-    ("/recommend", {"user": "u" * 33, "candidates": ["a"]}, "user"),
-    ("/recommend", {"user": "u", "candidates": ["a"], "extra": 1}, "extra"),
+    # categorical (user / item / context / event), multi, numeric, bucketed numeric, hashed
+    ("/recommend", {**BASE, "user": 5}, "user"),
+    ("/recommend", {**BASE, "user": {"gender": "F"}}, "user.user"),
+    ("/recommend", {**BASE, "user": {"user": "u", "gender": 1}}, "user.gender"),
+    ("/recommend", {**BASE, "user": {"user": "u", "age": "old"}}, "user.age"),
+    ("/recommend", {**BASE, "user": {"user": "u", "shoe": "9"}}, "user.shoe"),
+    ("/recommend", {**BASE, "candidates": [1, 2]}, "candidates.0"),
+    ("/recommend", {**BASE, "candidates": [{"item": "i", "cat": 3}]}, "candidates.0.cat"),
+    ("/recommend", {**BASE, "candidates": ["i", {"item": "i", "genres": "Drama"}]}, "candidates.1.genres"),
+    ("/recommend", {**BASE, "candidates": [{"item": "i", "genres": ["a", 7]}]}, "candidates.0.genres.1"),
+    ("/recommend", {**BASE, "candidates": [{"item": "i", "price": "cheap"}]}, "candidates.0.price"),
+    ("/recommend", {**BASE, "candidates": [{"item": "i", "colour": "red"}]}, "candidates.0.colour"),
+    ("/recommend", {**BASE, "candidates": [{"cat": "c1"}]}, "candidates.0.item"),
+    ("/recommend", {**BASE, "context": {"hour": 9}}, "context.hour"),
+    ("/recommend", {**BASE, "context": {"platform": ["ios"]}}, "context.platform"),
+    ("/recommend", {**BASE, "context": {"weather": "rain"}}, "context.weather"),
+    ("/recommend", {**BASE, "sequences": {"hist": [{"item": "i", "rating": "good"}]}}, "sequences.hist.0.rating"),
+    ("/recommend", {**BASE, "sequences": {"hist": ["i", {"item": "i", "time_gap": "1h"}]}}, "sequences.hist.1.time_gap"),
+    ("/recommend", {**BASE, "sequences": {"liked": [{"item": "i", "behaviour": 2}]}}, "sequences.liked.0.behaviour"),
+    ("/recommend", {**BASE, "sequences": {"liked": [{"item": "i", "mood": "x"}]}}, "sequences.liked.0.mood"),
+    ("/recommend", {**BASE, "sequences": {"cart": ["i"]}}, "sequences.cart"),
+    ("/recommend", {**BASE, "sequences": {"hist": ["h"] * 41}}, "sequences.hist"),
+    ("/recommend", {**BASE, "candidates": []}, "candidates"),
+    ("/recommend", {**BASE, "candidates": ["a"] * 51}, "candidates"),
+    ("/recommend", {**BASE, "k": -1}, "k"),
+    ("/recommend", {**BASE, "k": "3"}, "k"),
+    ("/recommend", {**BASE, "explain": 6}, "explain"),
+    ("/recommend", {**BASE, "user": ""}, "user"),
+    ("/recommend", {**BASE, "user": "u" * 33}, "user"),
+    ("/recommend", {**BASE, "history": ["i1"]}, "history"),
     ("/recommend", {"candidates": ["a"]}, "user"),
     ("/score", {"rows": []}, "rows"),
     ("/score", {"rows": [{"user": "u", "item": 7}]}, "rows.0.item"),
+    ("/score", {"rows": [{"user": "u", "item": {"item": "i", "price": [1]}}]}, "rows.0.item.price"),
     ("/score", {"rows": [{"user": "u", "item": "i"}] * 21}, "rows"),
 ])
 def test_422_names_the_field(client, path, body, field):
@@ -148,7 +204,8 @@ def test_schemathesis_no_server_errors(app, mode):
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     checks = [not_a_server_error] + ([response_schema_conformance] if mode == "positive" else [])
     operations = [r.ok() for r in schema.get_all_operations()]
-    assert {op.path for op in operations} == {"/score", "/recommend", "/healthz", "/metadata"}
+    assert {op.path for op in operations} == {"/score", "/recommend", "/healthz", "/metadata",
+                                              "/metrics", "/admin/model"}
     for op in operations:
         if mode == "negative" and op.method.upper() == "GET":
             continue  # no inputs to get wrong
@@ -170,7 +227,7 @@ BAD = [
     ("JSON null", b"null", {}),
     ("NaN k", b'{"user": "u", "candidates": ["a"], "k": NaN}', {}),
     ("deep nesting", b"[" * 15_000, {}),
-    ("ids of the wrong type", b'{"user": 1, "history": [2, 3], "candidates": [4]}', {}),
+    ("ids of the wrong type", b'{"user": 1, "sequences": {"hist": [2, 3]}, "candidates": [4]}', {}),
     ("empty candidates", b'{"user": "u", "candidates": []}', {}),
     ("negative k", b'{"user": "u", "candidates": ["a"], "k": -3}', {}),
     ("huge k", b'{"user": "u", "candidates": ["a"], "k": 1e400}', {}),
@@ -194,54 +251,3 @@ def test_bad_requests_then_service_still_answers(live_url, good, name, body, hea
         assert "message" in r.json() or "detail" in r.json()
         assert c.post("/recommend", json=good).status_code == 200
         assert c.get("/healthz").status_code == 200
-
-
-def test_cli_serve_onnx(tiny_din_run, tmp_path, good):
-    """`dinrec serve RUN --onnx PATH` in a subprocess, on a free loopback port."""
-    from dinrec.serve.export import export_run
-
-    onnx = export_run(tiny_din_run, "onnx", tmp_path / "m.onnx", exporter="legacy", verify=False).path
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dinrec", "serve", str(tiny_din_run), "--port", str(port), "--onnx",
-         str(onnx), "--log-level", "warning"],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t_end = time.time() + 30
-        while time.time() < t_end:
-            assert proc.poll() is None, "server exited"
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        meta = httpx.get(url + "/metadata").json()
-        assert meta["backend"] == "onnx" and not meta["has_attention"]
-        out = httpx.post(url + "/recommend", json=good, timeout=10).json()
-        assert len(out["ranked"]) == 5 and all(r["explanation"] == [] for r in out["ranked"])
-        assert httpx.post(url + "/recommend", content=b"{bad", timeout=10).status_code == 422
-        assert httpx.get(url + "/healthz").status_code == 200
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-
-
-def test_worker_factory_reads_config_from_env(tiny_din_run, monkeypatch, good):
-    """What each of `dinrec serve --workers N`'s processes runs."""
-    from dinrec.serve.app import ENV_CONFIG, app_from_env
-
-    cfg = ServeConfig(run=str(tiny_din_run), threads=1, limits=LIMITS)
-    monkeypatch.setenv(ENV_CONFIG, cfg.to_json())
-    assert ServeConfig.from_json(cfg.to_json()) == cfg
-    import torch
-
-    threads = torch.get_num_threads()
-    try:  # create_app sets torch's (process-wide) thread count to cfg.threads
-        with TestClient(app_from_env()) as c:
-            assert c.get("/metadata").json()["limits"]["max_body_bytes"] == LIMITS.max_body_bytes
-            assert c.post("/recommend", json=good).status_code == 200
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(threads)

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from dinrec.data import store as store_mod
-from dinrec.data.samples import BuiltSamples, PrepareConfig, SampleSet, Sequences
-from dinrec.data.store import SampleStore, prepare_events, prepare_samples, write_store
+from dinrec.data.samples import PrepareConfig, Sequences
+from dinrec.data.schema import Schema
+from dinrec.data.store import SampleStore, prepare_events, prepare_samples
 from dinrec.data.synthetic import generate, preset
-from dinrec.data.vocab import Vocab, Vocabularies
 from dinrec.errors import DinrecError
 
 
@@ -35,30 +35,40 @@ def test_layout_and_stats(tmp_path, events):
         assert rows == s.shard_rows(split) and max(rows) <= 1000
         assert s.num_rows(split) == stats["rows"][split] == sum(rows)
         schema = pq.read_schema(files[0])
-        assert schema.names == ["label", "user", "item", "cat", "seq", "hist_end", "ts"]
-        assert schema.field("seq").type == pa.int64() and schema.field("hist_end").type == pa.int32()
+        assert schema.names == ["label", "user", "item", "seq", "end.hist", "ts"]
+        assert schema.field("seq").type == pa.int64() and schema.field("end.hist").type == pa.int32()
         assert schema.field("label").type == pa.int8() and schema.field("ts").type == pa.int64()
         h = stats["splits"][split]["history_length"]
         assert 1 <= h["min"] <= h["median"] <= h["p90"] <= h["max"] <= 8
     assert len(s.files("train")) > 1
     assert stats["items"] == len(s.vocabs.item) and stats["users"] == len(s.vocabs.user)
+    assert s.table_sizes() == {"user": stats["users"], "item": stats["items"],
+                               "cat": stats["categories"]}
     assert s.item_cat.shape == (len(s.vocabs.item),)
+    assert s.schema == Schema.default(8) == Schema.load(out / "schema.json")
+    assert len(s.items) == stats["keys"]["items"] >= len(s.vocabs.item)
+    assert len(s.users) == stats["keys"]["users"] == len(set(events.column("user").to_pylist())) + 2
     seqs = pa.ipc.open_file(out / "sequences.arrow").read_all()
-    assert seqs.schema.field("items").type == pa.large_list(pa.int64())
-    assert seqs.num_rows == stats["sequences"]["count"] == len(s.sequences)
-    assert stats["sequences"]["ids"] == int(s.sequences.offsets[-1])
+    assert seqs.schema.field("hist.items").type == pa.large_list(pa.int64())
+    assert seqs.num_rows == stats["sequences"]["hist"]["count"] == len(s.sequences["hist"])
+    assert stats["sequences"]["hist"]["ids"] == int(s.sequences["hist"].offsets[-1])
     tr = stats["splits"]["train"]
     assert tr["positives"] == tr["negatives"]  # neg_per_pos=1
     assert not list(tmp_path.glob(".store.*"))  # no temporary left behind
 
 
-def test_item_cat_table_is_consistent(tmp_path, events):
+def test_item_cat_table_is_consistent(tmp_path):
+    events, truth = generate(preset("tiny"))
     prepare_events(events, tmp_path / "s", PrepareConfig())
     s = SampleStore(tmp_path / "s")
-    t = pq.read_table(s.files("train"))
-    pos = t.filter(pa.compute.equal(t.column("label"), 1))
-    item, cat = pos.column("item").to_numpy(), pos.column("cat").to_numpy()
-    assert np.array_equal(s.item_cat[item], cat)  # synthetic items have one category
+    items = s.items
+    keys = np.arange(2, len(items))  # every item of the input, in train or not
+    toks = items.tokens.take(pa.array(keys)).to_pylist()
+    cats = s.vocabs.cat.decode(items.features["cat"][keys])
+    assert cats == [f"c{c}" for c in truth.item_cat[[int(t[1:]) for t in toks]]]
+    ids = items.features["item"][keys]
+    known = ids >= 2
+    assert np.array_equal(s.item_cat[ids[known]], items.features["cat"][keys[known]])
 
 
 def test_atomic_write_failure_leaves_nothing(tmp_path, events, monkeypatch):
@@ -125,26 +135,15 @@ def test_open_errors(tmp_path, events):
         s.files("valid")
 
 
-def test_int64_ids_beyond_2_24_survive(tmp_path):
-    big = np.array([2**24 + 1, 2**40 + 3, 2**53 + 1], dtype=np.int64)
-    ss = SampleSet(
-        label=np.array([1, 0, 1], np.int8),
-        user=big,
-        item=big[::-1].copy(),
-        cat=big,
-        seq=np.array([1, 0, 1]),
-        hist_end=np.array([2, 2, 0]),
-    )
-    seqs = Sequences(np.array([0, 2, 3]), big, big[::-1].copy())  # [b0, b1], [b2]
-    v = Vocab.build(["a"])
-    built = BuiltSamples({"train": ss, "valid": ss, "test": ss}, seqs, Vocabularies(v, v, v), 5)
-    write_store(built, tmp_path / "s", PrepareConfig())
+def test_int64_values_beyond_2_53_survive(tmp_path):
+    big = 2**53 + np.arange(1, 7, dtype=np.int64) * 2**40  # not representable as float64 steps
+    t = pa.table({"user": ["a", "a", "a", "b", "b", "b"], "item": ["x", "y", "z", "x", "y", "z"],
+                  "ts": pa.array(big, pa.int64())})
+    prepare_events(t, tmp_path / "s", PrepareConfig(neg_per_pos=0, min_history=0))
     s = SampleStore(tmp_path / "s")
-    t = pq.read_table(s.files("train")).to_pylist()
-    assert [r["user"] for r in t] == big.tolist()
-    assert s.sequences.history(t[1]["seq"], t[1]["hist_end"], 5) == (
-        big[:2].tolist(), big[::-1][:2].tolist())
-    assert s.sequences.history(1, 1, 5) == ([big[2]], [big[0]])
+    got = sorted(r["ts"] for split in ("train", "valid", "test")
+                 for r in pq.read_table(s.files(split)).to_pylist())
+    assert got == big.tolist()
 
 
 def test_prepare_samples_store(tmp_path):
@@ -170,7 +169,7 @@ def test_old_format_store_is_refused(tmp_path, events):
     out = tmp_path / "s"
     prepare_events(events, out, PrepareConfig())
     stats = json.loads((out / "stats.json").read_text())
-    for old in (1, None):  # version 1 (per-row history lists), or no version at all
+    for old in (1, 2, None):  # 1: per-row history lists, 2: no schema; or no version at all
         if old is None:
             del stats["version"]
         else:
@@ -195,24 +194,27 @@ def test_missing_or_corrupt_sequences_is_a_clear_error(tmp_path, events):
     (out / "sequences.arrow").unlink()
     with pytest.raises(DinrecError, match="prepare the store again"):
         _ = SampleStore(out).sequences
-    store_mod.write_sequences(Sequences(np.array([0, 1]), np.array([5]), np.array([3])),
+    store_mod.write_sequences({"hist": Sequences(np.array([0, 1]), np.array([5]))},
                               out / "sequences.arrow")  # fewer sequences than the rows use
     with pytest.raises(DinrecError, match="points outside the store's sequences"):
         next(iter(BatchLoader(out, "train")))
 
 
 def _store_rows(out) -> dict[str, list[dict]]:
-    """Every row of a store with its history resolved in plain Python from the files."""
+    """Every row of a store with its history resolved in plain Python from the files: item
+    tokens (``hist``) and category ids (``hist_cats``) by key from the item side table."""
     seqs = pa.ipc.open_file(out / "sequences.arrow").read_all().to_pylist()
+    items = pa.ipc.open_file(out / "items.arrow").read_all().to_pydict()
     cut = json.loads((out / "prepare.json").read_text())["max_len"]
     s = SampleStore(out)
     rows = {}
     for split in ("train", "valid", "test"):
         rows[split] = pq.read_table(s.files(split)).to_pylist()
         for r in rows[split]:
-            q = seqs[r["seq"]]
-            r["hist"] = q["items"][max(0, r["hist_end"] - cut) : r["hist_end"]]
-            r["hist_cats"] = q["cats"][max(0, r["hist_end"] - cut) : r["hist_end"]]
+            end = r["end.hist"]
+            keys = seqs[r["seq"]]["hist.items"][max(0, end - cut) : end]
+            r["hist"] = [items["token"][k] for k in keys]
+            r["hist_cats"] = [items["cat"][k] for k in keys]
     return rows
 
 
@@ -228,23 +230,23 @@ def test_histories_are_exactly_the_previous_positives(tmp_path):
                   "ts": pa.array(ts, pa.int64()), "label": labels})
     out = tmp_path / "s"
     prepare_events(t, out, PrepareConfig(max_len=4, neg_per_pos=2))
-    v = SampleStore(out).vocabs
+    store = SampleStore(out)
+    v = store.vocabs
     rows = _store_rows(out)
     n_rows = 0
     for split, split_rows in rows.items():
         for r in split_rows:
-            user = v.user.id_to_token(r["user"])  # every user has training events here
+            user = store.users.tokens[r["user"]].as_py()
             before = sorted((int(ts[e]), items[e]) for e in range(n)
                             if users[e] == user and labels[e] == 1 and ts[e] < r["ts"])
             want = [i for _, i in before][-4:]
-            assert v.item.decode(r["hist"]) == [
-                w if w in v.item else "<oov>" for w in want], (split, r)
+            assert r["hist"] == want, (split, r)
             assert r["hist_cats"] == v.cat.encode([w[:2] for w in want]).tolist()
             n_rows += 1
     assert n_rows == sum(SampleStore(out).stats["rows"].values())
     # one sequence per user: all of their positives in time order
     seqs = pa.ipc.open_file(out / "sequences.arrow").read_all().to_pylist()
-    lens = sorted(len(q["items"]) for q in seqs)
+    lens = sorted(len(q["hist.items"]) for q in seqs)
     assert lens == sorted(int(((users == u) & (labels == 1)).sum()) for u in ("u0", "u1", "u2"))
 
 
@@ -256,24 +258,17 @@ def test_ready_samples_dedupe_identical_histories(tmp_path):
         "label": pa.array([1, 0] * (n // 2) + [1], pa.int8()),
         "user": [f"u{k // 2}" for k in range(n)],
         "item": ["a"] * n,
-        "cat": ["c"] * n,
+        "cat": ["ka"] * n,
         "hist_items": pa.array(hist, pa.list_(pa.string())),
         "hist_cats": pa.array([["k" + h for h in x] for x in hist], pa.list_(pa.string())),
     })
     cfg = PrepareConfig(max_len=3)
     stats = prepare_samples({"train": t, "valid": t, "test": t}, tmp_path / "s", cfg)
     # distinct histories after the cut: abc, x, [], zbc (the same in every split)
-    assert stats["sequences"] == {"count": 4, "ids": 3 + 1 + 0 + 3}
+    assert stats["sequences"]["hist"] == {"count": 4, "ids": 3 + 1 + 0 + 3}
     s = SampleStore(tmp_path / "s")
     rows = _store_rows(tmp_path / "s")
-    assert [s.vocabs.item.decode(r["hist"]) for r in rows["test"]] == [h[-3:] for h in hist]
+    assert [r["hist"] for r in rows["test"]] == [h[-3:] for h in hist]
     assert [s.vocabs.cat.decode(r["hist_cats"]) for r in rows["test"]] == [
         ["k" + x for x in h[-3:]] for h in hist]
-    assert sorted(tuple(s.vocabs.item.decode(r["hist"])) for r in rows["train"]) == sorted(
-        tuple(h[-3:]) for h in hist)
-    # the same items with other categories are another history
-    t2 = t.set_column(5, "hist_cats", pa.array([["k"] * len(x) for x in hist],
-                                               pa.list_(pa.string())))
-    t2 = pa.concat_tables([t, t2])
-    stats = prepare_samples({"train": t2, "valid": t2, "test": t2}, tmp_path / "s2", cfg)
-    assert stats["sequences"]["count"] == 4 + 3  # [] is the same either way
+    assert sorted(tuple(r["hist"]) for r in rows["train"]) == sorted(tuple(h[-3:]) for h in hist)

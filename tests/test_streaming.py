@@ -56,7 +56,7 @@ def test_training_memory_is_bounded_by_the_shuffle_buffer(tmp_path):
     # histories, items and categories; labels, users, items, categories): a lower bound of
     # loading the whole split at once.
     values = sum(  # history ids of every row, were they materialised per row
-        int(np.minimum(pq.read_table(f, columns=["hist_end"])["hist_end"].to_numpy(), s.max_len).sum())
+        int(np.minimum(pq.read_table(f, columns=["end.hist"])["end.hist"].to_numpy(), s.max_len).sum())
         for f in files
     )
     whole = values * 2 * 8 + rows * 25

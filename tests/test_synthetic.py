@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -17,10 +15,8 @@ from dinrec.data.synthetic import (
 from dinrec.errors import DinrecError
 
 
-def test_tiny_is_fast_and_seeded():
-    t0 = time.perf_counter()
+def test_tiny_is_seeded():  # its speed is measured by benchmarks/data.py, not asserted here
     events, truth = generate(preset("tiny"))
-    assert time.perf_counter() - t0 < 1.0
     assert 2000 <= events.num_rows <= 10_000
     assert events.column_names == ["user", "item", "cat", "ts"]
     again, _ = generate(preset("tiny"))
@@ -71,9 +67,11 @@ def test_relevance_via_store_ids():
     assert table[0] == table[1] == -1
     tr = built.splits["train"]
     item_cat = built.vocabs.item_cat
-    known = tr.item >= 2
-    cat_tokens = built.vocabs.cat.decode(item_cat[tr.item[known]])
-    assert [f"c{c}" for c in table[tr.item[known]]] == cat_tokens
+    ids = built.items.features["item"][tr.item]  # rows hold item keys
+    known = ids >= 2
+    assert known.mean() > 0.99
+    cat_tokens = built.vocabs.cat.decode(item_cat[ids[known]])
+    assert [f"c{c}" for c in table[ids[known]]] == cat_tokens
 
 
 def test_invalid_config():

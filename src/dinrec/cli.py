@@ -300,20 +300,28 @@ def _run_recommend(args: argparse.Namespace) -> int:
     else:
         candidates = ranker.sample_candidates(args.sample, exclude=history, seed=args.seed)
     rec = ranker.rank(args.user, history, candidates, k=args.top, explain=args.explain)
-    if "item" in rec.unknown and args.candidates is not None:
-        bad = [c for c in rec.unknown["item"] if c in candidates]
+    key = ranker.schema.item_key.name
+    if key in rec.unknown and args.candidates is not None:
+        bad = [c for c in rec.unknown[key] if c in candidates]
         if bad:
             raise DinrecError(f"--candidates: not items of this run's vocabulary: {', '.join(bad[:5])}")
-    if "user" in rec.unknown:
+    if ranker.schema.user_key.name in rec.unknown:
         raise DinrecError(f"--user: {args.user!r} is not in this run's vocabulary")
     if args.json:
         print(json.dumps({"model": ranker.model_name, **rec.to_dict()}, indent=2))
         return 0
-    print(f"user {rec.user}, {ranker.model_name}, history of {len(rec.history)} items "
-          f"(newest last): {' '.join(rec.history[-10:])}")
+    main = ranker.schema.main_sequence.name
+    used = [e if isinstance(e, str) else e[key] for e in rec.history[main]]
+    print(f"user {rec.user}, {ranker.model_name}, {main} of {len(used)} events "
+          f"(newest last): {' '.join(used[-10:])}")
+
+    def attrs(d: dict) -> str:
+        return ", ".join(f"{k}={'|'.join(v) if isinstance(v, list) else v}" for k, v in d.items() if k != key)
+
     for rank, s in enumerate(rec.ranked, 1):
-        why = ", ".join(f"{e.item} [{e.category}] {e.weight:.3f}" for e in s.explanation)
-        print(f"{rank:>3}. {s.item:<12} [{s.category}] p={s.score:.4f}" + (f"   <- {why}" if why else ""))
+        print(f"{rank:>3}. {s.item:<12} p={s.score:.4f}  [{attrs(s.attributes)}]")
+        for e in s.explanation:
+            print(f"       <- {e.sequence}[{e.position}] {e.event[key]} w={e.weight:.3f}  [{attrs(e.event)}]")
     if rec.unknown:
         print("unknown (scored as out-of-vocabulary): " + "; ".join(
             f"{k}: {', '.join(v[:5])}" for k, v in rec.unknown.items()))
@@ -365,7 +373,30 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
                    "(default: its first two)")
     r.add_argument("--item-attrs", default=None, metavar="JSON",
                    help="sequences: item -> [attributes] map (first = category)")
+    r.add_argument("--item-table", default=None, metavar="FILE",
+                   help="events: item side table (CSV/TSV/Parquet with a header, or JSON lines)")
+    r.add_argument("--item-key", default=None, metavar="COL",
+                   help="events: the item column of --item-table (default: --item-col, else the first)")
+    r.add_argument("--user-table", default=None, metavar="FILE",
+                   help="events: user side table (CSV/TSV/Parquet with a header, or JSON lines)")
+    r.add_argument("--user-key", default=None, metavar="COL",
+                   help="events: the user column of --user-table (default: --user-col, else the first)")
     r.add_argument("--preset", default="small", help="synthetic: preset name")
+    f = p.add_argument_group("features (the schema; see docs/formats.md, \"The feature schema\")")
+    f.add_argument("--schema", default=None, metavar="JSON", help="schema file (default: user; "
+                   "item + cat; one sequence 'hist'); the flags below add to it")
+    f.add_argument("--user-features", default=None, metavar="F,...",
+                   help="e.g. gender,age:numeric:buckets=18|25|35|50,occupation")
+    f.add_argument("--item-features", default=None, metavar="F,...",
+                   help="e.g. brand,genres:multi,price:numeric:log")
+    f.add_argument("--context-features", default=None, metavar="F,...", help="e.g. hour,platform")
+    f.add_argument("--sequence", action="append", default=None, metavar="NAME[:COL:V|V]",
+                   help="a behaviour sequence (repeat; the first is the main one), e.g. "
+                   "liked:rating:>=4 and disliked:rating:<4")
+    f.add_argument("--event-features", default=None, metavar="F,...",
+                   help="per-event features of every sequence, e.g. rating:numeric")
+    f.add_argument("--time-gap", default=None, metavar="S,...",
+                   help="add the time since each event, bucketed at these seconds")
     p.set_defaults(func=_run_prepare)
 
 
@@ -396,8 +427,16 @@ def _run_prepare(args: argparse.Namespace) -> int:
         time_col=args.time_col, label_col=args.label_col, sep=args.sep,
         item_cats=Path(args.item_cats) if args.item_cats else None, item_cats_cols=cats_cols,
         item_attrs=Path(args.item_attrs) if args.item_attrs else None, preset=args.preset,
+        item_table=Path(args.item_table) if args.item_table else None, item_key=args.item_key,
+        user_table=Path(args.user_table) if args.user_table else None, user_key=args.user_key,
     )
-    report = prepare(args.format, args.inputs, args.out, cfg, options, args.on_error)
+    from dinrec.data.schema import schema_from_options
+
+    schema = schema_from_options(
+        args.schema, args.max_len, args.user_features, args.item_features,
+        args.context_features, args.sequence, args.event_features, args.time_gap,
+    )
+    report = prepare(args.format, args.inputs, args.out, cfg, options, args.on_error, schema)
     print(summary(report))
     return 0
 
@@ -418,6 +457,10 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-history", type=int, default=1000)
     p.add_argument("--max-rows", type=int, default=1000, help="rows per /score request")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--admin-token", default=None,
+                   help="enables POST /admin/model (live model swap) for this bearer token "
+                   "(default: $DINREC_ADMIN_TOKEN; neither: admin routes off)")
+    p.add_argument("--no-access-log", action="store_true", help="no JSON line per request")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_run_serve)
 
@@ -435,7 +478,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_candidates=args.max_candidates, max_history=args.max_history,
                     max_rows=args.max_rows, max_body_bytes=args.max_body_bytes)
     cfg = ServeConfig(run=str(args.run), onnx=args.onnx, threads=args.threads,
-                      precision=args.precision, limits=limits)
+                      precision=args.precision, limits=limits, admin_token=args.admin_token,
+                      access_log=not args.no_access_log)
     serve(cfg, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
     return 0
 
@@ -447,8 +491,9 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="file to write (default: RUN/export/model.onnx|.pt)")
     p.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset")
-    p.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"],
-                   help="ONNX: torch.export-based (dynamo) or TorchScript-based (legacy) exporter")
+    p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "legacy"],
+                   help="ONNX: torch.export-based (dynamo), TorchScript-based (legacy), or auto "
+                   "(legacy for the DIEN family's recurrences, dynamo otherwise)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip comparing the exported model with PyTorch")
     p.set_defaults(func=_run_export)

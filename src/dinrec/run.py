@@ -3,6 +3,10 @@
 A run folder holds everything a training run produces::
 
     RUN/config.json        the TrainConfig, the model name and config, the store path
+    RUN/schema.json        the feature schema (copied from the store, with the files a
+    RUN/features.json      server needs to encode requests: table sizes and numeric
+    RUN/items.arrow        statistics, the item and user side tables)
+    RUN/users.arrow
     RUN/vocab/             the vocabularies the model's ids refer to (copied from the store)
     RUN/store_stats.json   the store's statistics
     RUN/checkpoints/       last.pt (resumable: model, optimiser, scheduler, RNG, data
@@ -32,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dinrec.errors import DinrecError, RunFolderError
+from dinrec.errors import RunFolderError
 
 if TYPE_CHECKING:
     from dinrec.data.store import SampleStore
@@ -45,9 +49,12 @@ METRICS_FILE = "metrics.json"
 LAST = "checkpoints/last.pt"
 PREV = "checkpoints/prev.pt"  # the resumable checkpoint before last.pt
 BEST = "checkpoints/best.pt"
+#: Files of the sample store copied into a run folder, so that serving needs only the run.
+SERVING_FILES = ("schema.json", "features.json", "items.arrow", "users.arrow")
 #: What a run folder may hold before its config.json exists (a folder made by an older
 #: dinrec killed early): such a folder is "half made" and is replaced, not refused.
-_EARLY_ENTRIES = {"checkpoints", "vocab", "store_stats.json", "log.csv", "tensorboard"}
+_EARLY_ENTRIES = {"checkpoints", "vocab", "store_stats.json", "log.csv", "tensorboard",
+                  "schema.json", "features.json", "items.arrow", "users.arrow"}
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -77,23 +84,18 @@ def table_sizes(source: SampleStore | str | Path) -> dict[str, int]:
     if isinstance(source, (str, Path)):
         sizes: dict[str, int] = read_run_config(source)["vocab_sizes"]
         return sizes
-    v = source.vocabs
-    return {"user": len(v.user), "item": len(v.item), "cat": len(v.cat)}
+    return source.table_sizes()
 
 
 def build_model(name: str, config: dict[str, Any], source: SampleStore | str | Path) -> CTRModel:
     """The one place a model is created: model ``name`` with ``config`` (its config
-    dataclass as a dict, or the TrainConfig's model fields), tables sized by ``source``
-    (see :func:`table_sizes`)."""
-    from dinrec.models import model_class
+    dataclass as a dict, or the TrainConfig's model fields), over the feature schema and
+    table sizes of ``source`` (a sample store, or a run folder: see :func:`table_sizes`)."""
+    from dinrec.data.schema import Schema
+    from dinrec.models import create_model
 
-    sizes = table_sizes(source)
-    full = {**config, "n_users": sizes["user"], "n_items": sizes["item"], "n_cats": sizes["cat"]}
-    cls = model_class(name)
-    try:
-        return cls(cls.config_class.from_dict(full))
-    except TypeError as exc:
-        raise DinrecError(f"model {name!r}: bad configuration: {exc}") from None
+    schema = Schema.load(source) if isinstance(source, (str, Path)) else source.schema
+    return create_model(name, schema, table_sizes(source), **config)
 
 
 def load_run_model(run_dir: str | Path, which: str = "best") -> tuple[CTRModel, dict[str, Any]]:

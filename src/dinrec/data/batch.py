@@ -95,7 +95,9 @@ class Batch:
         user, item, cat (B,), hist_items, hist_cats (B, T), neg_* (B, T, K)."""
         if mask is None:
             mask = hist_items != 0
-        neg = None if neg_items is None else {"item": neg_items, "cat": neg_cats}
+        neg = None
+        if neg_items is not None and neg_cats is not None:
+            neg = {"item": neg_items, "cat": neg_cats}
         return cls(
             label=torch.zeros(item.shape[0]) if label is None else label,
             user={"user": user},

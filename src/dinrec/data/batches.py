@@ -8,21 +8,25 @@ from ``(seed, epoch)`` alone:
 2. consecutive pieces are grouped into *windows* of at most ``shuffle_buffer`` rows (at
    least one piece) — the bounded shuffle buffer — and rows are permuted inside a window;
 3. the resulting row stream is cut into batches; with ``bucket=True`` into *units* of
-   ``bucket_batches`` batches whose rows are sorted by history length, cut into batches,
-   and the batch order inside the unit shuffled (much less padding).
+   ``bucket_batches`` batches whose rows are sorted by (main) history length, cut into
+   batches, and the batch order inside the unit shuffled (much less padding).
 
 Because the plan depends only on ``(seed, epoch)`` and the shards' row counts (in
 ``stats.json``), :meth:`BatchLoader.state_dict` is just ``(epoch, position)`` and resuming
 skips straight to the right window without reading the batches before it.
 
-Shards hold ``(seq, hist_end)`` per row, not histories: when a shard is read, each row
-becomes a window ``(start, length)`` of the store's memory-mapped sequence values (see
-:mod:`dinrec.data.store`), and a batch is one fancy-index gather per column of those
-values: each history keeps its most recent ``max_len`` items (and never more than the
-store's ``max_len``), left-aligned (oldest first), 0-padded at the end.
-With ``neg_history=K`` every valid history position also gets K negative items, sampled
-by popularity (training counts) or uniformly from the item vocabulary, never equal to the
-positive item at that position, with categories from the store's item -> category table.
+A batch is a :class:`dinrec.data.batch.Batch` with one tensor per feature of the store's
+schema, assembled without per-row Python: shards hold keys and ``(seq, end)`` pointers per
+row; each history becomes a window ``(start, length)`` of the store's memory-mapped
+sequence values, gathered with one fancy index per batch (most recent ``max_len`` events,
+left-aligned, oldest first, padded with key 0), and every item / user feature is one
+``take`` from the side tables by key (key 0 is all-zero padding). Numeric features come
+out normalised with the training mean and standard deviation; the built-in ``time_gap``
+is the seconds from the event to the sample's time, bucketed. ``batch.group`` is the user
+key: one value per raw user, also when the user id is out-of-vocabulary (GAUC).
+With ``neg_history=K`` every valid position of the main sequence also gets K negative
+items (their item features), sampled by popularity (training counts) or uniformly from
+the known items, never equal to the positive item at that position.
 """
 
 from __future__ import annotations
@@ -30,112 +34,83 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from torch import Tensor
 
-from dinrec.data.samples import Sequences
+from dinrec.data.batch import Batch, SequenceBatch
+from dinrec.data.encode import normalise
+from dinrec.data.samples import TIME_GAP, Sequences
+from dinrec.data.schema import Feature, Schema
+from dinrec.data.sides import SideTable
 from dinrec.data.store import SampleStore
 from dinrec.data.vocab import NUM_SPECIAL
 from dinrec.errors import DinrecError
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = ["label", "user", "item", "cat", "seq", "hist_end"]
-
-
-@dataclass
-class Batch:
-    """One batch of samples (all tensors on the same device)."""
-
-    user: Tensor  # (B,) int64
-    item: Tensor  # (B,) int64 target item
-    cat: Tensor  # (B,) int64 target category
-    hist_items: Tensor  # (B, T) int64, oldest first, 0-padded at the end
-    hist_cats: Tensor  # (B, T) int64
-    mask: Tensor  # (B, T) bool, True = valid
-    label: Tensor  # (B,) float32
-    neg_items: Tensor | None = None  # (B, T, K) int64, 0 where padded
-    neg_cats: Tensor | None = None  # (B, T, K) int64
-
-    def __len__(self) -> int:
-        return int(self.label.shape[0])
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        moved = {
-            f.name: (None if v is None else v.to(device, non_blocking=non_blocking))
-            for f in fields(self)
-            for v in [getattr(self, f.name)]
-        }
-        return Batch(**moved)
-
-    def pin_memory(self) -> Batch:
-        return Batch(**{
-            f.name: (None if v is None else v.pin_memory())
-            for f in fields(self)
-            for v in [getattr(self, f.name)]
-        })  # fmt: skip
-
 
 # ---------------------------------------------------------------------- blocks of rows
 @dataclass
 class _Block:
-    """Rows in memory: scalar columns plus each history as a window of the store's flat
-    sequence values (already cut to ``max_len``)."""
+    """Rows in memory: ``label``, ``user``, ``item`` keys, ``ts``, ``ctx.<f>`` and, per
+    sequence, ``start.<s>`` / ``len.<s>``: windows of its flat values (cut to ``max_len``)."""
 
-    label: np.ndarray  # (n,) int8
-    user: np.ndarray  # (n,) int64
-    item: np.ndarray  # (n,) int64
-    cat: np.ndarray  # (n,) int64
-    starts: np.ndarray  # (n,) int64 first history entry in the sequences' flat values
-    lens: np.ndarray  # (n,) int64 history length, <= max_len
+    cols: dict[str, np.ndarray]
 
     def __len__(self) -> int:
-        return len(self.label)
+        return len(self.cols["label"])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.cols[name]
 
     def take(self, rows: np.ndarray) -> _Block:
-        return _Block(*(getattr(self, f.name).take(rows) for f in fields(self)))
+        return _Block({k: v.take(rows, axis=0) for k, v in self.cols.items()})
 
 
 def _concat_blocks(blocks: list[_Block]) -> _Block:
     if len(blocks) == 1:
         return blocks[0]
-    return _Block(*(np.concatenate([getattr(b, f.name) for b in blocks]) for f in fields(_Block)))
+    return _Block({k: np.concatenate([b.cols[k] for b in blocks]) for k in blocks[0].cols})
 
 
-def _read_piece(
-    path: Path, start: int, stop: int, n_rows: int, seqs: Sequences, max_len: int
-) -> _Block:
-    """Rows ``[start, stop)`` of a shard, their histories resolved to windows of ``seqs``."""
-    table = pq.read_table(path, columns=_COLUMNS, memory_map=True)
+def _read_piece(path: Path, start: int, stop: int, n_rows: int, seqs: dict[str, Sequences],
+                max_len: dict[str, int], columns: list[str]) -> _Block:
+    """Rows ``[start, stop)`` of a shard, their histories resolved to windows of ``seqs``
+    (each cut to its ``max_len[name]`` most recent events)."""
+    table = pq.read_table(path, columns=columns, memory_map=True)
     if table.num_rows != n_rows:
         raise DinrecError(
             f"{path} has {table.num_rows} rows, stats.json says {n_rows}; prepare again"
         )
     if start or stop != n_rows:
         table = table.slice(start, stop - start)
-    col = {k: table.column(k).to_numpy() for k in _COLUMNS}
-    seq, hist_end = col["seq"].astype(np.int64), col["hist_end"].astype(np.int64)  # (n,)
-    bad = len(seq) > 0 and (seq.min() < 0 or seq.max() >= len(seqs) or hist_end.min() < 0)
-    if len(seq) and not bad:
-        seq_len = seqs.offsets.take(seq + 1) - seqs.offsets.take(seq)  # (n,)
-        bad = bool((hist_end > seq_len).any())
-    if bad:
-        raise DinrecError(f"{path} points outside the store's sequences; prepare again")
-    starts, lens = seqs.windows(seq, hist_end, max_len)
-    return _Block(
-        label=col["label"].astype(np.int8),
-        user=col["user"].astype(np.int64),
-        item=col["item"].astype(np.int64),
-        cat=col["cat"].astype(np.int64),
-        starts=starts,
-        lens=lens,
-    )
+    cols: dict[str, np.ndarray] = {}
+    for k in columns:
+        col = table.column(k)
+        if k.startswith("end.") or k == "seq":
+            continue
+        arr = col.combine_chunks()
+        if hasattr(arr.type, "list_size"):  # multi-valued context: (n, M)
+            cols[k] = arr.flatten().to_numpy().reshape(-1, arr.type.list_size)
+        else:
+            cols[k] = arr.to_numpy(zero_copy_only=False)
+    cols["label"] = cols["label"].astype(np.int8)
+    cols["user"], cols["item"] = cols["user"].astype(np.int64), cols["item"].astype(np.int64)
+    seq = table.column("seq").to_numpy().astype(np.int64)  # (n,)
+    for name, q in seqs.items():
+        end = table.column(f"end.{name}").to_numpy().astype(np.int64)  # (n,)
+        bad = len(seq) > 0 and (seq.min() < 0 or seq.max() >= len(q) or end.min() < 0)
+        if len(seq) and not bad:
+            bad = bool((end > q.offsets.take(seq + 1) - q.offsets.take(seq)).any())
+        if bad:
+            raise DinrecError(f"{path} points outside the store's sequences; prepare again")
+        cols[f"start.{name}"], cols[f"len.{name}"] = q.windows(seq, end, max_len[name])
+    return _Block(cols)
 
 
 # ---------------------------------------------------------------------- the loader
@@ -146,7 +121,8 @@ class BatchLoader:
         store: a store directory or an opened :class:`SampleStore`.
         split: ``train``, ``valid`` or ``test``.
         batch_size: rows per batch (the last one may be smaller unless ``drop_last``).
-        max_len: histories keep their most recent ``max_len`` items.
+        max_len: histories keep their most recent ``max_len`` items (and never more than
+            their sequence's ``max_len`` in the schema).
         shuffle: seeded shuffling (shard order, rows inside the shuffle buffer, bucket order).
         seed: with the epoch number, fixes every random choice.
         bucket: sort rows by history length inside units of ``bucket_batches`` batches.
@@ -216,27 +192,50 @@ class BatchLoader:
         ]
         self._num_batches = min(counts)
         self._stream_rows = min(self._rows, self._num_batches * batch_size)
-        self._seqs = self.store.sequences  # memory-mapped, shared by every window
-        self._hist_len = min(max_len, self.store.max_len)  # the store cut at its max_len
-        # the gather source of padding positions when the store holds no history id at all
-        self._values = (
-            (self._seqs.items, self._seqs.cats) if len(self._seqs.items) else
-            (np.zeros(1, np.int64), np.zeros(1, np.int64))
-        )  # fmt: skip
+        self._setup_features()
+        self._hist_len = {s.name: min(max_len, s.max_len) for s in self.schema.sequences}
         if neg_history:
-            self._item_cat = self.store.item_cat
-            n_items = len(self._item_cat)
-            if n_items <= NUM_SPECIAL + 1:
-                raise DinrecError("neg_history needs at least two items in the item vocabulary")
-            self._n_items = n_items
-            self._neg_table = None  # popularity as a lookup table: O(1) per draw
-            if neg_sampling == "popularity":
-                counts_ = self.store.vocabs.item.counts[NUM_SPECIAL:].astype(np.float64)
-                if counts_.sum() > 0:
-                    size = max(1 << 20, 16 * len(counts_))
-                    reps = np.maximum(np.round(counts_ / counts_.sum() * size), counts_ > 0)
-                    ids = np.arange(NUM_SPECIAL, NUM_SPECIAL + len(counts_))
-                    self._neg_table = np.repeat(ids, reps.astype(np.int64))
+            self._setup_negatives()
+
+    def _setup_features(self) -> None:
+        """The gather sources of every feature: side tables by key, flat sequence values."""
+        self.schema: Schema = self.store.schema
+        self._seqs = self.store.sequences  # memory-mapped, shared by every window
+        stats = self._stats = self.store.numeric_stats
+        self._users = _feature_arrays(self.schema.user, self.store.users, stats)
+        self._items = _feature_arrays(self.schema.item, self.store.items, stats)
+        self._needs_ts = any(f.source == TIME_GAP for s in self.schema.sequences
+                             for f in s.event_features)
+        self._columns = ["label", "user", "item", "seq"]
+        self._columns += [f"end.{s.name}" for s in self.schema.sequences]
+        self._columns += [f"ctx.{f.name}" for f in self.schema.context]
+        self._columns += ["ts"] if self._needs_ts else []
+        # padding positions read entry 0 (zeros when a sequence is empty)
+        self._flat: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+        for q in self.schema.sequences:
+            seq = self._seqs[q.name]
+            items = seq.items if len(seq.items) else np.zeros(1, np.int64)
+            events = {k: (v if len(v) else np.zeros(1, v.dtype)) for k, v in seq.events.items()}
+            for f in q.event_features:
+                if f.is_numeric:
+                    st = stats[f.name]
+                    events[f.name] = normalise(events[f.name], st["mean"], st["std"])
+            self._flat[q.name] = (items, events)
+
+    def _setup_negatives(self) -> None:
+        """``neg_history``: draw from the known items (keys 2..n_known-1, == their ids)."""
+        side = self.store.items
+        if side.n_known <= NUM_SPECIAL + 1:
+            raise DinrecError("neg_history needs at least two items in the item vocabulary")
+        self._n_items = side.n_known
+        self._neg_table = None  # popularity as a lookup table: O(1) per draw
+        if self.neg_sampling == "popularity":
+            counts_ = side.counts[NUM_SPECIAL : side.n_known].astype(np.float64)
+            if counts_.sum() > 0:
+                size = max(1 << 20, 16 * len(counts_))
+                reps = np.maximum(np.round(counts_ / counts_.sum() * size), counts_ > 0)
+                ids = np.arange(NUM_SPECIAL, NUM_SPECIAL + len(counts_))
+                self._neg_table = np.repeat(ids, reps.astype(np.int64))
 
     # ------------------------------------------------------------------ plan
     def _rank_pieces(self, rank: int) -> list[tuple[int, int, int]]:
@@ -325,7 +324,8 @@ class BatchLoader:
                 for old in [k for k in loaded if k < w]:
                     del loaded[old]  # release shards behind us
                 blocks = [
-                    _read_piece(self._files[f], a, b, self._file_rows[f], self._seqs, self._hist_len)
+                    _read_piece(self._files[f], a, b, self._file_rows[f], self._seqs,
+                                self._hist_len, self._columns)
                     for f, a, b in windows[w]
                 ]
                 block = _concat_blocks(blocks)
@@ -354,14 +354,14 @@ class BatchLoader:
             rows = stream_rows(first * B, min(last * B, self._stream_rows))
             starts = np.arange(first, last)
             if self.bucket:
-                order = np.argsort(rows.lens, kind="stable")
+                order = np.argsort(rows[f"len.{self.schema.main_sequence.name}"], kind="stable")
                 slots = np.arange(last - first)
                 if self.shuffle:
                     slots = self._rng(2, u).permutation(last - first)
             for j in range(p - first, last - first):
                 if self.bucket:
                     k = int(slots[j])
-                    sel = order[k * B : (k + 1) * B]  # the last slot may be partial
+                    sel: Any = order[k * B : (k + 1) * B]  # the last slot may be partial
                 else:
                     sel = slice(j * B, (j + 1) * B)
                 batch = self._make_batch(rows, sel, int(starts[j]))
@@ -370,35 +370,61 @@ class BatchLoader:
         self.epoch += 1
         self.position = 0
 
+    def item_features(self, keys: np.ndarray) -> dict[str, torch.Tensor]:
+        """The item features of item keys ``(...)``, as batches carry them: ``(...)`` ids or
+        normalised values, ``(..., M)`` for multi-valued features."""
+        return {k: torch.from_numpy(v.take(keys, axis=0)) for k, v in self._items.items()}
+
     # ------------------------------------------------------------------ assembly
     def _make_batch(self, rows: _Block, sel: Any, index: int) -> Batch:
-        lens = rows.lens[sel]  # (B,)
+        ukey = np.ascontiguousarray(rows["user"][sel])  # (B,)
+        ikey = np.ascontiguousarray(rows["item"][sel])  # (B,)
+        context = {}
+        for f in self.schema.context:
+            v = rows[f"ctx.{f.name}"][sel]
+            if f.is_numeric:
+                st = self._stats[f.name]
+                v = normalise(v, st["mean"], st["std"])
+            context[f.name] = torch.from_numpy(np.ascontiguousarray(v))
+        sequences = {}
+        for q in self.schema.sequences:
+            sequences[q.name] = self._sequence(rows, sel, q.name, q.event_features, index)
+        return Batch(
+            label=torch.from_numpy(rows["label"][sel].astype(np.float32)),
+            user={k: torch.from_numpy(v.take(ukey, axis=0)) for k, v in self._users.items()},
+            item={k: torch.from_numpy(v.take(ikey, axis=0)) for k, v in self._items.items()},
+            sequences=sequences,
+            context=context,
+            group=torch.from_numpy(ukey),
+        )
+
+    def _sequence(self, rows: _Block, sel: Any, name: str, event_features: list[Feature],
+                  index: int) -> SequenceBatch:
+        """One sequence of the rows ``sel``: item features (B, T[, M]), events, mask, neg."""
+        lens = rows[f"len.{name}"][sel]  # (B,)
         T = max(1, int(lens.max(initial=0)))
         pos = np.arange(T)  # (T,)
         mask = pos[None, :] < lens[:, None]  # (B, T)
-        idx = rows.starts[sel][:, None] + pos  # (B, T) flat positions, one gather per column
+        idx = rows[f"start.{name}"][sel][:, None] + pos  # (B, T) flat positions, one gather
         idx *= mask  # padding reads position 0, then is zeroed
-        items, cats = self._values
-        hist_items = items.take(idx)  # (B, T)
-        hist_cats = cats.take(idx)  # (B, T)
-        hist_items *= mask
-        hist_cats *= mask
-        neg_items = neg_cats = None
-        if self.neg_history:
-            neg = self._sample_neg_history(hist_items, mask, index)  # (B, T, K)
-            neg_items = torch.from_numpy(neg)
-            neg_cats = torch.from_numpy(self._item_cat.take(neg))
-        return Batch(
-            user=torch.from_numpy(np.ascontiguousarray(rows.user[sel])),
-            item=torch.from_numpy(np.ascontiguousarray(rows.item[sel])),
-            cat=torch.from_numpy(np.ascontiguousarray(rows.cat[sel])),
-            hist_items=torch.from_numpy(hist_items),
-            hist_cats=torch.from_numpy(hist_cats),
-            mask=torch.from_numpy(mask),
-            label=torch.from_numpy(rows.label[sel].astype(np.float32)),
-            neg_items=neg_items,
-            neg_cats=neg_cats,
-        )
+        flat_items, flat_events = self._flat[name]
+        keys = flat_items.take(idx)  # (B, T) item keys
+        keys *= mask  # key 0: every item feature is padding
+        items = {k: torch.from_numpy(v.take(keys, axis=0)) for k, v in self._items.items()}
+        events = {}
+        for f in event_features:
+            if f.source == TIME_GAP:
+                gap = rows["ts"][sel][:, None] - flat_events["ts"].take(idx)  # (B, T) seconds
+                ids = np.searchsorted(np.asarray(f.boundaries, np.float64), gap, side="right")
+                v = (ids + NUM_SPECIAL) * mask
+            else:
+                v = flat_events[f.name].take(idx) * mask
+            events[f.name] = torch.from_numpy(v)
+        neg = None
+        if self.neg_history and name == self.schema.main_sequence.name:
+            nk = self._sample_neg_history(keys, mask, index)  # (B, T, K) keys
+            neg = {k: torch.from_numpy(v.take(nk, axis=0)) for k, v in self._items.items()}
+        return SequenceBatch(items=items, mask=torch.from_numpy(mask), events=events, neg=neg)
 
     def _draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         if self._neg_table is None:
@@ -428,3 +454,19 @@ class BatchLoader:
         neg = np.zeros((B * T, K), dtype=np.int64)
         neg[at] = flat.reshape(-1, K)
         return neg.reshape(B, T, K)
+
+
+def _feature_arrays(feats: list[Feature], table: SideTable,
+                    stats: dict[str, dict[str, float]]) -> dict[str, np.ndarray]:
+    """Each feature's gather source by key: ids (N,) / (N, M), numeric normalised float32."""
+    out = {}
+    for f in feats:
+        v = table.features[f.name]
+        if f.is_numeric:
+            v = normalise(v, stats[f.name]["mean"], stats[f.name]["std"])
+            v[0] = 0.0
+        out[f.name] = np.ascontiguousarray(v)
+    return out
+
+
+__all__ = ["Batch", "BatchLoader", "SequenceBatch"]

@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from dinrec.data.formats import FORMATS, ErrorLog, OnError, ReadOptions
+from dinrec.data.schema import Schema
 from dinrec.errors import DinrecError
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def prepare(
     cfg: Any = None,
     options: ReadOptions | None = None,
     on_error: OnError = "fail",
+    schema: Schema | None = None,
 ) -> PrepareReport:
     """Read ``inputs`` in format ``fmt`` and write a sample store at ``out_dir``.
 
@@ -59,6 +61,9 @@ def prepare(
         options: reader options (:class:`~dinrec.data.formats.ReadOptions`).
         on_error: ``"fail"``: raise :class:`~dinrec.errors.DataFormatError` at the first bad
             line; ``"skip"``: drop bad lines and count them in the report.
+        schema: the features to prepare (:class:`~dinrec.data.schema.Schema`; default:
+            ``Schema.default(cfg.max_len)``, today's user / item + cat / one history). The
+            reader types and checks the columns it names; it is saved in the store.
     """
     from dinrec.data import PrepareConfig, prepare_events, prepare_samples
 
@@ -67,6 +72,9 @@ def prepare(
     spec = FORMATS[fmt]
     cfg = cfg if cfg is not None else PrepareConfig()
     options = options if options is not None else ReadOptions()
+    if schema is not None and options.schema is None:
+        options = replace(options, schema=schema)
+    schema = schema if schema is not None else options.schema
     paths = [Path(p) for p in inputs]
     if len(paths) < spec.min_inputs:
         raise DinrecError(f"format {fmt} needs inputs: {spec.inputs}")
@@ -76,11 +84,12 @@ def prepare(
     t_read = time.perf_counter() - t0
     log.info("%s: read %d records in %.2fs", fmt, result.records, t_read)
     if result.events is not None:
-        stats = prepare_events(result.events, out_dir, cfg)
+        stats = prepare_events(result.events, out_dir, cfg, schema, items=result.items,
+                               users=result.users)
         n_events: int | None = result.events.num_rows
     else:
         assert result.splits is not None
-        stats = prepare_samples(result.splits, out_dir, cfg)
+        stats = prepare_samples(result.splits, out_dir, cfg, schema)
         n_events = None
     return PrepareReport(
         format=fmt,
@@ -107,8 +116,16 @@ def summary(report: PrepareReport) -> str:
         + (f"   events: {report.events:,}" if report.events is not None else ""),
         "  rows: " + ", ".join(f"{k} {v:,}" for k, v in rows.items()),
         f"  users: {s.get('users', 0):,}   items: {s.get('items', 0):,}   "
-        f"categories: {s.get('categories', 0):,}   (vocabulary sizes, with <pad> and <oov>)",
+        + (f"categories: {s['categories']:,}   " if s.get("categories") else "")
+        + "(vocabulary sizes, with <pad> and <oov>)",
     ]
+    sizes = s.get("table_sizes", {})
+    other = {k: v for k, v in sizes.items() if k not in ("user", "item", "cat")}
+    if other:
+        lines.append("  other tables: " + ", ".join(f"{k} {v:,}" for k, v in other.items()))
+    seqs = s.get("sequences", {})
+    if len(seqs) > 1:
+        lines.append("  sequences: " + ", ".join(f"{k} {v['ids']:,} events" for k, v in seqs.items()))
     for note in report.notes:
         lines.append(f"  {note}")
     if report.skipped:

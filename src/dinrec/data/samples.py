@@ -1,22 +1,34 @@
-"""Turn an events table (or ready-made samples) into train / valid / test samples of ids.
+"""Turn an events table (or ready-made samples) into train / valid / test samples of keys.
 
 Events (a :class:`pyarrow.Table`):
 
 * ``user``, ``item`` (strings; other types are cast to string; rows with a null user or
   item are dropped with a warning);
 * ``cat`` (optional string): absent or null -> the category token ``"unknown"``;
-* ``ts`` (optional int64): absent -> file order; ties keep file order (stable sort);
-* ``label`` (optional, 0/1): absent -> every event is an implicit positive.
+* ``ts`` (optional int64): absent -> file order;
+* ``label`` (optional, 0/1): absent -> every event is an implicit positive;
+* any other column a :class:`~dinrec.data.schema.Schema` reads (user, item, context,
+  per-event features, sequence filters). Item and user features come from the item / user
+  side table when it has the column, else from the item's / user's first event (training
+  events first).
+
+**Order and ties.** A user's events are ordered by ``ts``; events with the same ``ts``
+keep their file order (a stable sort). So among tied events the one later in the file is
+the later one: it may have the earlier ones in its history, never the reverse, and
+leave-last-out puts the *last in the file* of the user's tied last positives into test.
+This keeps two promises, tested on tied timestamps: a valid or test target is never
+earlier than any training target of its user, and no history event is later than its
+target (an event at the same second as the target may be in its history).
 
 A **label-0 event is an explicit negative**: it never enters any history; it becomes a
 negative sample whose history is the user's positives before it, in the split of the
 user's *next* positive (those after the user's last positive go to ``test``).
 
 Per user, in time order, every positive after the first ``min_history`` positives becomes
-a sample whose history is the previous ``max_len`` positives (oldest first), plus
+a sample (the samples do not depend on the sequences a schema declares), plus
 ``neg_per_pos`` sampled negatives (seeded; by popularity among training positives or
 uniform over the training item vocabulary) that are never one of that user's positives in
-any split, sharing the positive's history, user, timestamp and split.
+any split, sharing the positive's history, user, timestamp, context and split.
 
 Splits (validation is always separate from test):
 
@@ -29,14 +41,18 @@ Splits (validation is always separate from test):
   cut, from the ``1 - valid_fraction`` quantile of the earlier timestamps to the cut;
   the rest -> train. Histories always use every earlier positive, whatever its split.
 
-Vocabularies are built from training-split events (or samples) only, with ``min_count``.
-Everything is vectorised NumPy: one sort by (user, ts) and offsets per user.
+Vocabularies are built from training-split events (or samples) only (see
+:mod:`dinrec.data.sides`). Everything is vectorised NumPy: one sort by (user, ts) and
+offsets per user.
 
-Histories are never copied per sample. Each behaviour sequence is kept once
-(:class:`Sequences`: one per user, their positives in time order) and a sample points into
-it with ``(seq, hist_end)``: its history is ``sequence[max(0, hist_end - max_len) :
-hist_end]``, only events strictly before it. Ready-made samples carry explicit histories:
-each distinct one (cut to ``max_len``) becomes a sequence with ``hist_end`` its length.
+**Keys, not ids.** Rows hold the user's and the item's *key* (a row of the user / item
+:class:`~dinrec.data.sides.SideTable`); ids and attributes are looked up there when a
+batch is made. Histories are never copied per sample: each behaviour sequence of the
+schema is kept once per user (:class:`Sequences`: the user's positives that belong to it,
+in time order, as item keys plus per-event values) and a sample points into each with
+``(seq, end)``: its history is ``sequence[max(0, end - max_len) : end]``, only events
+before it. Ready-made samples carry explicit histories: each distinct one (cut to
+``max_len``) becomes a sequence with ``end`` its length.
 """
 
 from __future__ import annotations
@@ -50,7 +66,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dinrec.data.vocab import NUM_SPECIAL, OOV_ID, Vocab, Vocabularies
+from dinrec.data.encode import MIX as _MIX
+from dinrec.data.encode import string_codes
+from dinrec.data.schema import Schema, SchemaError, SequenceSpec
+from dinrec.data.sides import Domain, Encoded, SideTable, encode_schema
+from dinrec.data.vocab import NUM_SPECIAL
 from dinrec.errors import DinrecError
 
 log = logging.getLogger(__name__)
@@ -58,15 +78,14 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
 SPLIT_METHODS = ("leave-last-out", "by-user", "time")
 UNKNOWN_CAT = "unknown"
-# odd 64-bit constants (golden ratio, splitmix64) for multiplicative hashing
-_MIX = np.array([0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB], dtype=np.uint64)
+TIME_GAP = "time_gap"  # the built-in per-event feature: seconds from the event to the target
 
 
 @dataclass
 class PrepareConfig:
     """How events become samples (also recorded as ``prepare.json`` in the store)."""
 
-    max_len: int = 100  # longest history kept (most recent positives)
+    max_len: int = 100  # longest history kept (the default schema's; a schema sets its own)
     min_history: int = 1  # positives needed before an event becomes a sample
     neg_per_pos: int = 1  # sampled negatives per positive sample
     neg_sampling: str = "popularity"  # or "uniform"
@@ -115,16 +134,18 @@ class PrepareConfig:
 
 @dataclass
 class Sequences:
-    """Behaviour sequences, stored once for a whole store (oldest first).
+    """One behaviour sequence of every owner (user, or distinct ready-made history), stored
+    once for a whole store, oldest first.
 
-    Sequence ``q`` is ``items[offsets[q] : offsets[q + 1]]`` (and the same slice of
-    ``cats``). A sample points into one with ``(seq, hist_end)``: its history is the
-    most recent ``max_len`` entries before ``hist_end`` (see :meth:`windows`).
+    Owner ``q``'s events are ``items[offsets[q] : offsets[q + 1]]`` (item keys) and the same
+    slice of each per-event array in ``events`` (feature ids, numeric values, or ``ts``).
+    A sample points into it with ``(seq, end)``: its history is the most recent ``max_len``
+    entries before ``end`` (see :meth:`windows`).
     """
 
     offsets: np.ndarray  # (Q+1,) int64, offsets[0] == 0
-    items: np.ndarray  # (P,) int64
-    cats: np.ndarray  # (P,) int64
+    items: np.ndarray  # (P,) int64 item keys
+    events: dict[str, np.ndarray] = field(default_factory=dict)  # (P,) per-event values
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -135,114 +156,118 @@ class Sequences:
         return np.diff(self.offsets)
 
     def windows(
-        self, seq: np.ndarray, hist_end: np.ndarray, max_len: int
+        self, seq: np.ndarray, end: np.ndarray, max_len: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(start, length) of each history in the flat ``items`` / ``cats``, ``(N,)`` each:
-        ``seq[max(0, hist_end - max_len) : hist_end]``."""
-        length = np.minimum(hist_end, max_len).astype(np.int64)  # (N,)
-        start = self.offsets.take(seq) + hist_end - length  # (N,)
+        """(start, length) of each history in the flat arrays, ``(N,)`` each:
+        ``seq[max(0, end - max_len) : end]``."""
+        length = np.minimum(end, max_len).astype(np.int64)  # (N,)
+        start = self.offsets.take(seq) + end - length  # (N,)
         return start, length
 
-    def history(self, seq: int, hist_end: int, max_len: int) -> tuple[list[int], list[int]]:
-        """One history as (items, cats) lists: for messages, tests and serving, not loops."""
-        end = int(self.offsets[seq]) + int(hist_end)
-        start = end - min(int(hist_end), max_len)
-        return self.items[start:end].tolist(), self.cats[start:end].tolist()
-
-    def to_batch(self) -> pa.RecordBatch:
-        """One row per sequence: ``items``, ``cats`` as large_list<int64> (64-bit offsets)."""
-        off = pa.array(self.offsets.astype(np.int64, copy=False))
-        return pa.record_batch({
-            "items": pa.LargeListArray.from_arrays(off, pa.array(self.items, pa.int64())),
-            "cats": pa.LargeListArray.from_arrays(off, pa.array(self.cats, pa.int64())),
-        })  # fmt: skip
+    def history(self, seq: int, end: int, max_len: int) -> np.ndarray:
+        """One history's item keys (for messages, tests and serving, not loops)."""
+        stop = int(self.offsets[seq]) + int(end)
+        return self.items[stop - min(int(end), max_len) : stop]
 
 
 @dataclass
 class SampleSet:
-    """The samples of one split as id arrays; histories point into shared :class:`Sequences`.
+    """The samples of one split as key arrays; histories point into shared :class:`Sequences`.
 
-    Row ``r``'s history is ``sequences.windows(seq, hist_end, max_len)`` of that row: the
-    entries of sequence ``seq[r]`` before ``hist_end[r]``, the most recent ``max_len``.
-
-    With ``order`` set, the split's row ``r`` is entry ``order[r]`` of the column arrays:
-    the training split is shuffled this way, and :meth:`to_table` gathers one shard's rows
-    at a time while the previous shard is being encoded. Aggregates (counts, distinct
-    users, history lengths) do not depend on the order and use the arrays as they are.
+    Row ``r``'s history in sequence ``s`` is ``sequences[s].windows(seq, ends[s], max_len)``
+    of that row. With ``order`` set, the split's row ``r`` is entry ``order[r]`` of the
+    column arrays: the training split is shuffled this way, and :meth:`to_table` gathers one
+    shard's rows at a time while the previous shard is being encoded. Aggregates (counts,
+    distinct users, history lengths) do not depend on the order.
     """
 
     label: np.ndarray  # (N,) int8
-    user: np.ndarray  # (N,) int64 (or int32) ids
-    item: np.ndarray  # (N,) int64 (or int32)
-    cat: np.ndarray  # (N,) int64 (or int32)
-    seq: np.ndarray  # (N,) row of the sequences table
-    hist_end: np.ndarray  # (N,) exclusive end of the history in that sequence
+    user: np.ndarray  # (N,) user keys
+    item: np.ndarray  # (N,) item keys
+    seq: np.ndarray  # (N,) the owner of the row's sequences
+    ends: dict[str, np.ndarray]  # sequence name -> (N,) exclusive end of the history
     ts: np.ndarray | None = None  # (N,) int64
+    context: dict[str, np.ndarray] = field(default_factory=dict)  # (N,) | (N, M) | (N,) float
     order: np.ndarray | None = None  # (N,) a permutation: the row order (None: as stored)
 
     def __len__(self) -> int:
         return len(self.label)
 
+    def columns(self) -> dict[str, np.ndarray]:
+        """Every column as stored: label, user, item, seq, end.<seq>, ts, ctx.<feature>."""
+        cols = {"label": self.label, "user": self.user, "item": self.item, "seq": self.seq}
+        cols.update({f"end.{k}": v for k, v in self.ends.items()})
+        if self.ts is not None:
+            cols["ts"] = self.ts
+        cols.update({f"ctx.{k}": v for k, v in self.context.items()})
+        return cols
+
     def rows(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
-        """Columns of rows ``[start, stop)`` in row order (``ts`` only when present)."""
+        """Columns of rows ``[start, stop)`` in row order."""
         sl = slice(start, len(self) if stop is None else stop)
-        names = ["label", "user", "item", "cat", "seq", "hist_end"]
-        names += [] if self.ts is None else ["ts"]
+        cols = self.columns()
         if self.order is None:
-            return {k: getattr(self, k)[sl] for k in names}
+            return {k: v[sl] for k, v in cols.items()}
         idx = self.order[sl]
-        return {k: getattr(self, k).take(idx) for k in names}
+        return {k: v.take(idx, axis=0) for k, v in cols.items()}
 
     def take(self, rows: np.ndarray) -> SampleSet:
         """The rows ``rows`` (in row order), as a set without ``order``."""
         idx = rows if self.order is None else self.order.take(rows)
         return SampleSet(
-            self.label.take(idx), self.user.take(idx), self.item.take(idx),
-            self.cat.take(idx), self.seq.take(idx), self.hist_end.take(idx),
+            self.label.take(idx), self.user.take(idx), self.item.take(idx), self.seq.take(idx),
+            {k: v.take(idx) for k, v in self.ends.items()},
             None if self.ts is None else self.ts.take(idx),
+            {k: v.take(idx, axis=0) for k, v in self.context.items()},
         )  # fmt: skip
 
     def to_table(self, start: int = 0, stop: int | None = None) -> pa.Table:
-        """Rows ``[start, stop)`` as a store shard table (:data:`dinrec.data.store.STORE_SCHEMA`)."""
-        cols = self.rows(start, stop)
-        out = {
-            "label": pa.array(cols["label"].astype(np.int8, copy=False)),
-            "user": pa.array(cols["user"].astype(np.int64, copy=False)),
-            "item": pa.array(cols["item"].astype(np.int64, copy=False)),
-            "cat": pa.array(cols["cat"].astype(np.int64, copy=False)),
-            "seq": pa.array(cols["seq"].astype(np.int64, copy=False)),
-            "hist_end": pa.array(cols["hist_end"].astype(np.int32)),
-        }
-        if "ts" in cols:
-            out["ts"] = pa.array(cols["ts"].astype(np.int64, copy=False))
+        """Rows ``[start, stop)`` as a store shard table (see :mod:`dinrec.data.store`)."""
+        out = {}
+        for k, v in self.rows(start, stop).items():
+            if k == "label":
+                out[k] = pa.array(v.astype(np.int8, copy=False))
+            elif k.startswith("end."):
+                out[k] = pa.array(v.astype(np.int32))
+            elif v.ndim == 2:
+                flat = pa.array(v.astype(np.int64, copy=False).reshape(-1))
+                out[k] = pa.FixedSizeListArray.from_arrays(flat, v.shape[1])
+            elif v.dtype.kind == "f":
+                out[k] = pa.array(v.astype(np.float64, copy=False))
+            else:
+                out[k] = pa.array(v.astype(np.int64, copy=False))
         return pa.table(out)
 
 
 @dataclass
 class BuiltSamples:
-    """What sample building produces: the splits, the sequences they point into, the
-    vocabularies, the ``max_len`` that cuts histories and some counts."""
+    """What sample building produces: the splits, the sequences they point into, the side
+    tables, vocabularies and statistics, the ``max_len`` that cuts histories, some counts."""
 
     splits: dict[str, SampleSet]
-    sequences: Sequences
-    vocabs: Vocabularies
+    sequences: dict[str, Sequences]
+    encoded: Encoded
+    schema: Schema
     max_len: int
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def users(self) -> SideTable:
+        return self.encoded.users
+
+    @property
+    def items(self) -> SideTable:
+        return self.encoded.items
+
+    @property
+    def vocabs(self) -> Any:
+        """The vocabularies by table name (``vocabs.item``, ``vocabs["cat"]``)."""
+        from dinrec.data.vocab import Vocabularies
+
+        return Vocabularies.from_encoded(self.encoded, self.schema)
+
 
 # ---------------------------------------------------------------------- helpers
-def _codes(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
-    """Dense codes (int32, first-occurrence order) and the distinct values of a column."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    if pa.types.is_dictionary(col.type):
-        col = col.cast(col.type.value_type)
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-        col = col.cast(pa.string())
-    enc = col.dictionary_encode()
-    return enc.indices.to_numpy(zero_copy_only=False), enc.dictionary  # int32 codes
-
-
 def _stable_order(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
     """Indices sorting by (user, ts), ties in file order.
 
@@ -271,35 +296,6 @@ def _stable_order(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
 def _narrow(ids: np.ndarray) -> np.ndarray:
     """``ids`` (>= 0) as int32 when every value fits, else unchanged."""
     return ids.astype(np.int32) if len(ids) == 0 or ids.max() < 2**31 else ids
-
-
-def _vocab_from_codes(
-    distinct: pa.Array, codes: np.ndarray, min_count: int, name: str
-) -> tuple[Vocab, np.ndarray]:
-    """What ``Vocab.build(distinct.take(codes), min_count)`` gives, from counts of the codes
-    (no string is hashed again), and the id of every code ``(len(distinct),)``."""
-    counts = np.bincount(codes, minlength=len(distinct))  # (D,)
-    keep = np.flatnonzero(counts >= min_count)  # (K,) codes in the vocabulary
-    table = pa.table({"token": distinct.take(pa.array(keep)), "count": counts.take(keep)})
-    order = pc.sort_indices(table, sort_keys=[("count", "descending"), ("token", "ascending")])
-    order = order.to_numpy()
-    ids = np.full(len(distinct), OOV_ID, dtype=np.int64)
-    ids[keep.take(order)] = np.arange(NUM_SPECIAL, NUM_SPECIAL + len(keep))
-    vocab = Vocab(table.column("token").take(order), counts.take(keep.take(order)), name)
-    return vocab, ids
-
-
-def _item_cat_table(item_ids: np.ndarray, cat_ids: np.ndarray, n_items: int) -> np.ndarray:
-    """``item_cat[item id]`` = the category id of that item's first (item, cat) pair."""
-    table = np.full(n_items, OOV_ID, dtype=np.int64)
-    table[0] = 0
-    if len(item_ids):
-        first = np.full(n_items, len(item_ids), dtype=np.int64)  # first pair of each item
-        np.minimum.at(first, item_ids, np.arange(len(item_ids)))
-        seen = np.flatnonzero(first < len(item_ids))
-        table[seen] = cat_ids[first[seen]]
-    table[0], table[OOV_ID] = 0, OOV_ID
-    return table
 
 
 def _sample_negatives(
@@ -365,6 +361,26 @@ def _sample_negatives(
 
 
 # ---------------------------------------------------------------------- events
+def _check_schema(schema: Schema, has_ts: bool) -> None:
+    for s in schema.sequences:
+        for f in s.event_features:
+            if f.source == TIME_GAP and not f.boundaries:
+                raise SchemaError(f"sequences.{s.name}.event_features.{f.name}: the built-in "
+                                  "time gap needs boundaries (seconds), e.g. [3600, 86400, 604800]")
+            if f.source == TIME_GAP and not has_ts:
+                raise DinrecError(f"sequences.{s.name}: {f.name} (the time gap) needs event times (a ts column)")
+            if f.kind == "multi":
+                raise SchemaError(f"sequences.{s.name}.event_features.{f.name}: multi-valued "
+                                  "per-event features are not supported; use categorical")
+
+
+def _column(events: pa.Table, name: str, what: str) -> pa.ChunkedArray:
+    if name not in events.column_names:
+        raise DinrecError(f"events have no column {name!r} for {what} "
+                          f"(columns: {', '.join(events.column_names)})")
+    return events.column(name)
+
+
 def _event_columns(events: pa.Table) -> dict[str, Any]:
     names = set(events.column_names)
     for req in ("user", "item"):
@@ -378,18 +394,13 @@ def _event_columns(events: pa.Table) -> dict[str, Any]:
         log.warning("dropping %d events with a null user or item", n_bad)
         events = events.filter(keep)
     n = events.num_rows
-    cols: dict[str, Any] = {"n": n, "has_ts": "ts" in names}
+    cols: dict[str, Any] = {"n": n, "has_ts": "ts" in names, "table": events}
     strings = {"user": events.column("user"), "item": events.column("item")}
-    if "cat" in names:
-        strings["cat"] = pc.fill_null(events.column("cat").cast(pa.string()), UNKNOWN_CAT)
     with ThreadPoolExecutor(len(strings)) as pool:  # Arrow's hashing releases the GIL
         for name, (codes, distinct) in zip(
-            strings, pool.map(_codes, strings.values()), strict=True
+            strings, pool.map(string_codes, strings.values()), strict=True
         ):
             cols[name], cols[f"{name}_dict"] = codes, distinct
-    if "cat" not in names:
-        cols["cat"] = np.zeros(n, dtype=np.int32)
-        cols["cat_dict"] = pa.array([UNKNOWN_CAT] if n else [], type=pa.string())
     if "ts" in names:
         ts = events.column("ts")
         if ts.null_count:
@@ -413,44 +424,22 @@ def _event_columns(events: pa.Table) -> dict[str, Any]:
     return cols
 
 
-def build_event_samples(events: pa.Table, cfg: PrepareConfig) -> BuiltSamples:
-    """Samples, vocabularies and counts from an events table (see the module docstring)."""
-    cfg.validate()
-    c = _event_columns(events)
-    n = c["n"]
-    if n == 0:
-        raise DinrecError("the events table is empty")
-
-    # ---- sort by (user, ts), stable in file order
-    order = _stable_order(c["user"], c["ts"])
-    u, it, ct, ts, lab = (c[k].take(order) for k in ("user", "item", "cat", "ts", "label"))
-    pos = lab == 1  # (n,)
-    first_of_user = np.ones(n, dtype=bool)
-    first_of_user[1:] = u[1:] != u[:-1]
-    ustarts = np.flatnonzero(first_of_user)  # (U,)
-    useg = u  # (n,) user segment of each event: codes are dense, every one has events
-
-    pos_before = np.cumsum(pos) - pos  # (n,) global positives before each event
-    user_pos0 = pos_before[ustarts]  # (U,) index of the user's first positive in the pool
-    k = pos_before - user_pos0[useg]  # (n,) user's positives before this event
-    n_pos_user = np.add.reduceat(pos.astype(np.int64), ustarts)  # (U,)
-
-    # ---- splits: 0 train, 1 valid, 2 test
-    split = np.zeros(n, dtype=np.int8)
+def _split_events(cfg: PrepareConfig, useg: np.ndarray, k: np.ndarray, n_pos_user: np.ndarray,
+                  ts: np.ndarray, n_users: int) -> np.ndarray:
+    """``(n,)`` int8 split of every sorted event: 0 train, 1 valid, 2 test."""
+    split = np.zeros(len(useg), dtype=np.int8)
     if cfg.split == "leave-last-out":
         npu = n_pos_user[useg]
         split[k == npu - 2] = 1
         split[k >= npu - 1] = 2
     elif cfg.split == "by-user":
-        n_users = len(c["user_dict"])
-        rng_u = np.random.default_rng([cfg.seed, 1])
-        perm = rng_u.permutation(n_users)
+        perm = np.random.default_rng([cfg.seed, 1]).permutation(n_users)
         n_test = int(round(n_users * cfg.test_fraction))
         n_valid = int(round(n_users * cfg.valid_fraction))
         user_split = np.zeros(n_users, dtype=np.int8)
         user_split[perm[:n_test]] = 2
         user_split[perm[n_test : n_test + n_valid]] = 1
-        split = user_split[u]
+        split = user_split[useg]
     else:  # time
         cut = cfg.time_cut
         if cut is None:
@@ -461,55 +450,249 @@ def build_event_samples(events: pa.Table, cfg: PrepareConfig) -> BuiltSamples:
             vstart = int(np.ceil(np.quantile(before, 1.0 - cfg.valid_fraction)))
         split[ts >= vstart] = 1
         split[ts >= cut] = 2
+    return split
+
+
+def _first_event(codes: np.ndarray, n_codes: int, train: np.ndarray) -> np.ndarray:
+    """``(n_codes,)`` the first (sorted) event of each code, a training one when it has one."""
+    n = len(codes)
+    first = np.full(n_codes, n, dtype=np.int64)
+    tr = np.flatnonzero(train)
+    np.minimum.at(first, codes.take(tr), tr)
+    missing = first == n
+    if missing.any():
+        anyf = np.full(n_codes, n, dtype=np.int64)
+        np.minimum.at(anyf, codes, np.arange(n))
+        first[missing] = anyf[missing]
+    return first
+
+
+def _side_column(events: pa.Table, order: np.ndarray, first: np.ndarray, side: pa.Table | None,
+                 side_key: np.ndarray | None, col: str, what: str) -> pa.Array:
+    """A side feature's column over the domain codes: from the side table when it has the
+    column (codes it lacks: null), else from each code's first event."""
+    if side is not None and col in side.column_names:
+        assert side_key is not None
+        vals = side.column(col).combine_chunks()
+        return vals.take(pa.array(side_key, mask=side_key < 0))
+    if col == "cat" and "cat" not in events.column_names:
+        return pa.array(np.full(len(first), UNKNOWN_CAT, dtype=object), pa.string())
+    src = _column(events, col, what).combine_chunks()
+    idx = pa.array(order.take(np.minimum(first, len(order) - 1)), mask=first >= len(order))
+    out = src.take(idx)
+    if col == "cat":
+        out = pc.fill_null(out.cast(pa.string()), UNKNOWN_CAT)
+    return out
+
+
+def _domain(role: str, schema: Schema, events: pa.Table, order: np.ndarray, codes: np.ndarray,
+            distinct: pa.Array, train: np.ndarray, side: pa.Table | None) -> Domain:
+    """The distinct users / items (events first, then side-table-only ones), their training
+    counts and one input column per side feature."""
+    side_key = None
+    if side is not None:
+        if role not in side.column_names:
+            raise DinrecError(f"the {role} side table has no {role!r} column")
+        tokens = side.column(role).combine_chunks().cast(distinct.type)
+        extra = tokens.filter(pc.invert(pc.is_in(tokens, value_set=distinct)))
+        distinct = pa.concat_arrays([distinct, extra.unique()])
+        pos = pc.index_in(distinct, value_set=tokens)
+        side_key = pc.fill_null(pos.cast(pa.int64()), -1).to_numpy(zero_copy_only=False)
+    counts = np.bincount(codes[train], minlength=len(distinct)).astype(np.int64)
+    first = _first_event(codes, len(distinct), train)
+    cols = {}
+    for f in getattr(schema, role)[1:]:
+        cols[f.name] = _side_column(events, order, first, side, side_key, f.source,
+                                    f"{role} feature {f.name!r}")
+    return Domain(distinct, counts, cols)
+
+
+def _filter_mask(spec: SequenceSpec, col: pa.ChunkedArray) -> np.ndarray:
+    """``(n,)`` bool: the events whose ``filter_column`` value is one of ``spec.values``
+    (``">=4"``-style bounds compare numbers, all of them must hold)."""
+    values = spec.values or []
+    if values and all(v.lstrip()[:1] in "<>=!" for v in values):
+        x = pc.fill_null(col.cast(pa.float64()), float("nan")).to_numpy()
+        keep = np.ones(len(x), dtype=bool)
+        for v in values:
+            v = v.strip()
+            op = next(o for o in (">=", "<=", "==", "!=", ">", "<", "=") if v.startswith(o))
+            try:
+                b = float(v[len(op):])
+            except ValueError:
+                raise SchemaError(f"sequences.{spec.name}.values: bad bound {v!r}") from None
+            with np.errstate(invalid="ignore"):
+                keep &= {">=": x >= b, "<=": x <= b, ">": x > b, "<": x < b, "==": x == b,
+                         "=": x == b, "!=": x != b}[op]
+        return keep
+    t = col.type
+    if pa.types.is_floating(t) or pa.types.is_integer(t):
+        try:
+            nums = pa.array([float(v) for v in values], pa.float64())
+        except ValueError:
+            raise SchemaError(f"sequences.{spec.name}.values: {values} are not numbers "
+                              f"but column {spec.filter_column!r} is numeric") from None
+        return pc.fill_null(pc.is_in(col.cast(pa.float64()), value_set=nums), False).to_numpy()
+    strs = col.cast(pa.string())
+    return pc.fill_null(pc.is_in(strs, value_set=pa.array(values, pa.string())), False).to_numpy()
+
+
+def _row_columns(schema: Schema, events: pa.Table, order: np.ndarray) -> dict[str, pa.Array]:
+    """Context and per-event feature columns, in sorted event order."""
+    out = {}
+    idx = pa.array(order)
+    for role, f in schema.features():
+        if role == "context" or (role == "event" and f.source != TIME_GAP):
+            out[f.name] = _column(events, f.source, f"{role} feature {f.name!r}").take(idx)
+    return out
+
+
+def _sequences(schema: Schema, events: pa.Table, order: np.ndarray, pos: np.ndarray,
+               useg: np.ndarray, ustarts: np.ndarray, item_keys: np.ndarray, ts: np.ndarray,
+               enc: Encoded) -> tuple[dict[str, Sequences], dict[str, np.ndarray]]:
+    """Every sequence of the schema (one per user) and each event's end in each ``(n,)``."""
+    seqs, ends = {}, {}
+    for s in schema.sequences:
+        member = pos
+        if s.filter_column is not None:
+            col = _column(events, s.filter_column, f"sequence {s.name!r}").take(pa.array(order))
+            member = pos & _filter_mask(s, col)
+        before = np.cumsum(member) - member  # (n,) members before each event
+        first = before[ustarts]  # (U,) the user's first member in the flat arrays
+        ends[s.name] = before - first[useg]  # (n,)
+        at = np.flatnonzero(member)
+        ev = {f.name: enc.rows[f.name].take(at, axis=0)
+              for f in s.event_features if f.source != TIME_GAP}
+        if any(f.source == TIME_GAP for f in s.event_features):
+            ev["ts"] = ts.take(at)
+        seqs[s.name] = Sequences(np.append(first, len(at)).astype(np.int64),
+                                 item_keys.take(at), ev)
+    return seqs, ends
+
+
+def build_event_samples(
+    events: pa.Table,
+    cfg: PrepareConfig,
+    schema: Schema | None = None,
+    items: pa.Table | None = None,
+    users: pa.Table | None = None,
+) -> BuiltSamples:
+    """Samples, side tables, vocabularies and counts from an events table (see the module
+    docstring); ``items`` / ``users``: side tables keyed by an ``item`` / ``user`` column."""
+    cfg.validate()
+    schema = schema if schema is not None else Schema.default(cfg.max_len)
+    c = _event_columns(events)
+    events = c["table"]
+    n = c["n"]
+    if n == 0:
+        raise DinrecError("the events table is empty")
+    _check_schema(schema, c["has_ts"])
+
+    # ---- sort by (user, ts), stable in file order
+    order = _stable_order(c["user"], c["ts"])
+    u, it, ts, lab = (c[k].take(order) for k in ("user", "item", "ts", "label"))
+    pos = lab == 1  # (n,)
+    first_of_user = np.ones(n, dtype=bool)
+    first_of_user[1:] = u[1:] != u[:-1]
+    ustarts = np.flatnonzero(first_of_user)  # (U,)
+    useg = u  # (n,) user segment of each event: codes are dense, every one has events
+    pos_before = np.cumsum(pos) - pos  # (n,) global positives before each event
+    k = pos_before - pos_before[ustarts][useg]  # (n,) user's positives before this event
+    n_pos_user = np.add.reduceat(pos.astype(np.int64), ustarts)  # (U,)
+    split = _split_events(cfg, useg, k, n_pos_user, ts, len(c["user_dict"]))
     train_ev = split == 0
     if not train_ev.any():
         raise DinrecError(f"split {cfg.split!r} leaves no training events; check its settings")
 
-    # ---- vocabularies from training events only
-    user_v, user_map = _vocab_from_codes(c["user_dict"], u[train_ev], cfg.min_count, "user")
-    item_v, item_map = _vocab_from_codes(c["item_dict"], it[train_ev], cfg.min_count, "item")
-    cat_v, cat_map = _vocab_from_codes(c["cat_dict"], ct[train_ev], cfg.min_count, "cat")
-    item_cat = _item_cat_table(item_map[it[train_ev]], cat_map[ct[train_ev]], len(item_v))
+    # ---- every feature, vocabularies from training events only
+    udom = _domain("user", schema, events, order, u, c["user_dict"], train_ev, users)
+    idom = _domain("item", schema, events, order, it, c["item_dict"], train_ev, items)
+    enc = encode_schema(schema, cfg.min_count, udom, idom, _row_columns(schema, events, order),
+                        train_ev.astype(np.int64))
+    item_key = _narrow(enc.item_key).take(it)  # (n,)
+    seqs, ends = _sequences(schema, events, order, pos, useg, ustarts, item_key, ts, enc)
 
-    # ---- one sequence per user: their positives in time order; event i's history is the
-    # user's first k[i] positives (the most recent max_len of them, cut when read)
-    seq_offsets = np.append(user_pos0, int(pos.sum()))  # (U+1,)
-    sequences = Sequences(seq_offsets, item_map[it[pos]], cat_map[ct[pos]])  # (P,) each
     sample_ev = np.flatnonzero(k >= cfg.min_history)  # events that become samples
+    neg_ids, neg_ok = _event_negatives(cfg, enc, idom, sample_ev, pos, useg, it, train_ev)
+    rows = _sample_rows(sample_ev, split, pos, neg_ids, neg_ok)
+    row_ev, neg_rows, negs, ends_per_split = rows
+    label = lab.take(row_ev)
+    item = item_key.take(row_ev)
+    item[neg_rows], label[neg_rows] = negs, 0
+    cols: dict[str, Any] = {
+        "label": label,
+        "user": _narrow(enc.user_key).take(u).take(row_ev),
+        "item": item,
+        "seq": useg.take(row_ev),
+        "ends": {name: _narrow(e).take(row_ev) for name, e in ends.items()},
+        "ts": ts.take(row_ev) if c["has_ts"] else None,
+        "context": {f.name: enc.rows[f.name].take(row_ev, axis=0) for f in schema.context},
+    }
+    splits: dict[str, SampleSet] = {}
+    for s, name in enumerate(SPLITS):
+        sl = slice(int(ends_per_split[s - 1]) if s else 0, int(ends_per_split[s]))
+        ss = SampleSet(
+            label=cols["label"][sl], user=cols["user"][sl], item=cols["item"][sl],
+            seq=cols["seq"][sl], ends={q: v[sl] for q, v in cols["ends"].items()},
+            ts=None if cols["ts"] is None else cols["ts"][sl],
+            context={q: v[sl] for q, v in cols["context"].items()},
+        )  # fmt: skip
+        if name == "train":  # shuffled lazily: a shard's rows are gathered when it is written
+            ss.order = np.random.default_rng([cfg.seed, 3]).permutation(len(ss))
+        splits[name] = ss
+    info = {
+        "events": int(n),
+        "positive_events": int(pos.sum()),
+        "explicit_negative_events": int(n - pos.sum()),
+        "users_in_events": int(len(c["user_dict"])),
+        "items_in_events": int(len(c["item_dict"])),
+        "negatives_dropped": int((~neg_ok).sum()),
+        "source": "events",
+    }
+    return BuiltSamples(splits, seqs, enc, schema, cfg.max_len, info)
 
-    # ---- sampled negatives for positive samples
+
+def _event_negatives(cfg: PrepareConfig, enc: Encoded, idom: Domain, sample_ev: np.ndarray,
+                     pos: np.ndarray, useg: np.ndarray, it: np.ndarray,
+                     train_ev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(P, neg_per_pos)`` sampled negative item keys of the positive sample events, and
+    which draws are usable (False: still one of the user's positives after every retry)."""
     pos_ev = sample_ev[pos[sample_ev]]
     kneg = cfg.neg_per_pos
     neg_ids = np.zeros((len(pos_ev), kneg), dtype=np.int64)
     neg_ok = np.ones((len(pos_ev), kneg), dtype=bool)
-    n_failed = 0
-    if kneg and len(pos_ev):
-        if len(item_v) <= NUM_SPECIAL:
-            raise DinrecError("no training items to sample negatives from")
-        n_icodes = len(c["item_dict"])
-        # (user seg, item code) keys; sorted runs per user make the stable sort ~3x faster
-        forbidden = np.sort(useg[pos].astype(np.int64) * n_icodes + it[pos], kind="stable")
-        id_key = np.full(len(item_v), -1, dtype=np.int64)
-        id_key[item_map] = np.arange(n_icodes)  # id -> code (OOV id 1 gets some code; unused)
-        id_key[:NUM_SPECIAL] = -1
-        weights = None
-        if cfg.neg_sampling == "popularity":
-            tr_pos = train_ev & pos
-            weights = np.bincount(item_map[it[tr_pos]], minlength=len(item_v))[NUM_SPECIAL:]
-            if weights.sum() == 0:
-                weights = None
-        rng = np.random.default_rng([cfg.seed, 2])
-        owner = np.repeat(useg[pos_ev].astype(np.int64), kneg)
-        ids, ok = _sample_negatives(
-            rng, len(owner), weights, len(item_v), forbidden, owner, id_key, n_icodes
-        )
-        neg_ids, neg_ok = ids.reshape(-1, kneg), ok.reshape(-1, kneg)
-        n_failed = int((~neg_ok).sum())
-        if n_failed:
-            log.warning("%d negatives could not avoid the user's positives; dropped", n_failed)
+    if not kneg or not len(pos_ev):
+        return neg_ids, neg_ok
+    n_known = enc.items.n_known
+    if n_known <= NUM_SPECIAL:
+        raise DinrecError("no training items to sample negatives from")
+    n_icodes = len(idom.distinct)
+    # (user seg, item code) keys; sorted runs per user make the stable sort ~3x faster
+    forbidden = np.sort(useg[pos].astype(np.int64) * n_icodes + it[pos], kind="stable")
+    key_code = np.full(len(enc.items), -1, dtype=np.int64)  # item key -> code
+    key_code[enc.item_key] = np.arange(n_icodes)
+    key_code[:NUM_SPECIAL] = -1
+    weights = None
+    if cfg.neg_sampling == "popularity":
+        tr_pos = train_ev & pos
+        weights = np.bincount(enc.item_key.take(it[tr_pos]), minlength=n_known)[NUM_SPECIAL:n_known]
+        if weights.sum() == 0:
+            weights = None
+    rng = np.random.default_rng([cfg.seed, 2])
+    owner = np.repeat(useg[pos_ev].astype(np.int64), kneg)
+    ids, ok = _sample_negatives(rng, len(owner), weights, n_known, forbidden, owner, key_code,
+                                n_icodes)
+    n_failed = int((~ok).sum())
+    if n_failed:
+        log.warning("%d negatives could not avoid the user's positives; dropped", n_failed)
+    return ids.reshape(-1, kneg), ok.reshape(-1, kneg)
 
-    # ---- all sample rows, split by split: each sample event (in (user, ts) order inside its
-    # split), a positive's sampled negatives right after it
+
+def _sample_rows(sample_ev: np.ndarray, split: np.ndarray, pos: np.ndarray, neg_ids: np.ndarray,
+                 neg_ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All sample rows, split by split: each sample event (in (user, ts) order inside its
+    split), a positive's sampled negatives right after it. Returns the event of each row
+    ``(S,)``, the rows holding a sampled negative, those negatives, and each split's end row."""
     ev_split = split.take(sample_ev)  # (E,)
     by_split = np.argsort(ev_split, kind="stable")  # int8 keys: a radix sort
     se = sample_ev.take(by_split)  # (E,) sample events, split-major
@@ -522,42 +705,8 @@ def build_event_samples(events: pa.Table, cfg: PrepareConfig) -> BuiltSamples:
     neg_rows[np.cumsum(reps) - reps] = False  # the event's own row
     neg_rows = np.flatnonzero(neg_rows)  # rows holding a sampled negative
     negs = neg_ids.take(pidx, axis=0)[neg_ok.take(pidx, axis=0)]  # row-major, as neg_rows
-    # (S,) columns, 32-bit where the values fit: the training split's shuffle gathers them
-    # at random, and half the bytes is ~30% less time (cast to int64 when written)
-    item = _narrow(item_map).take(it).take(row_ev)
-    cat = _narrow(cat_map).take(ct).take(row_ev)
-    label = lab.take(row_ev)
-    item[neg_rows], cat[neg_rows], label[neg_rows] = negs, item_cat.take(negs), 0
-    cols = {
-        "label": label,
-        "user": _narrow(user_map).take(u).take(row_ev),
-        "item": item,
-        "cat": cat,
-        "seq": useg.take(row_ev),
-        "hist_end": _narrow(k).take(row_ev),
-        "ts": ts.take(row_ev) if c["has_ts"] else None,
-    }
     rows_per_split = np.bincount(ev_split.take(by_split), weights=reps, minlength=3)
-    ends = np.cumsum(rows_per_split.astype(np.int64))  # (3,) end row of each split
-    splits: dict[str, SampleSet] = {}
-    for s, name in enumerate(SPLITS):
-        sl = slice(int(ends[s - 1]) if s else 0, int(ends[s]))
-        ss = SampleSet(**{key: None if v is None else v[sl] for key, v in cols.items()})
-        if name == "train":  # shuffled lazily: a shard's rows are gathered when it is written
-            ss.order = np.random.default_rng([cfg.seed, 3]).permutation(len(ss))
-        splits[name] = ss
-    info = {
-        "events": int(n),
-        "positive_events": int(pos.sum()),
-        "explicit_negative_events": int(n - pos.sum()),
-        "users_in_events": int(len(c["user_dict"])),
-        "items_in_events": int(len(c["item_dict"])),
-        "categories_in_events": int(len(c["cat_dict"])),
-        "negatives_dropped": n_failed,
-        "source": "events",
-    }
-    vocabs = Vocabularies(user=user_v, item=item_v, cat=cat_v, item_cat=item_cat)
-    return BuiltSamples(splits, sequences, vocabs, cfg.max_len, info)
+    return row_ev, neg_rows, negs, np.cumsum(rows_per_split.astype(np.int64))
 
 
 # ---------------------------------------------------------------------- ready-made samples
@@ -574,9 +723,20 @@ def _check_sample_table(name: str, t: pa.Table) -> None:
             raise DinrecError(f"samples of split {name!r}: {col} must be a list column, got {typ}")
 
 
+def _check_ready_schema(schema: Schema) -> None:
+    ok = (
+        len(schema.user) == 1 and not schema.context and len(schema.sequences) == 1
+        and schema.sequences[0].filter_column is None and not schema.sequences[0].event_features
+        and all(f.source in ("item", "cat") and f.kind == "categorical" for f in schema.item[1:])
+    )  # fmt: skip
+    if not ok:
+        raise DinrecError("ready-made samples carry only user, item, cat and one history: "
+                          "the schema may declare only those (one sequence, no filter)")
+
+
 def _carve(t: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
     """Split a samples table by user: (the rest, a seeded ``fraction`` of users)."""
-    codes, users = _codes(t.column("user"))
+    codes, users = string_codes(t.column("user"))
     perm = np.random.default_rng([seed, 4]).permutation(len(users))
     chosen = np.zeros(len(users), dtype=bool)
     chosen[perm[: int(round(len(users) * fraction))]] = True
@@ -609,13 +769,13 @@ def _concat_ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return np.cumsum(inc, out=inc)
 
 
-def _window_hash(items: np.ndarray, cats: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """(N,) uint64 hash of each window, given its concatenated ``items`` / ``cats``."""
-    total = len(items)
+def _window_hash(keys: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """(N,) uint64 hash of each window, given its concatenated item ``keys``."""
+    total = len(keys)
     rid_start = np.cumsum(lens) - lens  # (N,)
     pos = np.arange(total, dtype=np.int64) - np.repeat(rid_start, lens)  # (total,) in-window
     with np.errstate(over="ignore"):
-        x = items.astype(np.uint64) * _MIX[0] ^ cats.astype(np.uint64) * _MIX[1]
+        x = keys.astype(np.uint64) * _MIX[0]
         x ^= (pos.astype(np.uint64) + np.uint64(1)) * _MIX[2]
         x ^= x >> np.uint64(31)  # splitmix64 finaliser
         x *= _MIX[1]
@@ -628,10 +788,10 @@ def _window_hash(items: np.ndarray, cats: np.ndarray, lens: np.ndarray) -> np.nd
 
 
 def _distinct_windows(
-    items: np.ndarray, cats: np.ndarray, starts: np.ndarray, lens: np.ndarray
+    keys: np.ndarray, starts: np.ndarray, lens: np.ndarray
 ) -> tuple[Sequences, np.ndarray]:
-    """The distinct (items, cats) windows as :class:`Sequences` (first-occurrence order) and
-    the sequence of every window, ``(N,)``.
+    """The distinct windows of item ``keys`` as :class:`Sequences` (first-occurrence order)
+    and the sequence of every window, ``(N,)``.
 
     Windows are grouped by a 64-bit hash, then every window is checked element by element
     against its group's first one; a window that differs (a hash collision) keeps its own
@@ -639,8 +799,7 @@ def _distinct_windows(
     """
     n = len(lens)
     gather = _concat_ranges(starts, lens)  # (total,)
-    wi, wc = items.take(gather), cats.take(gather)  # (total,) each
-    _, first, inverse = np.unique(_window_hash(wi, wc, lens), return_index=True,
+    _, first, inverse = np.unique(_window_hash(keys.take(gather), lens), return_index=True,
                                   return_inverse=True)  # fmt: skip
     rep = first.take(inverse.reshape(-1))  # (N,) the first window with the same hash
     dup = np.flatnonzero(rep != np.arange(n))  # (D,) windows that may repeat an earlier one
@@ -649,7 +808,7 @@ def _distinct_windows(
     ln = np.where(same_len, lens.take(dup), 0)  # (D,) elements to compare
     a = _concat_ranges(starts.take(dup), ln)
     b = _concat_ranges(starts.take(other), ln)
-    differs = (items.take(a) != items.take(b)) | (cats.take(a) != cats.take(b))
+    differs = keys.take(a) != keys.take(b)
     bad = ~same_len  # (D,) hash collisions: they keep their own sequence
     bad[np.repeat(np.arange(len(dup)), ln)[differs]] = True
     rep[dup[bad]] = dup[bad]
@@ -659,19 +818,59 @@ def _distinct_windows(
     klen = lens[kept]
     offsets = np.zeros(int(kept.sum()) + 1, dtype=np.int64)
     np.cumsum(klen, out=offsets[1:])
-    kg = _concat_ranges(starts[kept], klen)
-    return Sequences(offsets, items.take(kg), cats.take(kg)), seq
+    return Sequences(offsets, keys.take(_concat_ranges(starts[kept], klen))), seq
 
 
-def build_ready_samples(splits: dict[str, pa.Table], cfg: PrepareConfig) -> BuiltSamples:
+def _strs(x: Any) -> pa.Array:
+    x = x.combine_chunks() if isinstance(x, pa.ChunkedArray) else x
+    return x.cast(pa.large_string())
+
+
+def _ready_encode(tables: dict[str, pa.Table], cfg: PrepareConfig, schema: Schema
+                  ) -> tuple[Encoded, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Encode ready-made samples: every item occurrence (per split its targets, then its
+    histories; train first) and user as codes, an item's category from its first (training)
+    occurrence. Returns the encoding, item and user codes, each split's history offsets."""
+    parts_i, parts_c, users, hist = [], [], [], {}
+    for name in SPLITS:
+        t = tables[name]
+        hi, hoff = _flat_lists(t.column("hist_items"))
+        hc, hoff_c = _flat_lists(t.column("hist_cats"))
+        if not np.array_equal(hoff, hoff_c):
+            raise DinrecError(f"samples of split {name!r}: hist_items and hist_cats lengths differ")
+        hist[name] = hoff
+        parts_i += [_strs(t.column("item")), _strs(hi)]
+        parts_c += [_strs(t.column("cat")), _strs(hc)]
+        users.append(_strs(t.column("user")))
+    n_train_occ = len(parts_i[0]) + len(parts_i[1])
+    icodes, idistinct = string_codes(pa.concat_arrays(parts_i))
+    ucodes, udistinct = string_codes(pa.concat_arrays(users))
+    icodes, ucodes = icodes.astype(np.int64), ucodes.astype(np.int64)
+    first = np.full(len(idistinct), len(icodes), dtype=np.int64)  # train part comes first
+    np.minimum.at(first, icodes, np.arange(len(icodes)))
+    cats = pa.concat_arrays(parts_c).take(pa.array(first))
+    idom = Domain(idistinct, np.bincount(icodes[:n_train_occ], minlength=len(idistinct)),
+                  {f.name: cats if f.source == "cat" else idistinct for f in schema.item[1:]})
+    n_tr_users = tables["train"].num_rows
+    udom = Domain(udistinct, np.bincount(ucodes[:n_tr_users], minlength=len(udistinct)), {})
+    enc = encode_schema(schema, cfg.min_count, udom, idom, {}, np.zeros(0, np.int64))
+    return enc, icodes, ucodes, hist
+
+
+def build_ready_samples(
+    splits: dict[str, pa.Table], cfg: PrepareConfig, schema: Schema | None = None
+) -> BuiltSamples:
     """Encode ready-made string samples (e.g. the DIN / DIEN files) with train-only vocabs.
 
     Missing ``valid`` (or ``test``) splits are carved out of ``train`` by user with
     ``valid_fraction`` (``test_fraction``); histories longer than ``max_len`` keep their
     most recent ``max_len`` entries (histories are oldest first). Identical histories (a
-    positive and its negative, the same user seen twice) are stored as one sequence.
+    positive and its negative, the same user seen twice) are stored as one sequence. An
+    item's category is its first one in the training split (else in any split).
     """
     cfg.validate()
+    schema = schema if schema is not None else Schema.default(cfg.max_len)
+    _check_ready_schema(schema)
     unknown = set(splits) - set(SPLITS)
     if unknown:
         raise DinrecError(f"unknown split name(s) {sorted(unknown)}; use {', '.join(SPLITS)}")
@@ -684,62 +883,41 @@ def build_ready_samples(splits: dict[str, pa.Table], cfg: PrepareConfig) -> Buil
         tables["train"], tables["test"] = _carve(tables["train"], cfg.test_fraction, cfg.seed)
     if "valid" not in tables:
         tables["train"], tables["valid"] = _carve(tables["train"], cfg.valid_fraction, cfg.seed)
-
-    train = tables["train"]
-    if train.num_rows == 0:
+    if tables["train"].num_rows == 0:
         raise DinrecError("the training split is empty")
-    tr_items, _ = _flat_lists(train.column("hist_items"))
-    tr_cats, _ = _flat_lists(train.column("hist_cats"))
 
-    def strs(x: Any) -> pa.Array:
-        x = x.combine_chunks() if isinstance(x, pa.ChunkedArray) else x
-        return x.cast(pa.large_string())
+    enc, icodes, ucodes, hist = _ready_encode(tables, cfg, schema)
+    keys = enc.item_key.take(icodes)  # (occurrences,) item key of each
 
-    user_v = Vocab.build(strs(train.column("user")), cfg.min_count, "user")
-    all_tr_items = pa.concat_arrays([strs(train.column("item")), strs(tr_items)])
-    all_tr_cats = pa.concat_arrays([strs(train.column("cat")), strs(tr_cats)])
-    item_v = Vocab.build(all_tr_items, cfg.min_count, "item")
-    cat_v = Vocab.build(all_tr_cats, cfg.min_count, "cat")
-    item_cat = _item_cat_table(item_v.encode(all_tr_items), cat_v.encode(all_tr_cats), len(item_v))
-
-    # ---- encode every split's histories (cut to max_len) as windows into one pool
+    # ---- windows (cut to max_len) into the history parts of the pool
     cols: dict[str, dict[str, Any]] = {}
-    pools_i, pools_c, starts, lens = [], [], [], []
-    shift = 0
+    starts, lens = [], []
+    at, uat = 0, 0
     for name in SPLITS:
         t = tables[name]
-        hi, hoff = _flat_lists(t.column("hist_items"))
-        hc, hoff_c = _flat_lists(t.column("hist_cats"))
-        if not np.array_equal(hoff, hoff_c):
-            raise DinrecError(f"samples of split {name!r}: hist_items and hist_cats lengths differ")
+        n, hoff = t.num_rows, hist[name]
         full = np.diff(hoff)  # (N,)
         keep = np.minimum(full, cfg.max_len)  # (N,)
-        starts.append(shift + hoff[:-1] + full - keep)
+        starts.append(at + n + hoff[:-1] + full - keep)
         lens.append(keep)
-        pools_i.append(item_v.encode(hi))
-        pools_c.append(cat_v.encode(hc))
-        shift += int(hoff[-1])
         lab = t.column("label").cast(pa.int64()).to_numpy()
         if len(lab) and not np.isin(lab, (0, 1)).all():
             raise DinrecError(f"samples of split {name!r}: label must hold only 0 and 1")
         cols[name] = {
             "label": lab.astype(np.int8),
-            "user": user_v.encode(t.column("user")),
-            "item": item_v.encode(t.column("item")),
-            "cat": cat_v.encode(t.column("cat")),
+            "user": enc.user_key.take(ucodes[uat : uat + n]),
+            "item": keys[at : at + n],
             "ts": t.column("ts").cast(pa.int64()).to_numpy() if "ts" in t.column_names else None,
         }
-    sequences, seq = _distinct_windows(
-        np.concatenate(pools_i), np.concatenate(pools_c), np.concatenate(starts),
-        np.concatenate(lens),
-    )  # fmt: skip
+        at, uat = at + n + int(hoff[-1]), uat + n
+    seqs, seq = _distinct_windows(keys, np.concatenate(starts), np.concatenate(lens))
     hist_end = np.concatenate(lens)
-
+    main = schema.main_sequence.name
     out: dict[str, SampleSet] = {}
     at = 0
     for name in SPLITS:
         n = len(cols[name]["label"])
-        ss = SampleSet(**cols[name], seq=seq[at : at + n], hist_end=hist_end[at : at + n])
+        ss = SampleSet(**cols[name], seq=seq[at : at + n], ends={main: hist_end[at : at + n]})
         at += n
         if name == "train":  # shuffled as written (see SampleSet.order)
             ss.order = np.random.default_rng([cfg.seed, 3]).permutation(len(ss))
@@ -747,7 +925,6 @@ def build_ready_samples(splits: dict[str, pa.Table], cfg: PrepareConfig) -> Buil
     info = {
         "source": "samples",
         "input_rows": {k: int(v.num_rows) for k, v in tables.items()},
-        "distinct_histories": len(sequences),
+        "distinct_histories": len(seqs),
     }
-    vocabs = Vocabularies(user=user_v, item=item_v, cat=cat_v, item_cat=item_cat)
-    return BuiltSamples(out, sequences, vocabs, cfg.max_len, info)
+    return BuiltSamples(out, {main: seqs}, enc, schema, cfg.max_len, info)

@@ -108,8 +108,9 @@ class Feature:
             raise SchemaError(f"{at}.pooling: expected one of {POOLINGS}, got {self.pooling!r}")
         if self.boundaries is not None and list(self.boundaries) != sorted(self.boundaries):
             raise SchemaError(f"{at}.boundaries: must be sorted ascending")
-        if self.kind == "numeric" and (self.table or self.hash_buckets):
-            raise SchemaError(f"{at}: a numeric feature has no table and no hashing")
+        if self.kind == "numeric" and (self.hash_buckets or (self.table and not self.boundaries)):
+            raise SchemaError(f"{at}: a numeric feature has no hashing, and no table unless "
+                              "it has boundaries")
 
     @property
     def is_numeric(self) -> bool:
@@ -128,9 +129,9 @@ class SequenceSpec:
             positive event belongs to this sequence).
         values: the values of ``filter_column`` that belong to this sequence (compared as
             strings; numeric columns may use ``">=4"``, ``"<4"`` style bounds).
-        event_features: per-event features (from event columns; ``time_gap`` is built in:
-            the seconds between the event and the sample's target, bucketed by its
-            ``boundaries``).
+        event_features: per-event features (from event columns; a feature whose column is
+            ``time_gap`` is built in: the seconds between the event and the sample's
+            target, bucketed by its ``boundaries``).
     """
 
     name: str = "hist"
@@ -250,7 +251,7 @@ class Schema:
             if f.table and f.table not in owners:
                 raise SchemaError(f"{role}.{f.name}.table: no feature has table {f.table!r}")
             owner = owners.get(f.table_name)
-            if owner is not None and not f.is_numeric and owner.kind == "numeric":
+            if f.table and owner is not None and owner is not f and owner.is_numeric:
                 raise SchemaError(f"{role}.{f.name}.table: {f.table!r} is numeric")
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -302,6 +303,96 @@ class Schema:
         except OSError as e:
             raise SchemaError(f"{p}: cannot read the schema: {e.strerror}") from None
         return cls.from_json(text, where=str(p))
+
+
+# ---------------------------------------------------------------------- command-line flags
+def parse_feature_flag(spec: str, where: str) -> Feature:
+    """One feature from a flag: ``NAME[:KIND][:log][:hash=N][:max=M][:sep=S]`` where KIND is
+    ``categorical`` (default), ``multi`` or ``numeric`` (``brand``, ``genres:multi``,
+    ``price:numeric:log``, ``user_zip:hash=1000``)."""
+    name, *opts = [x.strip() for x in spec.split(":")]
+    kw: dict[str, Any] = {"name": name}
+    for o in opts:
+        key, _, val = o.partition("=")
+        try:
+            if o in KINDS:
+                kw["kind"] = o
+            elif o == "log":
+                kw["log"] = True
+            elif key == "hash":
+                kw["hash_buckets"] = int(val)
+            elif key == "max":
+                kw["max_values"] = int(val)
+            elif key == "sep":
+                kw["sep"] = val
+            elif key == "min":
+                kw["min_count"] = int(val)
+            elif key == "buckets":
+                kw["boundaries"] = [float(b) for b in val.split("|")]
+            else:
+                raise SchemaError(f"{where}: {spec!r}: unknown option {o!r} (kinds: "
+                                  f"{', '.join(KINDS)}; options: log, hash=N, max=M, sep=S, "
+                                  "min=N, buckets=B1|B2)")
+        except ValueError:
+            raise SchemaError(f"{where}: {spec!r}: {o!r} needs a number") from None
+    return _feature(kw, f"{where}.{name}")
+
+
+def parse_sequence_flag(spec: str, max_len: int, where: str = "--sequence") -> SequenceSpec:
+    """``NAME`` (every positive) or ``NAME:COLUMN:V1|V2`` (``liked:rating:>=4``,
+    ``buy:type:buy|cart``)."""
+    parts = [x.strip() for x in spec.split(":", 2)]
+    if len(parts) == 1:
+        return SequenceSpec(parts[0], max_len)
+    if len(parts) != 3 or not all(parts):
+        raise SchemaError(f"{where}: {spec!r}: expected NAME or NAME:COLUMN:VALUE[|VALUE...]")
+    return SequenceSpec(parts[0], max_len, parts[1], [v.strip() for v in parts[2].split("|")])
+
+
+def schema_from_options(
+    path: str | Path | None = None,
+    max_len: int = 100,
+    user: str | None = None,
+    item: str | None = None,
+    context: str | None = None,
+    sequences: list[str] | None = None,
+    event: str | None = None,
+    time_gap: str | None = None,
+) -> Schema | None:
+    """The schema of ``dinrec prepare``: a JSON file (``--schema``) and/or flags that add to
+    it (or to the default schema): comma-separated features (:func:`parse_feature_flag`)
+    for ``--user-features`` / ``--item-features`` / ``--context-features`` /
+    ``--event-features`` (every sequence), ``--sequence`` (repeatable, the first is the
+    main one) and ``--time-gap B1,B2,...`` (seconds: the built-in per-event time gap).
+    None when nothing was given (the default schema)."""
+    if path is None and not any((user, item, context, sequences, event, time_gap)):
+        return None
+    schema = Schema.load(path) if path is not None else Schema.default(max_len)
+    d = schema.to_dict()
+
+    def feats(flag: str | None, name: str) -> list[dict[str, Any]]:
+        return [asdict(parse_feature_flag(x, name)) for x in (flag or "").split(",") if x.strip()]
+
+    d["user"] += feats(user, "--user-features")
+    d["item"] += feats(item, "--item-features")
+    d["context"] += feats(context, "--context-features")
+    if sequences:
+        d["sequences"] = [asdict(parse_sequence_flag(x, max_len)) for x in sequences]
+    extra = feats(event, "--event-features")
+    if time_gap:
+        try:
+            bounds = [float(b) for b in time_gap.split(",")]
+        except ValueError:
+            raise SchemaError(f"--time-gap: {time_gap!r}: expected seconds B1,B2,...") from None
+        extra.append(asdict(Feature("time_gap", "numeric", boundaries=bounds)))
+    for i, s in enumerate(d["sequences"]):  # names stay unique: suffix all but the first,
+        s["event_features"] += [  # which share the first one's table
+            e if i == 0 else {**e, "name": f"{e['name']}_{s['name']}",
+                              "column": e["column"] or e["name"],
+                              "table": None if e["kind"] == "numeric" and not e["boundaries"]
+                              else e["table"] or e["name"]}
+            for e in extra]
+    return Schema.from_dict(d, where=str(path) if path else "schema")
 
 
 # ---------------------------------------------------------------------- helpers

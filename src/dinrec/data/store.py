@@ -1,22 +1,30 @@
 """The sample store: write it atomically, open it, and describe it.
 
-Layout of a store directory ``DIR`` (store version 2)::
+Layout of a store directory ``DIR`` (store version 3)::
 
-    DIR/sequences.arrow                behaviour sequences, one row each: items, cats
-                                       large_list<int64> (oldest first); Arrow IPC file
-    DIR/train/part-00000.parquet ...   rows: label int8, user, item, cat int64,
-    DIR/valid/part-00000.parquet ...         seq int64, hist_end int32,
-    DIR/test/part-00000.parquet  ...         ts int64 when the input had times
-    DIR/vocab/{user,item,cat}.arrow    vocabularies (Arrow IPC: token, count)
-    DIR/vocab/item_cat.arrow           category id of every item id
+    DIR/schema.json                    the feature schema (dinrec.data.schema.Schema)
+    DIR/features.json                  table sizes, numeric features' train mean/std
+    DIR/sequences.arrow                behaviour sequences, one row per owner (user): per
+                                       sequence ``<name>.items`` large_list<int64> item keys
+                                       (oldest first) and ``<name>.<event feature>`` values
+                                       (``<name>.ts`` for the built-in time gap); Arrow IPC
+    DIR/items.arrow, DIR/users.arrow   side tables, one row per key: token, count, then one
+                                       column per feature (ids; fixed-size lists for multi;
+                                       float64 raw numeric values); Arrow IPC
+    DIR/train/part-00000.parquet ...   rows: label int8, user, item (keys), seq int64,
+    DIR/valid/part-00000.parquet ...         end.<sequence> int32, ts int64 when the input
+    DIR/test/part-00000.parquet  ...         had times, ctx.<feature> context features
+    DIR/vocab/<table>.arrow            vocabularies (Arrow IPC: token, count)
+    DIR/vocab/item_cat.arrow           category id of every item id (when there is a ``cat``)
     DIR/stats.json                     counts, history lengths, label balance, shard rows
     DIR/prepare.json                   the PrepareConfig used
 
-A row's history is ``sequences[seq][max(0, hist_end - max_len) : hist_end]`` (items and
-cats), ``max_len`` from ``prepare.json``: every sequence is stored once (one per user for
-event inputs, one per distinct history for ready-made samples) instead of a copy of up to
-``max_len`` ids per sample row. Store version 1 (per-row ``hist_items`` / ``hist_cats``
-list columns) is refused with a message to prepare again.
+A row's history in sequence ``s`` is ``sequences[s][seq][max(0, end.s - max_len) :
+end.s]``, ``max_len`` from ``prepare.json``: every sequence is stored once (one per user
+for event inputs, one per distinct history for ready-made samples) instead of a copy per
+sample row. Rows and histories hold *keys* (rows of the side tables, see
+:mod:`dinrec.data.sides`); the loader looks ids and attributes up there. Stores of an
+earlier version (no ``schema.json``) are refused with a message to prepare again.
 
 Why Arrow IPC for the sequences, not Parquet: the file is written uncompressed, so opening
 it is a memory map and the offsets and values are NumPy views of it with no decoding.
@@ -61,28 +69,20 @@ from dinrec.data.samples import (
     build_event_samples,
     build_ready_samples,
 )
+from dinrec.data.schema import SCHEMA_FILE, Schema, SchemaError
+from dinrec.data.sides import SideTable
 from dinrec.data.vocab import Vocabularies
 from dinrec.errors import DinrecError
 
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = "dinrec-sample-store"
-STORE_VERSION = 2  # 2: histories as (seq, hist_end) into sequences.arrow
+STORE_VERSION = 3  # 3: the feature schema, keys into side tables; 2: (seq, hist_end)
 
-STORE_SCHEMA = pa.schema(
-    [
-        ("label", pa.int8()),
-        ("user", pa.int64()),
-        ("item", pa.int64()),
-        ("cat", pa.int64()),
-        ("seq", pa.int64()),
-        ("hist_end", pa.int32()),
-    ]
-)
 SEQUENCES_FILE = "sequences.arrow"
-SEQUENCES_SCHEMA = pa.schema(
-    [("items", pa.large_list(pa.int64())), ("cats", pa.large_list(pa.int64()))]
-)
+ITEMS_FILE = "items.arrow"
+USERS_FILE = "users.arrow"
+FEATURES_FILE = "features.json"
 
 
 def _is_store(path: Path) -> bool:
@@ -122,47 +122,68 @@ def _length_stats(lens: np.ndarray) -> dict[str, float]:
 # encoding of user / item / cat + lz4 in 50 ms and 8.4 MB, plain lz4 in 105 ms and 11 MB;
 # all read in ~11 ms. BYTE_STREAM_SPLIT puts the 8 bytes of each id in 8 streams, so the
 # mostly-zero high bytes compress to almost nothing. Any Parquet reader decodes it.
-PARQUET_OPTIONS: dict[str, Any] = {
-    "compression": "lz4",
-    "use_dictionary": False,
-    "use_byte_stream_split": ["user", "item", "cat", "seq", "hist_end", "ts"],
-    "write_statistics": ["label", "user", "item", "cat", "ts"],
-}
+PARQUET_OPTIONS: dict[str, Any] = {"compression": "lz4", "use_dictionary": False}
+
+
+def _parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """BYTE_STREAM_SPLIT on the integer and float columns, statistics on the scalar ones."""
+    split = [f.name for f in schema if pa.types.is_integer(f.type) and f.name != "label"
+             or pa.types.is_floating(f.type)]
+    stats = [f.name for f in schema if f.name in ("label", "user", "item", "ts")]
+    return {**PARQUET_OPTIONS, "use_byte_stream_split": split, "write_statistics": stats}
+
+
 # Parquet encoding releases the GIL, so shards are encoded on writer threads while the main
 # thread gathers the next shard's rows: one thread per core in all.
 WRITE_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
-def write_sequences(seqs: Sequences, path: Path) -> None:
-    """Write ``seqs`` as one uncompressed Arrow IPC record batch (memory-mappable)."""
-    batch = seqs.to_batch()
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
-        writer.write_batch(batch)
+def _ipc_write(table: pa.Table | pa.RecordBatch, path: Path) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write(table)
 
 
-def read_sequences(path: Path) -> Sequences:
-    """Memory-map a sequences file: the arrays are read-only views of the mapping."""
+def _ipc_read(path: Path) -> pa.Table:
+    """Memory-map an Arrow IPC file (the arrays are read-only views of the mapping)."""
     try:
-        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-        if reader.num_record_batches == 1:
-            batch = reader.get_batch(0)
-        else:
-            batch = reader.read_all().combine_chunks().to_batches()[0]
-        if not batch.schema.equals(SEQUENCES_SCHEMA):
-            raise DinrecError(f"{path} has columns {batch.schema}, expected {SEQUENCES_SCHEMA}")
-        items, cats = batch.column("items"), batch.column("cats")
-        offsets = items.offsets.to_numpy()
-        vals_i = items.values.to_numpy()
-        vals_c = cats.values.to_numpy()
-        ok = (
-            len(offsets) >= 1 and offsets[0] == 0 and offsets[-1] == len(vals_i) == len(vals_c)
-            and np.array_equal(offsets, cats.offsets.to_numpy())
-        )  # fmt: skip
-    except (OSError, pa.ArrowException, KeyError, IndexError) as exc:
+        return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except (OSError, pa.ArrowException) as exc:
         raise DinrecError(f"{path} is missing or corrupt ({exc}); prepare the store again") from exc
-    if not ok:
-        raise DinrecError(f"{path} is corrupt (items and cats differ); prepare the store again")
-    return Sequences(offsets, vals_i, vals_c)
+
+
+def write_sequences(seqs: dict[str, Sequences], path: Path) -> None:
+    """Write every sequence as list columns of one uncompressed Arrow IPC record batch."""
+    cols = {}
+    for name, q in seqs.items():
+        off = pa.array(q.offsets.astype(np.int64, copy=False))
+        cols[f"{name}.items"] = pa.LargeListArray.from_arrays(off, pa.array(q.items, pa.int64()))
+        for k, v in q.events.items():
+            cols[f"{name}.{k}"] = pa.LargeListArray.from_arrays(off, pa.array(v))
+    _ipc_write(pa.record_batch(cols), path)
+
+
+def read_sequences(path: Path, schema: Schema) -> dict[str, Sequences]:
+    """Memory-map a sequences file: offsets and values are views of the mapping."""
+    table = _ipc_read(path)
+    out = {}
+    try:
+        for s in schema.sequences:
+            items = table.column(f"{s.name}.items").chunk(0)
+            offsets = items.offsets.to_numpy()
+            events = {}
+            for c in table.column_names:
+                if c.startswith(f"{s.name}.") and c != f"{s.name}.items":
+                    col = table.column(c).chunk(0)
+                    if not np.array_equal(col.offsets.to_numpy(), offsets):
+                        raise DinrecError(f"{path} is corrupt ({c}); prepare the store again")
+                    events[c[len(s.name) + 1 :]] = col.values.to_numpy()
+            vals = items.values.to_numpy()
+            if not (len(offsets) >= 1 and offsets[0] == 0 and offsets[-1] == len(vals)):
+                raise DinrecError(f"{path} is corrupt ({s.name}); prepare the store again")
+            out[s.name] = Sequences(offsets, vals, events)
+    except (KeyError, IndexError, pa.ArrowException) as exc:
+        raise DinrecError(f"{path} is missing or corrupt ({exc}); prepare the store again") from exc
+    return out
 
 
 def _write_splits(built: BuiltSamples, root: Path, shard_rows: int) -> dict[str, list[int]]:
@@ -173,7 +194,7 @@ def _write_splits(built: BuiltSamples, root: Path, shard_rows: int) -> dict[str,
     for name in SPLITS:
         ss = built.splits[name]
         (root / name).mkdir(parents=True)
-        schema = STORE_SCHEMA if ss.ts is None else STORE_SCHEMA.append(pa.field("ts", pa.int64()))
+        schema = ss.to_table(0, 0).schema
         n = len(ss)
         rows[name] = []
         for i, start in enumerate(range(0, max(n, 1), shard_rows)):
@@ -188,7 +209,7 @@ def _write_splits(built: BuiltSamples, root: Path, shard_rows: int) -> dict[str,
                 table = ss.to_table(start, stop).cast(schema)
                 while len(pending) >= WRITE_THREADS:
                     pending.popleft().result()
-                pending.append(pool.submit(pq.write_table, table, path, **PARQUET_OPTIONS))
+                pending.append(pool.submit(pq.write_table, table, path, **_parquet_options(schema)))
                 del table
             while pending:
                 pending.popleft().result()
@@ -208,7 +229,8 @@ def _distinct(ids: np.ndarray) -> int:
 
 def compute_stats(built: BuiltSamples, shard_rows: dict[str, list[int]]) -> dict[str, Any]:
     """The ``stats.json`` content for built samples."""
-    v = built.vocabs
+    sizes = built.encoded.sizes
+    main = built.schema.main_sequence.name
     splits: dict[str, Any] = {}
     for name, ss in built.splits.items():
         n_pos = int((ss.label == 1).sum())
@@ -218,18 +240,24 @@ def compute_stats(built: BuiltSamples, shard_rows: dict[str, list[int]]) -> dict
             "negatives": len(ss) - n_pos,
             "positive_rate": round(n_pos / len(ss), 6) if len(ss) else 0.0,
             "users": _distinct(ss.user),
-            "history_length": _length_stats(np.minimum(ss.hist_end, built.max_len)),
+            "history_length": _length_stats(np.minimum(ss.ends[main], built.max_len)),
+            "history_lengths": {
+                q: _length_stats(np.minimum(e, built.schema.sequence(q).max_len))
+                for q, e in ss.ends.items()},
         }
     return {
         "format": STORE_FORMAT,
         "version": STORE_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "rows": {k: s["rows"] for k, s in splits.items()},
-        "users": len(v.user),
-        "items": len(v.item),
-        "categories": len(v.cat),
+        "users": sizes.get(built.schema.user_key.table_name, 0),
+        "items": sizes.get(built.schema.item_key.table_name, 0),
+        "categories": sizes.get("cat", 0),
         "vocab_sizes_include_pad_and_oov": True,
-        "sequences": {"count": len(built.sequences), "ids": int(built.sequences.offsets[-1])},
+        "table_sizes": sizes,
+        "keys": {"users": len(built.users), "items": len(built.items)},
+        "sequences": {q: {"count": len(v), "ids": int(v.offsets[-1])}
+                      for q, v in built.sequences.items()},
         "splits": splits,
         "shards": shard_rows,
         "has_ts": built.splits["train"].ts is not None,
@@ -247,6 +275,11 @@ def write_store(built: BuiltSamples, out_dir: str | Path, cfg: PrepareConfig) ->
         tmp.mkdir()
         shard_rows = _write_splits(built, tmp, cfg.shard_rows)
         built.vocabs.save(tmp / "vocab")
+        _ipc_write(built.items.to_table(), tmp / ITEMS_FILE)
+        _ipc_write(built.users.to_table(), tmp / USERS_FILE)
+        built.schema.save(tmp)
+        features = {"table_sizes": built.encoded.sizes, "numeric": built.encoded.numeric}
+        (tmp / FEATURES_FILE).write_text(json.dumps(features, indent=2) + "\n")
         stats = compute_stats(built, shard_rows)
         (tmp / "prepare.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
@@ -265,16 +298,24 @@ def write_store(built: BuiltSamples, out_dir: str | Path, cfg: PrepareConfig) ->
     return stats
 
 
-def prepare_events(events: pa.Table, out_dir: str | Path, cfg: PrepareConfig) -> dict:
-    """Build samples from an events table and write them as a store; returns the stats."""
+def prepare_events(
+    events: pa.Table, out_dir: str | Path, cfg: PrepareConfig, schema: Schema | None = None,
+    items: pa.Table | None = None, users: pa.Table | None = None,
+) -> dict:
+    """Build samples from an events table (and side tables) and write them as a store;
+    returns the stats."""
     _check_target(Path(out_dir).absolute())  # fail before the work, not after
-    return write_store(build_event_samples(events, cfg), out_dir, cfg)
+    built = build_event_samples(events, cfg, schema, items=items, users=users)
+    return write_store(built, out_dir, cfg)
 
 
-def prepare_samples(splits: dict[str, pa.Table], out_dir: str | Path, cfg: PrepareConfig) -> dict:
+def prepare_samples(
+    splits: dict[str, pa.Table], out_dir: str | Path, cfg: PrepareConfig,
+    schema: Schema | None = None,
+) -> dict:
     """Encode ready-made string samples and write them as a store; returns the stats."""
     _check_target(Path(out_dir).absolute())
-    return write_store(build_ready_samples(splits, cfg), out_dir, cfg)
+    return write_store(build_ready_samples(splits, cfg, schema), out_dir, cfg)
 
 
 class SampleStore:
@@ -313,8 +354,17 @@ class SampleStore:
             )
         except (OSError, ValueError) as exc:
             raise DinrecError(f"{self.path}: prepare.json is missing or corrupt") from exc
+        if not (self.path / SCHEMA_FILE).is_file():
+            raise DinrecError(f"sample store {self.path} has no {SCHEMA_FILE} (written by an older "
+                              "dinrec); run `dinrec prepare` again")
+        try:
+            self.schema: Schema = Schema.load(self.path)
+            self.features: dict[str, Any] = json.loads((self.path / FEATURES_FILE).read_text())
+        except (SchemaError, OSError, ValueError) as exc:
+            raise DinrecError(f"{self.path}: {exc}; prepare the store again") from exc
         self._vocabs: Vocabularies | None = None
-        self._sequences: Sequences | None = None
+        self._sequences: dict[str, Sequences] | None = None
+        self._sides: dict[str, SideTable] = {}
 
     @classmethod
     def open(cls, path: str | Path) -> SampleStore:
@@ -339,18 +389,42 @@ class SampleStore:
         return int(self.config.max_len)
 
     @property
-    def sequences(self) -> Sequences:
-        """The store's behaviour sequences, memory-mapped on first use (read-only arrays)."""
+    def sequences(self) -> dict[str, Sequences]:
+        """The store's behaviour sequences by name, memory-mapped on first use (read-only)."""
         if self._sequences is None:
-            self._sequences = read_sequences(self.path / SEQUENCES_FILE)
+            self._sequences = read_sequences(self.path / SEQUENCES_FILE, self.schema)
         return self._sequences
+
+    def _side(self, name: str) -> SideTable:
+        if name not in self._sides:
+            self._sides[name] = SideTable.from_table(_ipc_read(self.path / name))
+        return self._sides[name]
+
+    @property
+    def items(self) -> SideTable:
+        """The item side table (keys -> token, count, item features)."""
+        return self._side(ITEMS_FILE)
+
+    @property
+    def users(self) -> SideTable:
+        """The user side table (keys -> token, count, user features)."""
+        return self._side(USERS_FILE)
+
+    def table_sizes(self) -> dict[str, int]:
+        """Table name -> ids incl. 0 (padding) and 1 (OOV); hashed: hash_buckets + 2."""
+        return {k: int(v) for k, v in self.features["table_sizes"].items()}
+
+    @property
+    def numeric_stats(self) -> dict[str, dict[str, float]]:
+        """Numeric feature -> its training ``mean`` and ``std`` (after ``log1p`` if asked)."""
+        return dict(self.features.get("numeric", {}))
 
     @property
     def item_cat(self) -> np.ndarray:
-        """Category id of every item id, ``(len(vocabs.item),)`` int64."""
+        """Category id of every item id, ``(len(vocabs.item),)`` int64 (schemas with ``cat``)."""
         ic = self.vocabs.item_cat
         if ic is None:
-            raise DinrecError(f"{self.path}: vocab/item_cat.arrow is missing; prepare it again")
+            raise DinrecError(f"{self.path}: the schema has no item feature 'cat'")
         return ic
 
     def shard_rows(self, split: str) -> list[int]:

@@ -219,9 +219,8 @@ def generate(cfg: SyntheticConfig) -> tuple[pa.Table, GroundTruth]:
     user_idx = np.broadcast_to(rows[:, None], (U, T))[valid]
     item_idx, ts_flat, src_flat = items[valid], ts[valid], source[valid]
     order = np.argsort(ts_flat, kind="stable")
-    user_idx, item_idx, ts_flat, src_flat = (
-        a[order] for a in (user_idx, item_idx, ts_flat, src_flat)
-    )
+    user_idx, item_idx, ts_flat = (a[order] for a in (user_idx, item_idx, ts_flat))
+    src_flat = src_flat[order]
 
     def tokens(prefix: str, n: int) -> pa.Array:
         return pc.binary_join_element_wise(prefix, pc.cast(pa.array(np.arange(n)), pa.string()), "")
@@ -243,3 +242,66 @@ def generate(cfg: SyntheticConfig) -> tuple[pa.Table, GroundTruth]:
         event_source=src_flat,
     )
     return events, truth
+
+
+# ---------------------------------------------------------------------- richer features
+def side_features(
+    events: pa.Table, truth: GroundTruth, seed: int = 0
+) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """The synthetic log with more to learn from, for schemas beyond the default one.
+
+    Returns ``(events, items, users)``: the events gain ``rating`` (1-5: 4-5 for the
+    "recent" and "interest" events, lower for noise, so ``rating >= 4`` is the liked
+    sequence) and ``hour`` (context); the item side table has ``brand`` (one per 20
+    items, mostly within a category), ``genres`` (the category plus a random one,
+    ``"|"``-separated) and ``price`` (log-normal); the user side table ``gender`` and
+    ``age``. Seeded; the events' rows and order are unchanged.
+    """
+    rng = np.random.default_rng([seed, 7])
+    n = events.num_rows
+    liked = truth.event_source <= SOURCE_INTEREST  # (n,)
+    rating = np.where(liked, rng.integers(4, 6, n), rng.integers(1, 4, n)).astype(np.float64)
+    ts = events.column("ts").to_numpy()
+    hour = pa.array(((ts // 3600) % 24).astype(str))
+    events = events.append_column("rating", pa.array(rating)).append_column("hour", hour)
+    n_items, n_cats = len(truth.item_cat), int(truth.item_cat.max()) + 1
+    ids = np.arange(n_items)
+    brand = (truth.item_cat * 7 + rng.integers(0, 3, n_items)) % max(1, n_items // 20)
+    other = rng.integers(0, n_cats, n_items)
+    genres = pc.binary_join_element_wise(
+        pa.array(np.char.add("g", truth.item_cat.astype(str))),
+        pa.array(np.char.add("g", other.astype(str))), "|")
+    items = pa.table({
+        "item": pa.array(np.char.add("i", ids.astype(str))),
+        "brand": pa.array(np.char.add("b", brand.astype(str))),
+        "genres": genres,
+        "price": pa.array(np.round(rng.lognormal(3.0, 1.0, n_items), 2)),
+    })  # fmt: skip
+    n_users = truth.interests_start.shape[0]
+    users = pa.table({
+        "user": pa.array(np.char.add("u", np.arange(n_users).astype(str))),
+        "gender": pa.array(np.where(rng.random(n_users) < 0.5, "F", "M")),
+        "age": pa.array(rng.integers(16, 70, n_users).astype(np.float64)),
+    })  # fmt: skip
+    return events, items, users
+
+
+def rich_schema(max_len: int = 100) -> Any:
+    """A schema for :func:`side_features`: two sequences (liked: ``rating >= 4`` with the
+    rating and the time gap per event; disliked: ``rating < 4``) and six features beyond
+    the default ones (user gender and age; item brand, genres, price; the hour)."""
+    from dinrec.data.schema import Schema
+
+    return Schema.from_dict({
+        "user": ["user", "gender", {"name": "age", "kind": "numeric", "boundaries": [25, 35, 50]}],
+        "item": ["item", "cat", "brand", {"name": "genres", "kind": "multi", "max_values": 2},
+                 {"name": "price", "kind": "numeric", "log": True}],
+        "context": ["hour"],
+        "sequences": [
+            {"name": "liked", "max_len": max_len, "filter_column": "rating", "values": [">=4"],
+             "event_features": [{"name": "rating", "kind": "numeric"},
+                                {"name": "time_gap", "kind": "numeric",
+                                 "boundaries": [3600, 86400, 604800]}]},
+            {"name": "disliked", "max_len": max_len, "filter_column": "rating", "values": ["<4"]},
+        ],
+    })  # fmt: skip

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -31,8 +31,9 @@ OOV_ID = 1
 NUM_SPECIAL = 2
 PAD_TOKEN = "<pad>"
 OOV_TOKEN = "<oov>"
+ITEM_CAT_FILE = "item_cat.arrow"
 
-ArrayLike = pa.Array | pa.ChunkedArray | np.ndarray | Iterable[str]
+ArrayLike: TypeAlias = pa.Array | pa.ChunkedArray | np.ndarray | Iterable[str]
 
 
 def _as_string_array(values: ArrayLike) -> pa.Array | pa.ChunkedArray:
@@ -207,29 +208,57 @@ class Vocab:
         return cls(table.column("token"), table.column("count").to_numpy(), name)
 
 
-@dataclass
 class Vocabularies:
-    """The user, item and category vocabularies of one store, plus the item -> category table.
-
-    ``item_cat[i]`` is the category id of item id ``i`` (0 for padding, the OOV category
-    for the OOV item); it is what the loader uses to give sampled negative history items
-    their categories.
+    """The vocabularies of one store or run by table name (``vocabs.item``, ``vocabs["cat"]``),
+    plus ``item_cat``: the category id of every item id when the schema has an item feature
+    ``cat`` (0 for padding, OOV for the OOV item), for code written against the default
+    schema. Hashed and bucketed tables have no vocabulary.
     """
 
-    user: Vocab
-    item: Vocab
-    cat: Vocab
-    item_cat: np.ndarray | None = None  # (len(item),) int64
+    def __init__(self, tables: dict[str, Vocab] | None = None, item_cat: np.ndarray | None = None,
+                 **named: Vocab):
+        self.tables: dict[str, Vocab] = {**(tables or {}), **named}
+        self.item_cat = item_cat
+
+    @classmethod
+    def from_encoded(cls, enc: Any, schema: Any) -> Vocabularies:
+        """From :class:`dinrec.data.sides.Encoded` (``item_cat`` from the item side table)."""
+        item_cat = None
+        cat = next((f for f in schema.item[1:] if f.name == "cat" and f.kind == "categorical"), None)
+        if cat is not None:
+            n = max(enc.items.n_known, NUM_SPECIAL)
+            item_cat = np.asarray(enc.items.features["cat"][:n], dtype=np.int64)
+        return cls(dict(enc.vocabs), item_cat)
+
+    def __getattr__(self, name: str) -> Vocab:
+        tables = self.__dict__.get("tables", {})
+        if name in tables:
+            return tables[name]
+        raise AttributeError(f"no vocabulary {name!r} (tables: {', '.join(tables) or 'none'})")
+
+    def __getitem__(self, name: str) -> Vocab:
+        return self.tables[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tables
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Vocabularies):
+            return NotImplemented
+        a, b = self.item_cat, other.item_cat
+        same_ic = (a is None and b is None) or (
+            a is not None and b is not None and np.array_equal(a, b))
+        return self.tables == other.tables and same_ic
 
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        for name in ("user", "item", "cat"):
-            getattr(self, name).save(d / f"{name}.arrow")
+        for name, v in self.tables.items():
+            v.save(d / f"{name}.arrow")
         if self.item_cat is not None:
             table = pa.table({"cat": pa.array(np.asarray(self.item_cat, np.int64))})
             with (
-                pa.OSFile(str(d / "item_cat.arrow"), "wb") as sink,
+                pa.OSFile(str(d / ITEM_CAT_FILE), "wb") as sink,
                 pa.ipc.new_file(sink, table.schema) as w,
             ):
                 w.write_table(table)
@@ -237,10 +266,13 @@ class Vocabularies:
     @classmethod
     def load(cls, directory: str | Path) -> Vocabularies:
         d = Path(directory)
-        vocabs = {n: Vocab.load(d / f"{n}.arrow", name=n) for n in ("user", "item", "cat")}
+        if not d.is_dir():
+            raise DinrecError(f"vocabulary folder {d} is missing")
+        tables = {p.stem: Vocab.load(p, name=p.stem) for p in sorted(d.glob("*.arrow"))
+                  if p.name != ITEM_CAT_FILE}
         item_cat = None
-        if (d / "item_cat.arrow").is_file():
-            with pa.memory_map(str(d / "item_cat.arrow"), "r") as src:
+        if (d / ITEM_CAT_FILE).is_file():
+            with pa.memory_map(str(d / ITEM_CAT_FILE), "r") as src:
                 item_cat = pa.ipc.open_file(src).read_all().column("cat").to_numpy()
             item_cat = np.asarray(item_cat, dtype=np.int64)
-        return cls(item_cat=item_cat, **vocabs)
+        return cls(tables, item_cat)

@@ -1,40 +1,42 @@
-"""The shared embedding layout and the interface every dinrec CTR model follows.
+"""The interface every dinrec CTR model follows, over the schema's embedding layer.
 
-Layout (as in the DIEN reference): one table each for users, items and categories; a
-behaviour is ``item embedding ++ category embedding`` (2E wide); the target item and
-the history items share the tables. Id 0 is padding (a zero vector that never learns),
-id 1 out-of-vocabulary (a learned vector).
+A model is built from a :class:`~dinrec.data.schema.Schema`, the sizes of its tables and
+a config dataclass (a subclass of :class:`ModelConfig`)::
 
-A model is a config dataclass (a subclass of :class:`ModelConfig`) plus a module (a
-subclass of :class:`CTRModel`). ``forward(batch)`` returns a :class:`ModelOutput` with
-one logit per row; ``score_candidates`` scores N candidate items against one user's
-history.
+    model = create_model("din", schema, store.table_sizes(), hidden=(200, 80))
+
+The embeddings are :class:`~dinrec.models.embedding.FeatureEmbedding`: a behaviour is
+the concatenation of its item-keyed feature embeddings (``item ++ cat`` in the default
+schema), the candidate the same; each event of a sequence adds its per-event features;
+user, context and numeric features go to the prediction MLP. Id 0 is padding (a zero
+vector that never learns), id 1 out-of-vocabulary.
+
+``forward(batch)`` returns a :class:`ModelOutput` with one logit per row;
+``score_candidates(history, candidates)`` scores N candidates against one user's
+history (a 1-row :class:`~dinrec.data.batch.Batch`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from dinrec.data.batch import Batch, Features
+from dinrec.data.schema import Schema
 from dinrec.errors import DinrecError
+from dinrec.models.embedding import Embedded, FeatureEmbedding
 from dinrec.nn.mlp import MLP
-
-if TYPE_CHECKING:  # pragma: no cover
-    from dinrec.data.batches import Batch
 
 
 @dataclass
 class ModelConfig:
-    """What every model needs: vocabulary sizes (incl. padding and OOV ids) and the MLP."""
+    """What every model needs besides the schema and the table sizes: the MLP, widths."""
 
-    n_users: int
-    n_items: int
-    n_cats: int
-    embedding_dim: int = 18
+    embedding_dim: int | None = None  # default table width; None: the schema's
     hidden: tuple[int, ...] = (200, 80)
     activation: str = "prelu"  # or "dice"
     dropout: float = 0.0
@@ -61,58 +63,8 @@ class ModelConfig:
 class ModelOutput:
     logits: Tensor  # (B,) one logit per row
     aux_loss: Tensor | None = None  # () auxiliary loss (DIEN), already averaged
-    alphas: Tensor | None = None  # (B, T) attention weights over the history, if the model has them
+    alphas: dict[str, Tensor] | None = None  # {sequence: (B, T)} attention weights, models with attention
     extras: dict[str, Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class Embedded:
-    """A batch after the embedding lookups."""
-
-    user: Tensor  # (B, E)
-    target: Tensor  # (B, 2E)  item ++ category
-    history: Tensor  # (B, T, 2E); padded positions hold the padding id's zero vector
-    mask: Tensor  # (B, T) bool
-    history_sum: Tensor  # (B, 2E) sum over valid positions
-
-
-class BehaviourEmbedding(nn.Module):
-    """User / item / category tables; behaviours are ``item ++ category`` (2E)."""
-
-    def __init__(self, n_users: int, n_items: int, n_cats: int, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
-        self.user = nn.Embedding(n_users, dim, padding_idx=0)
-        self.item = nn.Embedding(n_items, dim, padding_idx=0)
-        self.cat = nn.Embedding(n_cats, dim, padding_idx=0)
-        for table in (self.user, self.item, self.cat):
-            nn.init.normal_(table.weight, std=0.05)
-            with torch.no_grad():
-                table.weight[0].zero_()
-
-    def behaviours(self, items: Tensor, cats: Tensor) -> Tensor:
-        """items, cats (...) int64 -> (..., 2E)."""
-        return torch.cat([self.item(items), self.cat(cats)], dim=-1)
-
-    def forward(self, batch: Batch) -> Embedded:
-        b, t = batch.hist_items.shape
-        # One lookup per table for target and history together.
-        items = torch.cat([batch.item.unsqueeze(1), batch.hist_items], dim=1)  # (B, 1+T)
-        cats = torch.cat([batch.cat.unsqueeze(1), batch.hist_cats], dim=1)  # (B, 1+T)
-        both = self.behaviours(items, cats)  # (B, 1+T, 2E)
-        target, history = both[:, 0], both[:, 1:]  # (B, 2E), (B, T, 2E)
-        mask = batch.mask
-        if mask.dtype != torch.bool:
-            mask = mask == 1
-        # Masked sum as one batched matmul: right even if a padded id is not 0.
-        history_sum = torch.bmm(mask.unsqueeze(1).to(history.dtype), history).squeeze(1)  # (B, 2E)
-        return Embedded(
-            user=self.user(batch.user),
-            target=target,
-            history=history,
-            mask=mask,
-            history_sum=history_sum,
-        )
 
 
 class CTRModel(nn.Module):
@@ -121,26 +73,50 @@ class CTRModel(nn.Module):
     name: ClassVar[str] = ""
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
     has_attention: ClassVar[bool] = False
-    needs_neg_history: ClassVar[bool] = False  # batches must carry neg_items (auxiliary loss)
+    needs_neg_history: ClassVar[bool] = False  # batches must carry the main sequence's negatives
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, schema: Schema, table_sizes: dict[str, int]) -> None:
         super().__init__()
         self.config = config
-        self.embedding = BehaviourEmbedding(
-            config.n_users, config.n_items, config.n_cats, config.embedding_dim
-        )
+        self.schema = schema
+        self.table_sizes = {k: int(v) for k, v in table_sizes.items()}
+        self.embedding = FeatureEmbedding(schema, table_sizes, config.embedding_dim)
+        self.sequence_names = [s.name for s in schema.sequences]
 
+    # ------------------------------------------------------------------ widths
     @property
     def behaviour_dim(self) -> int:
-        return 2 * self.config.embedding_dim
+        """Width of the candidate's behaviour vector (D_item)."""
+        return self.embedding.item_dim
+
+    def sequence_dim(self, name: str) -> int:
+        """Width of one event of sequence ``name`` (D_s = D_item + its per-event features)."""
+        return self.embedding.sequence_dim(name)
+
+    @property
+    def profile_dim(self) -> int:
+        """Width of the MLP's user and context inputs."""
+        return (self.embedding.user_dim if self.config.use_user else 0) + self.embedding.context_dim
 
     def _mlp(self, in_features: int) -> MLP:
         c = self.config
         return MLP(in_features, hidden=c.hidden, activation=c.activation, dropout=c.dropout)
 
-    def _user_part(self, e: Embedded) -> list[Tensor]:
-        return [e.user] if self.config.use_user else []
+    def _profile(self, e: Embedded) -> list[Tensor]:
+        """The MLP's user and context inputs: [(B, D_user)] [(B, D_ctx)]."""
+        parts = [e.user] if self.config.use_user else []
+        return parts + ([e.context] if e.context.shape[-1] else [])
 
+    def _profile_layout(self) -> list[tuple[str, int]]:
+        """The blocks :meth:`_profile` gives, with their widths."""
+        out = [("user", self.embedding.user_dim)] if self.config.use_user else []
+        return out + ([("context", self.embedding.context_dim)] if self.embedding.context_dim else [])
+
+    def _product(self, target: Tensor, history_sum: Tensor) -> Tensor:
+        """``target * history_sum`` over the item part of the events: (B, D_item)."""
+        return target * history_sum[..., : target.shape[-1]]
+
+    # ------------------------------------------------------------------ interface
     def forward(self, batch: Batch, return_alphas: bool = False) -> ModelOutput:  # pragma: no cover
         raise NotImplementedError
 
@@ -151,31 +127,46 @@ class CTRModel(nn.Module):
 
     def score_candidates(
         self,
-        user: Tensor,
-        hist_items: Tensor,
-        hist_cats: Tensor,
-        items: Tensor,
-        cats: Tensor,
+        history: Batch,
+        candidates: Features,
         return_alphas: bool = False,
         compute_dtype: torch.dtype | None = None,
     ) -> ModelOutput:
-        """Score N candidates for one user: user (), history (T,), candidates (N,) -> logits (N,).
+        """Score N candidates for one user: a 1-row ``history`` batch (user, context,
+        sequences; its ``item`` and ``label`` are ignored) and the candidates' item
+        features ((N,) / (N, M) / (N,) float) -> logits (N,), alphas {seq: (N, T)}.
 
         The generic version repeats the history N times; models with attention override
         it to compute the history part once (``compute_dtype``: the dtype of their
         attention's products, see :func:`dinrec.nn.attention.din_fcn_attention_candidates`;
         ignored here).
         """
-        from dinrec.data.batches import Batch
+        return self.forward(candidate_rows(history, candidates), return_alphas=return_alphas)
 
-        n, t = items.shape[0], hist_items.shape[0]
-        batch = Batch(
-            user=user.reshape(1).expand(n),
-            item=items,
-            cat=cats,
-            hist_items=hist_items.reshape(1, t).expand(n, t),
-            hist_cats=hist_cats.reshape(1, t).expand(n, t),
-            mask=(hist_items != 0).reshape(1, t).expand(n, t),
-            label=torch.zeros(n),
-        )
-        return self.forward(batch, return_alphas=return_alphas)
+
+def candidate_rows(history: Batch, candidates: Features) -> Batch:
+    """N rows: the 1-row ``history`` (user, context, sequences) repeated for each candidate."""
+    n = _count(candidates)
+    check_history(history)
+    rows = history.apply(lambda t: t.expand(n, *t.shape[1:]))
+    rows.item = dict(candidates)
+    rows.label = torch.zeros(n, device=rows.label.device)
+    return rows
+
+
+def check_history(history: Batch) -> None:
+    """``history`` must be one row (a user's profile, context and sequences)."""
+    if len(history) != 1:
+        raise DinrecError(f"history: expected a batch of 1 row, got {len(history)}")
+
+
+def _count(candidates: Features) -> int:
+    if not candidates:
+        raise DinrecError("candidates: no item features given")
+    sizes = {int(v.shape[0]) for v in candidates.values()}
+    if len(sizes) != 1:
+        raise DinrecError(f"candidates: the item features have different counts {sorted(sizes)}")
+    return sizes.pop()
+
+
+__all__ = ["CTRModel", "ModelConfig", "ModelOutput", "candidate_rows", "check_history"]

@@ -1,17 +1,29 @@
 """DIEN and its family: interest extraction, the auxiliary loss, attention-driven evolution.
 
-Reading top to bottom, for a batch of (user, target, history), as the DIEN reference's
-``Model_DIN_V2_Gru_Vec_attGru_Neg``:
+Reading top to bottom, for a batch of (user, context, candidate, sequences), as the DIEN
+reference's ``Model_DIN_V2_Gru_Vec_attGru_Neg``:
 
-    u = E_user[user]                                   # (B, E)
-    i = E_item[item] ++ E_cat[cat]                     # (B, 2E)  the target behaviour
-    H = E_item[hist] ++ E_cat[hist_cat]                # (B, T, 2E)
-    h = sum of H over valid positions                  # (B, 2E)
+    u = [user features] ++ [context features]          # (B, D_u)
+    i = [item features of the candidate]               # (B, D)   the target behaviour
+    H = [item ++ per-event features] of the MAIN seq.  # (B, T, D_m)
+    h = sum of H over valid positions                  # (B, D_m)
     S, _ = GRU(H, mask)                                # (B, T, Hd) interest states
-    aux = auxiliary_loss(S, H, E[neg_hist], mask)      # ()  h_t must tell e_{t+1} from a negative
+    aux = auxiliary_loss(S, H_item, E[neg], mask)      # ()  h_t must tell e_{t+1} from a negative
     _, a = din_fcn_attention(i, S, mask, mode="LIST", return_alphas=True)   # (B, T)
     _, f = AUGRU(S, a, mask)                           # (B, Hd) final evolved interest
-    logit = MLP([u, i, h, i*h, f])                     # (B,)
+    for each OTHER sequence s:                         # DIN attention, as in models/din.py
+        h_s, a_s = sum of H_s, din_fcn_attention(i, H_s, mask_s, "SUM")      # (B, D_s) each
+    logit = MLP([u, i, h, i*h, f, (h_s, i*h_s, a_s) for s])                # (B,)
+
+**Several sequences.** The interest extractor, the auxiliary loss and the evolution run
+on the schema's *main* sequence (``schema.main_sequence``, the first one declared); every
+other sequence gets a DIN attention unit of its own, as in :mod:`dinrec.models.din`. The
+evolution models how one stream of interest drifts towards the candidate, which needs
+one time-ordered stream; running a GRU pair per sequence would multiply the recurrent
+cost (the dominant one) by the number of sequences, while the other sequences (liked /
+disliked, carts, buys) are short-range signals that DIN attention already reads well.
+Declare the richest, longest sequence first. The auxiliary loss compares the states
+with the *item* part of the next event (negatives have no per-event features).
 
 The family (registry names), to read the DIEN paper's comparison off our own numbers:
 
@@ -29,18 +41,19 @@ update gate); see :mod:`dinrec.nn.rnn`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
+from torch import Tensor, nn
 
+from dinrec.data.batch import Batch, Features
+from dinrec.data.schema import Schema
 from dinrec.errors import DinrecError
-from dinrec.models.base import CTRModel, ModelConfig, ModelOutput
+from dinrec.models.base import CTRModel, ModelConfig, ModelOutput, check_history
+from dinrec.models.embedding import Embedded, EmbeddedSequence
 from dinrec.nn.attention import DinFcnAttention
 from dinrec.nn.auxiliary import AuxiliaryNet
 from dinrec.nn.rnn import AttentionGRU, AttentionGRUConfig, InterestExtractor
-
-if TYPE_CHECKING:  # pragma: no cover
-    from dinrec.data.batches import Batch
 
 EVOLUTIONS = ("gru_att", "aigru", "agru", "augru")
 
@@ -60,51 +73,113 @@ class DIEN(CTRModel):
     has_attention = True
     needs_neg_history: ClassVar[bool] = True
 
-    def __init__(self, config: DIENConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: DIENConfig, schema: Schema, table_sizes: dict[str, int]) -> None:
+        super().__init__(config, schema, table_sizes)
         if config.evolution not in EVOLUTIONS:
             raise DinrecError(f"evolution: expected one of {', '.join(EVOLUTIONS)}, got {config.evolution!r}")
         if config.gate not in ("reference", "paper"):
             raise DinrecError(f"gate: expected 'reference' or 'paper', got {config.gate!r}")
-        d, hd = self.behaviour_dim, config.hidden_size
-        self.extractor = InterestExtractor(d, hd)
+        self.main, *self.others = self.sequence_names
+        d, hd, size = self.behaviour_dim, config.hidden_size, config.attention_size
+        self.extractor = InterestExtractor(self.sequence_dim(self.main), hd)
         if config.evolution == "gru_att":
             self.second = InterestExtractor(hd, hd)
-            self.attention = DinFcnAttention(d, hd, config.attention_size, mode="SUM")
+            self.attention = DinFcnAttention(d, hd, size, mode="SUM")
         else:
-            self.attention = DinFcnAttention(d, hd, config.attention_size, mode="LIST")
+            self.attention = DinFcnAttention(d, hd, size, mode="LIST")
             self.evolution = AttentionGRU(
                 AttentionGRUConfig(hd, hd, kind=config.evolution, gate=config.gate)
             )
         self.aux_net = AuxiliaryNet(hd, d) if config.aux_loss else None
-        n_user = config.embedding_dim if config.use_user else 0
-        self.mlp = self._mlp(n_user + 3 * d + hd)
+        # DIN attention on every other sequence
+        self.attentions = nn.ModuleDict(
+            {s: DinFcnAttention(d, self.sequence_dim(s), size, mode="SUM") for s in self.others}
+        )
+        per_other = sum(2 * self.sequence_dim(s) + d for s in self.others)
+        self.mlp = self._mlp(self.profile_dim + 2 * d + self.sequence_dim(self.main) + hd + per_other)
 
+    # ------------------------------------------------------------------ pieces
+    def _auxiliary(self, batch: Batch, states: Tensor, main: EmbeddedSequence) -> Tensor:
+        """The auxiliary loss of the main sequence's states: ()."""
+        negatives = self.embedding.negatives(self.main, batch.sequences[self.main])  # (B, T, K, D)
+        if negatives is None:
+            raise DinrecError(
+                f"{self.name}: the auxiliary loss needs negative history items "
+                "(train with --neg-history 1)"
+            )
+        clicked = main.history[..., : self.behaviour_dim]  # (B, T, D) item part of each event
+        assert self.aux_net is not None
+        return self.aux_net.loss(states, clicked, negatives, main.mask)  # ()
+
+    def _evolve(self, target: Tensor, states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """target (N, D), states (N, T, Hd), mask (N, T) -> interest (N, Hd), alphas (N, T)."""
+        if self.config.evolution == "gru_att":
+            states2, _ = self.second(states, mask)  # (N, T, Hd)
+            att, alphas = self.attention(target, states2, mask, return_alphas=True)  # (N,1,Hd), (N,1,T)
+            return att.squeeze(1), alphas.squeeze(1)
+        _, alphas = self.attention(target, states, mask, return_alphas=True)  # (N, T)
+        _, interest = self.evolution(states, alphas, mask)  # (N, Hd)
+        return interest, alphas
+
+    def _head(self, e: Embedded, interest: Tensor, attended: dict[str, Tensor]) -> Tensor:
+        h = e.sequences[self.main].history_sum  # (N, D_m)
+        parts = [*self._profile(e), e.target, h, self._product(e.target, h), interest]
+        for s in self.others:
+            h = e.sequences[s].history_sum  # (N, D_s)
+            parts += [h, self._product(e.target, h), attended[s]]
+        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (N,)
+
+    # ------------------------------------------------------------------ forward
     def forward(self, batch: Batch, return_alphas: bool = False) -> ModelOutput:
         e = self.embedding(batch)
-        states, _ = self.extractor(e.history, e.mask)  # (B, T, Hd)
+        main = e.sequences[self.main]
+        states, _ = self.extractor(main.history, main.mask)  # (B, T, Hd)
         aux = None
         if self.aux_net is not None and self.training:
-            if batch.neg_items is None:
-                raise DinrecError(
-                    f"{self.name}: the auxiliary loss needs negative history items "
-                    "(train with --neg-history 1)"
-                )
-            neg_cats = batch.neg_cats if batch.neg_cats is not None else torch.zeros_like(batch.neg_items)
-            negatives = self.embedding.behaviours(batch.neg_items, neg_cats)  # (B, T, K, 2E)
-            aux = self.aux_net.loss(states, e.history, negatives, e.mask)  # ()
-        if self.config.evolution == "gru_att":
-            states2, _ = self.second(states, e.mask)  # (B, T, Hd)
-            att, alphas = self.attention(e.target, states2, e.mask, return_alphas=True)  # (B,1,Hd), (B,1,T)
-            interest, alphas = att.squeeze(1), alphas.squeeze(1)  # (B, Hd), (B, T)
-        else:
-            _, alphas = self.attention(e.target, states, e.mask, return_alphas=True)  # (B, T)
-            _, interest = self.evolution(states, alphas, e.mask)  # (B, Hd)
-        parts = [e.target, e.history_sum, e.target * e.history_sum, interest]
-        if self.config.use_user:
-            parts.insert(0, e.user)
-        logits = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
+            aux = self._auxiliary(batch, states, main)
+        interest, alphas_main = self._evolve(e.target, states, main.mask)  # (B, Hd), (B, T)
+        attended, alphas = {}, {self.main: alphas_main}
+        for s in self.others:
+            seq = e.sequences[s]
+            att, a = self.attentions[s](e.target, seq.history, seq.mask, return_alphas=True)  # (B,1,D_s), (B,1,T)
+            attended[s], alphas[s] = att.squeeze(1), a.squeeze(1)
+        logits = self._head(e, interest, attended)
         return ModelOutput(logits=logits, aux_loss=aux, alphas=alphas if return_alphas else None)
+
+    def score_candidates(
+        self,
+        history: Batch,
+        candidates: Features,
+        return_alphas: bool = False,
+        compute_dtype: torch.dtype | None = None,
+    ) -> ModelOutput:
+        """A 1-row ``history``, N candidates: the interest extractor runs once; the
+        evolution (which depends on the candidate) runs over N rows. No auxiliary loss.
+        ``compute_dtype`` applies to the other sequences' DIN attention."""
+        check_history(history)
+        emb = self.embedding
+        targets = emb.behaviours(candidates)  # (N, D)
+        n = targets.shape[0]
+        user, context = emb.roles(history)  # (1, D_user), (1, D_ctx)
+        seqs = {s: emb.sequence(s, history.sequences[s]) for s in self.sequence_names}
+        main = seqs[self.main]
+        states, _ = self.extractor(main.history, main.mask)  # (1, T, Hd)
+        t = states.shape[1]
+        interest, alphas_main = self._evolve(
+            targets, states.expand(n, t, -1), main.mask.expand(n, t)
+        )  # (N, Hd), (N, T)
+        attended, alphas = {}, {self.main: alphas_main}
+        for s in self.others:
+            att, a = self.attentions[s].score_candidates(
+                targets, seqs[s].history[0], seqs[s].mask[0], return_alphas=True, compute_dtype=compute_dtype
+            )  # (N, 1, D_s), (N, 1, T)
+            attended[s], alphas[s] = att.squeeze(1), a.squeeze(1)
+        expanded = {
+            s: EmbeddedSequence(q.history, q.mask, q.history_sum.expand(n, -1)) for s, q in seqs.items()
+        }
+        e = Embedded(user.expand(n, -1), context.expand(n, -1), targets, expanded)
+        logits = self._head(e, interest, attended)
+        return ModelOutput(logits=logits, alphas=alphas if return_alphas else None)
 
 
 def _variant(name: str, evolution: str, aux: bool) -> type[DIEN]:

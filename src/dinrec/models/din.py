@@ -1,34 +1,37 @@
 """DIN: the Deep Interest Network, with the reference `din_fcn_attention` unit.
 
-Reading top to bottom, for a batch of (user, target, history):
+Reading top to bottom, for a batch of (user, context, candidate, sequences):
 
-    u = E_user[user]                                  # (B, E)
-    i = E_item[item] ++ E_cat[cat]                    # (B, 2E)  the target behaviour
-    H = E_item[hist] ++ E_cat[hist_cat]               # (B, T, 2E)
-    h = sum of H over valid positions                 # (B, 2E)
-    a = din_fcn_attention(i, H, mask, mode="SUM")     # (B, 2E)  interest w.r.t. the target
-    logit = MLP([u, i, h, i*h, a])                    # (B,)
+    u = [user features] ++ [context features]         # (B, D_u)  embeddings, numeric values
+    i = [item features of the candidate]              # (B, D)    the target behaviour
+    for each sequence s:
+        H_s = [item ++ per-event features, per event] # (B, T_s, D_s)
+        h_s = sum of H_s over valid positions         # (B, D_s)
+        a_s = din_fcn_attention(i, H_s, mask_s, "SUM")# (B, D_s)  interest w.r.t. the target
+    logit = MLP([u, i, (h_s, i*h_s, a_s) for s])      # (B,)      i*h_s: the item part of h_s
 
-as the DIEN reference's DIN model. ``attention="fcn"`` (default) uses
-`din_fcn_attention` (query projection + PReLU, then A -> 40 -> 1);
-``attention="din"`` the reference's plain `din_attention` (raw target, 80 -> 40 -> 1).
+one attention unit per sequence, each with its own mask. With the default schema
+(user; item ++ cat; one sequence) this is the DIEN reference's DIN model:
+``MLP([u, i, h, i*h, a])``. ``attention="fcn"`` (default) uses `din_fcn_attention`
+(query projection + PReLU, then A -> 40 -> 1); ``attention="din"`` the reference's plain
+`din_attention` (raw target, 80 -> 40 -> 1; it needs events as wide as the target, so no
+per-event features).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from dinrec.data.batch import Batch, Features
+from dinrec.data.schema import Schema
 from dinrec.errors import DinrecError
-from dinrec.models.base import CTRModel, ModelConfig, ModelOutput
+from dinrec.models.base import CTRModel, ModelConfig, ModelOutput, check_history
+from dinrec.models.embedding import Embedded, EmbeddedSequence
 from dinrec.nn.attention import DinFcnAttention
-
-if TYPE_CHECKING:  # pragma: no cover
-    from dinrec.data.batches import Batch
 
 
 @dataclass
@@ -42,61 +45,89 @@ class DIN(CTRModel):
     config_class = DINConfig
     has_attention = True
 
-    def __init__(self, config: DINConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: DINConfig, schema: Schema, table_sizes: dict[str, int]) -> None:
+        super().__init__(config, schema, table_sizes)
         if config.attention not in ("fcn", "din"):
             raise DinrecError(f"attention: expected 'fcn' or 'din', got {config.attention!r}")
-        d = self.behaviour_dim
-        plain = config.attention == "din"
-        self.attention = DinFcnAttention(
-            d, d, 80 if plain else config.attention_size, mode="SUM", query_projection=not plain
-        )
-        n_user = config.embedding_dim if config.use_user else 0
-        self.mlp = self._mlp(n_user + 4 * d)
+        self.attentions = nn.ModuleDict({s: self._attention(s) for s in self.sequence_names})
+        self.mlp = self._mlp(sum(w for _, w in self.mlp_layout()))
 
-    def _head(self, user: Tensor | None, target: Tensor, hist_sum: Tensor, att: Tensor) -> Tensor:
-        parts = [target, hist_sum, target * hist_sum, att]  # (N, 2E) each
-        if user is not None:
-            parts.insert(0, user)
+    def _attention(self, seq: str) -> DinFcnAttention:
+        d, ds = self.behaviour_dim, self.sequence_dim(seq)
+        plain = self.config.attention == "din"
+        if plain and ds != d:
+            raise DinrecError(
+                f"attention='din' needs events as wide as the candidate; sequence {seq!r} has "
+                "per-event features: use attention='fcn'"
+            )
+        size = 80 if plain else self.config.attention_size
+        return DinFcnAttention(d, ds, size, mode="SUM", query_projection=not plain)
+
+    @property
+    def attention(self) -> DinFcnAttention:
+        """The main sequence's attention unit."""
+        return self.attentions[self.sequence_names[0]]  # type: ignore[return-value]
+
+    def mlp_layout(self) -> list[tuple[str, int]]:
+        """The MLP's input blocks in order, with widths: profile, ``target``, then per
+        sequence ``sum:s``, ``prod:s``, ``att:s``."""
+        d = self.behaviour_dim
+        out = [*self._profile_layout(), ("target", d)]
+        for s in self.sequence_names:
+            ds = self.sequence_dim(s)
+            out += [(f"sum:{s}", ds), (f"prod:{s}", d), (f"att:{s}", ds)]
+        return out
+
+    def _head(self, e: Embedded, attended: dict[str, Tensor]) -> Tensor:
+        """MLP over the blocks of :meth:`mlp_layout` -> logits (N,)."""
+        parts = [*self._profile(e), e.target]  # (N, .) each
+        for s in self.sequence_names:
+            h = e.sequences[s].history_sum  # (N, D_s)
+            parts += [h, self._product(e.target, h), attended[s]]
         return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (N,)
 
     def forward(self, batch: Batch, return_alphas: bool = False) -> ModelOutput:
         e = self.embedding(batch)
-        att, alphas = self.attention(e.target, e.history, e.mask, return_alphas=True)  # (B,1,2E), (B,1,T)
-        user = e.user if self.config.use_user else None
-        logits = self._head(user, e.target, e.history_sum, att.squeeze(1))
-        return ModelOutput(logits=logits, alphas=alphas.squeeze(1) if return_alphas else None)
+        attended, alphas = {}, {}
+        for s in self.sequence_names:
+            seq = e.sequences[s]
+            att, a = self.attentions[s](e.target, seq.history, seq.mask, return_alphas=True)  # (B,1,D_s), (B,1,T)
+            attended[s], alphas[s] = att.squeeze(1), a.squeeze(1)
+        logits = self._head(e, attended)
+        return ModelOutput(logits=logits, alphas=alphas if return_alphas else None)
 
     def score_candidates(
         self,
-        user: Tensor,
-        hist_items: Tensor,
-        hist_cats: Tensor,
-        items: Tensor,
-        cats: Tensor,
+        history: Batch,
+        candidates: Features,
         return_alphas: bool = False,
         compute_dtype: torch.dtype | None = None,
     ) -> ModelOutput:
-        """user (), history (T,), candidates (N,): the history part is computed once.
+        """A 1-row ``history``, N candidates: each history part is computed once.
 
         In eval mode this is :meth:`candidate_scorer` built and called once; a server
         should build that once and reuse it.
         """
         if not self.training:  # used once: no need for a snapshot of the MLP
             return DINCandidateScorer(self, copy_mlp=False)(
-                user, hist_items, hist_cats, items, cats, return_alphas=return_alphas,
-                compute_dtype=compute_dtype,
+                history, candidates, return_alphas=return_alphas, compute_dtype=compute_dtype
             )
         emb = self.embedding
-        n = items.shape[0]
-        mask = hist_items != 0  # (T,)
-        history = emb.behaviours(hist_items, hist_cats)  # (T, 2E)
-        targets = emb.behaviours(items, cats)  # (N, 2E)
-        hist_sum = (mask.to(history.dtype) @ history).expand(n, -1)  # (N, 2E)
-        att, alphas = self.attention.score_candidates(targets, history, mask, return_alphas=True)
-        u = emb.user(user.reshape(1)).expand(n, -1) if self.config.use_user else None  # (N, E)
-        logits = self._head(u, targets, hist_sum, att.squeeze(1))
-        return ModelOutput(logits=logits, alphas=alphas.squeeze(1) if return_alphas else None)
+        targets = emb.behaviours(candidates)  # (N, D)
+        n = targets.shape[0]
+        user, context = emb.roles(history)  # (1, D_user), (1, D_ctx)
+        seqs: dict[str, EmbeddedSequence] = {}
+        attended, alphas = {}, {}
+        for s in self.sequence_names:
+            seq = emb.sequence(s, history.sequences[s])  # (1, T, D_s)
+            att, a = self.attentions[s].score_candidates(
+                targets, seq.history[0], seq.mask[0], return_alphas=True, compute_dtype=compute_dtype
+            )  # (N, 1, D_s), (N, 1, T)
+            attended[s], alphas[s] = att.squeeze(1), a.squeeze(1)
+            seqs[s] = EmbeddedSequence(seq.history, seq.mask, seq.history_sum.expand(n, -1))
+        e = Embedded(user.expand(n, -1), context.expand(n, -1), targets, seqs)
+        logits = self._head(e, attended)
+        return ModelOutput(logits=logits, alphas=alphas if return_alphas else None)
 
     def candidate_scorer(self) -> DINCandidateScorer:
         """The eval-mode :meth:`score_candidates` with its weight-only work done once."""
@@ -104,62 +135,63 @@ class DIN(CTRModel):
 
 
 class DINCandidateScorer:
-    """DIN's candidate ranking for inference: a snapshot of the weights, prepared once.
+    """DIN's candidate ranking for inference: the weight-only work prepared once.
 
-    Equal to ``DIN.score_candidates`` in eval mode. The attention is a
-    :class:`~dinrec.nn.attention.CandidateAttention`, and the MLP's first layer (input
-    BatchNorm folded in) is split by input block: the user and history-sum parts are the
-    same for every candidate (one row), and the target and ``target * hist_sum`` parts
-    fold into one weight ``W_t + W_p diag(hist_sum)``, so the first layer is one
-    ``(N, 4E) @ (4E, H1)`` product. Make a new one after the weights change
-    (``copy_mlp=False`` shares the MLP's later layers instead of copying them: for a
-    scorer that is used at once).
+    Equal to ``DIN.score_candidates`` in eval mode. Each attention is a
+    :class:`~dinrec.nn.attention.CandidateAttention` (a snapshot of its weights), and the
+    MLP's first layer (input BatchNorm folded in) is split by input block: the profile
+    and history-sum parts are the same for every candidate (one row), and the target and
+    every ``target * h_s`` part fold into one weight ``W_t + sum_s W_p,s diag(h_s)``, so
+    the first layer is one ``(N, D + sum D_s) @ (D + sum D_s, H1)`` product. The
+    embedding tables are the model's own (not copied). Make a new one after the weights
+    change (``copy_mlp=False`` shares the MLP's later layers instead of copying them: for
+    a scorer that is used at once).
     """
 
     def __init__(self, model: DIN, copy_mlp: bool = True) -> None:
         if model.training:
             raise DinrecError("DINCandidateScorer: put the model in eval mode first")
-        emb = model.embedding
+        self.embedding = model.embedding
+        self.names = list(model.sequence_names)
+        self.item_dim = model.behaviour_dim
         with torch.no_grad():
-            self.item_table = emb.item.weight.detach()  # (n_items, E)
-            self.cat_table = emb.cat.weight.detach()  # (n_cats, E)
-            self.user_table = emb.user.weight.detach() if model.config.use_user else None
-            self.attention = model.attention.candidate_attention()
+            self.attentions = {s: model.attentions[s].candidate_attention() for s in self.names}
             w, self.bias = (x.detach() for x in model.mlp.input_layer())  # (H1, F), (H1,)
-            d = model.behaviour_dim
-            blocks = list(w.split([*(() if self.user_table is None else (self.user_table.shape[1],)),
-                                   d, d, d, d], dim=1))
-            self.w_att, self.w_prod, self.w_sum, self.w_target = (blocks.pop() for _ in range(4))
-            self.w_user = blocks.pop() if blocks else None  # (H1, E) or None
+            layout = model.mlp_layout()
+            self.w = dict(zip((k for k, _ in layout), w.split([n for _, n in layout], dim=1), strict=True))
         # the layers after the first: part of the snapshot unless the caller uses it at once
         self.mlp = copy.deepcopy(model.mlp) if copy_mlp else model.mlp
-
-    def _behaviours(self, items: Tensor, cats: Tensor) -> Tensor:
-        return torch.cat([self.item_table[items], self.cat_table[cats]], dim=-1)  # (..., 2E)
 
     @torch.no_grad()
     def __call__(
         self,
-        user: Tensor,
-        hist_items: Tensor,
-        hist_cats: Tensor,
-        items: Tensor,
-        cats: Tensor,
+        history: Batch,
+        candidates: Features,
         return_alphas: bool = False,
         compute_dtype: torch.dtype | None = None,
     ) -> ModelOutput:
-        """user (), history (T,), candidates (N,) -> logits (N,), alphas (N, T) on request."""
-        mask = hist_items != 0  # (T,)
-        history = self._behaviours(hist_items, hist_cats)  # (T, 2E)
-        targets = self._behaviours(items, cats)  # (N, 2E)
-        hist_sum = mask.to(history.dtype) @ history  # (2E,)
-        att, alphas = self.attention(
-            targets, history, mask, return_alphas=True, compute_dtype=compute_dtype
-        )  # (N, 1, 2E), (N, 1, T)
-        shared = torch.addmv(self.bias, self.w_sum, hist_sum)  # (H1,)
-        if self.w_user is not None and self.user_table is not None:
-            shared = torch.addmv(shared, self.w_user, self.user_table[user.reshape(())])
-        w_cand = torch.cat([self.w_target + self.w_prod * hist_sum, self.w_att], dim=1)  # (H1, 4E)
-        pre = torch.addmm(shared, torch.cat([targets, att.squeeze(1)], dim=1), w_cand.t())  # (N, H1)
+        """A 1-row history, candidates' item features (N, ...) -> logits (N,), alphas {s: (N, T)}."""
+        check_history(history)
+        emb = self.embedding
+        targets = emb.behaviours(candidates)  # (N, D)
+        shared, w_target = self.bias, self.w["target"]  # (H1,), (H1, D)
+        cand, w_cand, alphas = [targets], [], {}
+        for s in self.names:
+            seq = emb.sequence(s, history.sequences[s])
+            h, mask, h_sum = seq.history[0], seq.mask[0], seq.history_sum[0]  # (T, D_s), (T,), (D_s,)
+            att, a = self.attentions[s](
+                targets, h, mask, return_alphas=True, compute_dtype=compute_dtype
+            )  # (N, 1, D_s), (N, 1, T)
+            shared = torch.addmv(shared, self.w[f"sum:{s}"], h_sum)  # (H1,)
+            w_target = w_target + self.w[f"prod:{s}"] * h_sum[: self.item_dim]  # (H1, D)
+            cand.append(att.squeeze(1))
+            w_cand.append(self.w[f"att:{s}"])  # (H1, D_s)
+            alphas[s] = a.squeeze(1)
+        user, context = emb.roles(history)  # (1, D_user), (1, D_ctx)
+        for key, x in (("user", user), ("context", context)):
+            if key in self.w:
+                shared = torch.addmv(shared, self.w[key], x[0])
+        w_all = torch.cat([w_target, *w_cand], dim=1)  # (H1, D + sum D_s)
+        pre = torch.addmm(shared, torch.cat(cand, dim=1), w_all.t())  # (N, H1)
         logits = self.mlp.forward_from_input_layer(pre).squeeze(-1)  # (N,)
-        return ModelOutput(logits=logits, alphas=alphas.squeeze(1) if return_alphas else None)
+        return ModelOutput(logits=logits, alphas=alphas if return_alphas else None)

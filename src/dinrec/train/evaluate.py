@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 import torch
 
 from dinrec.data.batches import Batch, BatchLoader
+from dinrec.data.schema import Schema
 from dinrec.data.store import SampleStore
-from dinrec.data.vocab import NUM_SPECIAL, OOV_ID, Vocabularies
+from dinrec.data.vocab import NUM_SPECIAL, Vocabularies
 from dinrec.errors import DinrecError, RunFolderError
 from dinrec.models import CTRModel
 from dinrec.run import load_run_model
@@ -35,13 +36,13 @@ EvalLoader = Iterable[Batch]
 def group_key(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """The GAUC group of each row (B,) int64 and whether it is known (B,) bool.
 
-    Rows are grouped by user. The encoded user id is only a key where it names a user:
-    every user out of the train vocabulary (all of them under the by-user split) shares
-    the OOV id, so those rows are unknown and left out of GAUC instead of being merged
-    into one giant "user". (With the raw-user key of the schema Batch, ``batch.group``,
-    every row is known.)
+    Rows are grouped by raw user: ``batch.group`` is the user's key in the store's user
+    side table, distinct per raw user token even when the user id is out of the
+    vocabulary (every valid and test user under the by-user split), so GAUC never merges
+    unknown users into one giant "user". Every row is known.
     """
-    return batch.user, batch.user != OOV_ID
+    assert batch.group is not None, "the loader sets batch.group"
+    return batch.group, torch.ones_like(batch.group, dtype=torch.bool)
 
 
 def device_batches(batches: Iterable[Batch], device: str, ahead: bool = True) -> Iterator[Batch]:
@@ -175,11 +176,13 @@ def evaluate_run(
     run_dir = Path(run_dir)
     model, saved = load_run_model(run_dir)
     store = SampleStore(store_dir or saved["store"])
+    if Schema.load(run_dir) != store.schema:
+        raise RunFolderError(f"{store.path}: its feature schema differs from the run's ({run_dir}/schema.json)")
     run_vocabs = Vocabularies.load(run_dir / "vocab")
-    for kind in ("user", "item", "cat"):
-        if getattr(run_vocabs, kind) != getattr(store.vocabs, kind):
+    for name, vocab in store.vocabs.tables.items():
+        if run_vocabs.tables.get(name) != vocab:
             raise RunFolderError(
-                f"{store.path}: its {kind} vocabulary differs from the run's ({run_dir}/vocab): "
+                f"{store.path}: its {name} vocabulary differs from the run's ({run_dir}/vocab): "
                 "ids would mean other tokens; prepare the data with the run's vocabulary"
             )
     cfg = TrainConfig.from_dict(saved["train"])
@@ -193,18 +196,18 @@ def evaluate_run(
 
 # --------------------------------------------------------------------------- ranking
 def user_positives(store: SampleStore) -> np.ndarray:
-    """Sorted ``user * n_items + item`` codes of every (user, positive item) pair of the
-    store, in any split; users out of the vocabulary (OOV) are not linked to anything."""
-    n_items = len(store.vocabs.item)
+    """Sorted ``user key * n_item_keys + item key`` codes of every (user, positive item)
+    pair of the store, in any split. Keys name raw users and items (see
+    :mod:`dinrec.data.sides`), so users out of the vocabulary are told apart too."""
+    n_keys = len(store.items)
     codes = []
     for split in store.splits:
         for path in store.files(split):
             t = pq.read_table(path, columns=["label", "user", "item"])
-            label = t.column("label").to_numpy()
-            user = t.column("user").to_numpy().astype(np.int64)
-            item = t.column("item").to_numpy().astype(np.int64)
-            keep = (label == 1) & (user != OOV_ID)
-            codes.append(user[keep] * n_items + item[keep])
+            keep = t.column("label").to_numpy() == 1
+            user = t.column("user").to_numpy().astype(np.int64)[keep]
+            item = t.column("item").to_numpy().astype(np.int64)[keep]
+            codes.append(user * n_keys + item)
     return np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
 
 
@@ -217,9 +220,10 @@ def draw_negatives(
     negatives: int,
     max_rounds: int = 1000,
 ) -> np.ndarray:
-    """(b, negatives) items drawn from ``cdf``, none of them a positive of its row's user:
-    neither in ``forbidden_rows`` ((b, F) the row's target and history, 0-padded) nor a
-    ``user * n_items + item`` code in ``positives`` (sorted). Clashes are redrawn."""
+    """(b, negatives) item keys drawn from ``cdf`` (over item keys), none of them a positive
+    of its row's user: neither in ``forbidden_rows`` ((b, F) the row's target and history,
+    0-padded) nor a ``user key * n_item_keys + item key`` code in ``positives`` (sorted).
+    Clashes are redrawn."""
     n_items = len(cdf)
     b = len(users)
     neg = np.searchsorted(cdf, rng.random((b, negatives)), side="right")  # (b, negatives)
@@ -228,7 +232,7 @@ def draw_negatives(
         if len(positives):
             codes = users[:, None] * n_items + neg  # (b, negatives)
             at = np.minimum(np.searchsorted(positives, codes), len(positives) - 1)
-            bad |= (positives[at] == codes) & (users[:, None] != OOV_ID)
+            bad |= positives[at] == codes
         if not bad.any():
             return neg
         neg[bad] = np.searchsorted(cdf, rng.random(int(bad.sum())), side="right")
@@ -240,7 +244,7 @@ def draw_negatives(
 @torch.no_grad()
 def ranking_metrics(
     model: CTRModel,
-    loader: Iterable[Batch],
+    loader: BatchLoader,
     store: SampleStore,
     negatives: int = 100,
     ks: tuple[int, ...] = (10,),
@@ -248,39 +252,37 @@ def ranking_metrics(
 ) -> dict[str, float]:
     """HR@K and NDCG@K: each positive row of the loader ranked among ``negatives`` items.
 
-    The negatives are drawn by training popularity (seeded) and redrawn while they are a
-    positive of that user: the row's target or history, or a positive of the same user in
-    any split of the store. Each is scored with the positive's user and history. Ties
-    count against the positive (pessimistic).
+    The negatives are items of the training vocabulary drawn by training popularity
+    (seeded) and redrawn while they are a positive of that user: the row's target or main
+    history, or a positive of the same user in any split of the store. Each is scored
+    with the positive's user, context and histories. Ties count against the positive
+    (pessimistic).
     """
     model.eval()
     rng = np.random.default_rng(seed)
-    counts = store.vocabs.item.counts.astype(np.float64).copy()
+    side = store.items
+    counts = side.counts.astype(np.float64).copy()
     counts[:NUM_SPECIAL] = 0
+    counts[side.n_known:] = 0  # only items the model has an id for
     cdf = np.cumsum(counts) / counts.sum()
-    item_cat = torch.tensor(np.asarray(store.item_cat), dtype=torch.int64)
     positives = user_positives(store)
+    key = store.schema.item_key.name
+    main = store.schema.main_sequence.name
     scores = []
     for batch in loader:
         pos = batch.label == 1
         if not bool(pos.any()):
             continue
         b, n = int(pos.sum()), 1 + negatives
-        targets = batch.item[pos]
-        forbidden = torch.cat([targets[:, None], batch.hist_items[pos]], 1).numpy()  # (b, 1+T)
-        neg = draw_negatives(rng, cdf, batch.user[pos].numpy(), forbidden, positives, negatives)
-        items = torch.cat([targets[:, None], torch.as_tensor(neg, dtype=torch.int64)], 1)
-        items = items.reshape(-1)  # (b * n,)
-        rows = Batch(
-            user=batch.user[pos].repeat_interleave(n),
-            item=items,
-            cat=item_cat[items],
-            hist_items=batch.hist_items[pos].repeat_interleave(n, 0),
-            hist_cats=batch.hist_cats[pos].repeat_interleave(n, 0),
-            mask=batch.mask[pos].repeat_interleave(n, 0),
-            label=torch.zeros(b * n),
-        )
-        scores.append(model(rows).logits.float().reshape(b, n))
+        targets = batch.item[key][pos]  # (b,) ids; an id is its key for known items
+        forbidden = torch.cat([targets[:, None], batch.sequences[main].items[key][pos]], 1)
+        neg = draw_negatives(rng, cdf, batch.group[pos].numpy(), forbidden.numpy(),
+                             positives, negatives)  # (b, negatives) item keys
+        rows = batch.apply(lambda t, pos=pos, n=n: t[pos].repeat_interleave(n, 0))  # (b * n, ...)
+        cand = loader.item_features(neg)  # (b, negatives[, M])
+        rows.item = {k: torch.cat([v[pos][:, None], cand[k]], 1).flatten(0, 1)
+                     for k, v in batch.item.items()}  # (b * n[, M]) positive first
+    scores.append(model(rows).logits.float().reshape(b, n))
     if not scores:
         return {}
     all_scores = torch.cat(scores).numpy()  # (positives, 1 + negatives)

@@ -45,6 +45,7 @@ from dinrec.run import (
     LAST,
     METRICS_FILE,
     PREV,
+    SERVING_FILES,
     build_model,
     check_replaceable,
     create_run_dir,
@@ -185,6 +186,9 @@ class Trainer:
         })  # fmt: skip
         shutil.copytree(self.store.path / "vocab", tmp / "vocab", dirs_exist_ok=True)
         shutil.copy2(self.store.path / "stats.json", tmp / "store_stats.json")
+        for name in SERVING_FILES:  # what a server needs to encode requests
+            if (self.store.path / name).exists():
+                shutil.copy2(self.store.path / name, tmp / name)
 
     def _setup_training(self) -> None:
         cfg, ctx = self.cfg, self.ctx

@@ -12,10 +12,10 @@ bytes); whether a file is reviews or metadata is detected from its first record.
 
 from __future__ import annotations
 
-import ast
-import json
 import logging
-from collections.abc import Iterator, Sequence
+import math
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,36 +26,23 @@ import pyarrow.json as pjson
 
 from dinrec.data.formats import Format, ReadOptions, ReadResult
 from dinrec.data.formats.common import (
+    MAX_INT,
+    UNKNOWN_CAT,
     ErrorLog,
     decode,
     finish_events,
     lookup_cats,
+    parse_record,
     read_bytes,
 )
+from dinrec.data.formats.features import ColumnKind, column_kinds, type_column
+from dinrec.data.formats.tables import records_to_parsed, scalars
 from dinrec.errors import DataFormatError
 
 log = logging.getLogger(__name__)
 
 _REVIEW_SCHEMA = pa.schema([("reviewerID", pa.string()), ("asin", pa.string()),
                             ("overall", pa.float64()), ("unixReviewTime", pa.int64())])
-
-
-def parse_record(line: str, path: str | Path = "<line>", line_no: int = 1) -> dict[str, Any]:
-    """One JSON object or Python dict literal; anything else raises :class:`DataFormatError`."""
-    text = line.strip()
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
-        try:
-            obj = ast.literal_eval(text)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
-            what = type(exc).__name__ if not str(exc) else str(exc).splitlines()[0]
-            raise DataFormatError(str(path), line_no, None,
-                                  f"neither JSON nor a Python dict literal ({what})") from None
-    if not isinstance(obj, dict):
-        raise DataFormatError(str(path), line_no, None,
-                              f"expected an object, got {type(obj).__name__}")
-    return obj
 
 
 def review_fields(obj: dict[str, Any], path: str | Path, line_no: int):
@@ -69,15 +56,20 @@ def review_fields(obj: dict[str, Any], path: str | Path, line_no: int):
     ts = obj.get("unixReviewTime")
     if isinstance(ts, str) and ts.strip().lstrip("+-").isdigit():
         ts = int(ts)
-    if not isinstance(ts, int) or isinstance(ts, bool) or abs(ts) >= 2**62:
+    if not isinstance(ts, int) or isinstance(ts, bool):
         raise DataFormatError(str(path), line_no, "unixReviewTime",
                               "missing" if ts is None else "not an integer")
+    if abs(ts) > MAX_INT:
+        raise DataFormatError(str(path), line_no, "unixReviewTime",
+                              f"out of range (beyond ±{MAX_INT:.0e})")
     rating = obj.get("overall")
     if rating is not None:
         try:
             rating = float(rating)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise DataFormatError(str(path), line_no, "overall", "not a number") from None
+        if not math.isfinite(rating):
+            raise DataFormatError(str(path), line_no, "overall", "not a finite number")
     return out[0], out[1], ts, rating
 
 
@@ -99,6 +91,37 @@ def meta_category(obj: dict[str, Any], path: str | Path, line_no: int) -> tuple[
     if not isinstance(last, str):
         raise DataFormatError(str(path), line_no, "categories", "not a list of string lists")
     return asin, last or None
+
+
+def meta_attributes(obj: dict[str, Any], extra: Iterable[str] = ()) -> dict[str, Any]:
+    """``categories`` (every distinct entry of every path, in order), ``brand``, ``price``
+    (a finite number >= 0, from 9.99 or "$1,299.00"; anything else, e.g. a range, is None)
+    and the ``extra`` fields as they are, of a metadata record."""
+    cats = obj.get("categories", obj.get("category"))
+    flat = dict.fromkeys(s.strip() for s in scalars(cats) if s.strip())
+    brand = obj.get("brand")
+    brand = (brand.strip() or None) if isinstance(brand, str) else None
+    out = {"categories": list(flat), "brand": brand, "price": _price(obj.get("price"))}
+    for name in extra:
+        if name not in out and name in obj:
+            out[name] = obj[name]
+    return out
+
+
+def _price(v: Any) -> float | None:
+    if isinstance(v, str):
+        v = v.strip().lstrip("$").replace(",", "")
+        try:
+            v = float(v) if re.fullmatch(r"[0-9]+(\.[0-9]*)?", v) else None
+        except OverflowError:
+            v = None
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return None
+    try:
+        v = float(v)
+    except OverflowError:
+        return None
+    return v if math.isfinite(v) and v >= 0 else None
 
 
 def _lines(text: str, progress: bool, name: str) -> Iterator[tuple[int, str]]:
@@ -141,7 +164,10 @@ def read_reviews(path: Path, text: str, data: bytes, bad_lines: np.ndarray,
                         "ts": table.column("unixReviewTime"), "rating": table.column("overall")}
                 empty = pc.any(pc.equal(pc.utf8_length(table.column("reviewerID")), 0)).as_py()
                 empty = empty or pc.any(pc.equal(pc.utf8_length(table.column("asin")), 0)).as_py()
-                if not empty:
+                ts_max = pc.max(pc.abs(table.column("unixReviewTime"))).as_py() or 0
+                rating = table.column("overall")
+                finite = pc.all(pc.is_finite(rating.filter(pc.is_valid(rating)))).as_py()
+                if not empty and ts_max <= MAX_INT and finite is not False:
                     return cols, table.num_rows
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
             pass
@@ -169,66 +195,97 @@ def read_reviews(path: Path, text: str, data: bytes, bad_lines: np.ndarray,
 
 
 def read_meta(path: Path, text: str, bad_lines: np.ndarray, options: ReadOptions,
-              errors: ErrorLog) -> dict[str, str | None]:
-    """asin -> category of one metadata file (first record of an asin wins)."""
-    cats: dict[str, str | None] = {}
+              errors: ErrorLog, extra: Iterable[str]) -> list[tuple[int, dict[str, Any]]]:
+    """Item records (``item``, ``cat``, attributes) of one metadata file, first of an asin."""
+    out: list[tuple[int, dict[str, Any]]] = []
+    seen: set[str] = set()
     bad = set(bad_lines.tolist())
     for line_no, line in _lines(text, options.progress, path.name):
         if line_no in bad:
             continue
         try:
-            asin, cat = meta_category(parse_record(line, path, line_no), path, line_no)
+            obj = parse_record(line, path, line_no)
+            asin, cat = meta_category(obj, path, line_no)
         except DataFormatError as exc:
             errors.bad(exc.path, exc.line or line_no, exc.field, exc.reason)
             continue
-        cats.setdefault(asin, cat)
-    return cats
+        if asin not in seen:
+            seen.add(asin)
+            out.append((line_no, {"item": asin, "cat": cat or UNKNOWN_CAT,
+                                  **meta_attributes(obj, extra)}))
+    return out
+
+
+def items_table(records: list[tuple[int, dict[str, Any]]], path: str,
+                errors: ErrorLog, kinds: dict[str, ColumnKind]) -> pa.Table:
+    """The items side table of metadata records; schema-named fields typed (``path`` may
+    name several files: line numbers then refer to the first)."""
+    price = pa.array([r.get("price") for _, r in records], pa.float64())
+    parsed = records_to_parsed([(n, {k: v for k, v in r.items() if k != "price"})
+                                for n, r in records])
+    cols = {}
+    for name in parsed.table.column_names:
+        col = parsed.column(name)
+        if name == "categories" and not pa.types.is_list(col.type):
+            col = col.cast(pa.list_(pa.string())) if col.null_count == len(col) else col
+        cols[name] = col if name in ("item", "cat", "categories") else \
+            type_column(parsed, name, col, path, errors, kinds)
+    cols["price"] = price
+    errors.raise_pending()
+    return parsed.filtered(cols)
 
 
 def read(inputs: Sequence[Path], options: ReadOptions, errors: ErrorLog) -> ReadResult:
     reviews: list[dict[str, pa.Array]] = []
-    cats: dict[str, str | None] = {}
+    kinds = column_kinds(options.schema)
+    meta: list[tuple[int, dict[str, Any]]] = []
+    seen: set[str] = set()
     records = 0
-    n_meta = 0
+    result = ReadResult(sources={})
     for path in map(Path, inputs):
         data = read_bytes(path, options.progress)
         text, bad_lines = decode(data, path, errors)
         errors.raise_pending()
-        if _kind(text, path) == "reviews":
+        role = "events" if _kind(text, path) == "reviews" else "items"
+        result.sources[role] = ", ".join(filter(None, [result.sources.get(role), str(path)]))
+        if role == "events":
             cols, n = read_reviews(path, text, data, bad_lines, options, errors)
             reviews.append(cols)
             records += n
         else:
-            meta = read_meta(path, text, bad_lines, options, errors)
-            n_meta += 1
-            for k, v in meta.items():
-                cats.setdefault(k, v)
+            for rec in read_meta(path, text, bad_lines, options, errors, kinds):
+                if rec[1]["item"] not in seen:
+                    seen.add(rec[1]["item"])
+                    meta.append(rec)
     if not reviews:
         raise DataFormatError(", ".join(map(str, inputs)), None, None,
                               "no reviews file among the inputs (records with reviewerID)")
     cols = {k: pa.chunked_array([c[k] for c in reviews]).combine_chunks() for k in reviews[0]}
-    notes = []
+    notes = result.notes
     if options.min_rating is not None:
         keep = pc.greater_equal(cols["rating"], options.min_rating).fill_null(False)
-        dropped = len(keep) - pc.sum(keep).as_py()
+        dropped = len(keep) - (pc.sum(keep).as_py() or 0)
         cols = {k: v.filter(keep) for k, v in cols.items()}
         notes.append(f"{dropped} reviews rated below {options.min_rating} dropped")
-    cat_map = {k: v for k, v in cats.items() if v is not None}
-    if n_meta:
+    if "items" in result.sources:
+        cat_map = {r["item"]: r["cat"] for _, r in meta if r["cat"] != UNKNOWN_CAT}
         cat = lookup_cats(cols["item"], cat_map)
-        notes.append(f"metadata: {len(cats)} items, {len(set(cat_map.values()))} categories")
+        notes.append(f"metadata: {len(meta)} items, {len(set(cat_map.values()))} categories")
+        if meta:
+            result.items = items_table(meta, result.sources["items"], errors, kinds)
     else:
         cat = lookup_cats(cols["item"], None)
-        notes.append("no metadata file: every item in category <unk>")
-    events = finish_events(", ".join(map(str, inputs)),
-                           {"user": cols["user"], "item": cols["item"], "cat": cat,
-                            "ts": cols["ts"]})
-    return ReadResult(events=events, records=records, notes=notes)
+        notes.append("no metadata file: every item in category unknown")
+    result.events = finish_events(", ".join(map(str, inputs)),
+                                  {"user": cols["user"], "item": cols["item"], "cat": cat,
+                                   "ts": cols["ts"], "rating": cols["rating"]})
+    result.records = records
+    return result
 
 
 FORMAT = Format(
     name="amazon",
-    read=read,
+    reader=read,
     summary="raw Amazon review dumps: reviews JSON lines + metadata (JSON or Python literals)",
     inputs="REVIEWS... [META...]",
 )

@@ -12,20 +12,25 @@ vectorised checks (:func:`parse_int`, :func:`parse_float`) can point at ``file:l
 
 from __future__ import annotations
 
+import ast
 import gzip
+import json
 import logging
+import re
 import sys
+import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from dinrec.errors import DataFormatError
+from dinrec.errors import DataFormatError, DinrecError
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +40,12 @@ OnError = Literal["fail", "skip"]
 #: for a missing / null ``cat``: ``dinrec.data.samples.UNKNOWN_CAT``)
 UNKNOWN_CAT = "unknown"
 
-_INT_RE = r"^[+-]?[0-9]{1,18}$"
+_INT_RE = r"^[+-]?[0-9]+$"
 _FLOAT_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+
+#: the largest magnitude of an integer field (time, ids): 18 digits, so that differences
+#: of two values (time gaps) never overflow int64
+MAX_INT = 10**18
 
 
 @dataclass
@@ -118,7 +127,7 @@ def read_bytes(path: str | Path, progress: bool = False) -> bytes:
                 chunks.append(chunk)
                 bar.update(len(chunk))
         data = b"".join(chunks)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DataFormatError(str(path), None, None, f"cannot read: {exc}") from None
     if not data.strip():
         raise DataFormatError(str(path), None, None, "empty file")
@@ -172,6 +181,42 @@ def decode(
 
 
 # --------------------------------------------------------------------------- parsing
+_SURROGATE = re.compile(r"\\[uU][dD][89a-fA-F]")
+
+
+def check_unicode(text: str, obj: Any, path: str | Path, line_no: int | None) -> None:
+    """Reject a parsed JSON / Python value holding a lone surrogate (``"\\ud800"``): it
+    cannot be stored as UTF-8. Only checked when ``text`` has such an escape."""
+    if _SURROGATE.search(text) is None:
+        return
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataFormatError(str(path), line_no, None,
+                              "a lone surrogate escape (\\ud800-\\udfff) is not text") from None
+
+
+def parse_record(line: str, path: str | Path = "<line>", line_no: int = 1) -> dict[str, Any]:
+    """One JSON object or Python dict literal; anything else raises :class:`DataFormatError`."""
+    text = line.strip()
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        try:
+            with warnings.catch_warnings():  # e.g. "invalid escape sequence" in a string
+                warnings.simplefilter("ignore")
+                obj = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+            what = type(exc).__name__ if not str(exc) else str(exc).splitlines()[0]
+            raise DataFormatError(str(path), line_no, None,
+                                  f"neither JSON nor a Python dict literal ({what})") from None
+    check_unicode(text, obj, path, line_no)
+    if not isinstance(obj, dict):
+        raise DataFormatError(str(path), line_no, None,
+                              f"expected an object, got {type(obj).__name__}")
+    return obj
+
+
 @dataclass
 class Parsed:
     """String columns of a delimited file, with the physical line number of each row."""
@@ -211,10 +256,10 @@ def read_delimited(
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     n_expected = len(names)
     n_min = n_expected if min_fields is None else min_fields
-    invalid: list[tuple[int | None, int]] = []
+    invalid: list[tuple[int, int]] = []
 
-    def handler(row) -> str:
-        invalid.append((row.number, row.actual_columns))
+    def handler(row) -> str:  # row.number is None only in the threaded pass (re-run below)
+        invalid.append((row.number or 0, row.actual_columns))
         return "skip"
 
     def parse(threads: bool) -> pa.Table:
@@ -243,6 +288,8 @@ def read_delimited(
         if invalid:
             table = parse(False)  # single-threaded: the handler learns line numbers
     except pa.ArrowInvalid as exc:
+        if header and "skip initial" in str(exc):  # nothing but the header line
+            raise DataFormatError(str(path), None, None, "no records after the header") from None
         raise DataFormatError(str(path), None, None, f"cannot parse: {exc}") from None
 
     first = 2 if header else 1
@@ -324,9 +371,16 @@ def parse_int(
     dtype: pa.DataType | None = None,
     allowed: tuple[int, ...] | None = None,
 ) -> pa.Array:
-    """Cast a string column to integers; non-integers are reported and become null."""
+    """Cast a string column to integers; non-integers, values beyond ``±MAX_INT`` (and
+    values outside ``allowed``) are reported and become null."""
     col = _matching(parsed, col, path, errors, field_name, _INT_RE, "not an integer")
-    values = pc.cast(col, pa.int64())
+    digits = pc.utf8_length(pc.utf8_ltrim(col, characters="+-0"))
+    big = np.asarray(pc.greater(digits, 18).fill_null(False))
+    if big.any():
+        errors.bad_rows(path, parsed.line_no, big, parsed.keep, field_name,
+                        f"out of range (beyond ±{MAX_INT:.0e})")
+        col = pc.if_else(pa.array(big), pa.scalar(None, pa.string()), col)
+    values = pc.cast(pc.utf8_ltrim(col, characters="+"), pa.int64())  # Arrow rejects "+5"
     if allowed is not None:
         good = np.asarray(pc.is_in(values, pa.array(allowed, pa.int64())).fill_null(True))
         if not good.all():
@@ -337,11 +391,31 @@ def parse_int(
 
 
 def parse_float(
+    parsed: Parsed, col: pa.Array, path: str | Path, errors: ErrorLog, field_name: str,
+    limit: float | None = None,
+) -> pa.Array:
+    """Cast a string column to float64; non-numbers, values that overflow float64 (``1e309``)
+    and, with ``limit``, values beyond ``±limit`` are reported and become null."""
+    col = _matching(parsed, col, path, errors, field_name, _FLOAT_RE, "not a number")
+    values = pc.cast(col, pa.float64())
+    mag = np.abs(np.asarray(values.fill_null(0.0)))
+    big = ~np.isfinite(mag) if limit is None else ~(mag <= limit)
+    if big.any():
+        what = "out of range" + ("" if limit is None else f" (beyond ±{limit:.0e})")
+        errors.bad_rows(path, parsed.line_no, big, parsed.keep, field_name, what)
+        values = pc.if_else(pa.array(big), pa.scalar(None, pa.float64()), values)
+    return values
+
+
+def parse_time(
     parsed: Parsed, col: pa.Array, path: str | Path, errors: ErrorLog, field_name: str
 ) -> pa.Array:
-    """Cast a string column to float64; non-numbers are reported and become null."""
-    col = _matching(parsed, col, path, errors, field_name, _FLOAT_RE, "not a number")
-    return pc.cast(col, pa.float64())
+    """Integer seconds from integer or decimal strings (decimals floored), within ``±MAX_INT``."""
+    ints = pc.match_substring_regex(pc.utf8_trim_whitespace(col), _INT_RE)
+    if pc.all(ints).as_py() is not False:
+        return parse_int(parsed, col, path, errors, field_name)
+    seconds = parse_float(parsed, col, path, errors, field_name, limit=float(MAX_INT))
+    return pc.cast(pc.floor(seconds), pa.int64())
 
 
 def check_nonempty(
@@ -369,14 +443,15 @@ def lookup_cats(items: pa.Array, cat_map: dict[str, str] | pa.Table | None) -> p
 
 
 def finish_events(path_desc: str, columns: dict[str, pa.Array]) -> pa.Table:
-    """Assemble an events table with the canonical column types."""
+    """Assemble an events table: the canonical columns (``user``, ``item``, ``cat``, ``ts``,
+    ``label``) cast to their types, every other column as it is."""
     types = {"user": pa.string(), "item": pa.string(), "cat": pa.string(),
              "ts": pa.int64(), "label": pa.int8()}
     out = {}
     for name, arr in columns.items():
         if isinstance(arr, pa.ChunkedArray):
             arr = arr.combine_chunks()
-        out[name] = arr.cast(types[name])
+        out[name] = arr.cast(types[name]) if name in types else arr
     table = pa.table(out)
     if table.num_rows == 0:
         raise DataFormatError(path_desc, None, None, "no valid records")
@@ -388,7 +463,12 @@ def unescape(sep: str) -> str:
     named = {"tab": "\t", "comma": ",", "space": " ", "pipe": "|", "semicolon": ";"}
     if sep.lower() in named:
         return named[sep.lower()]
-    return sep.encode("utf-8").decode("unicode_escape") if "\\" in sep else sep
+    if "\\" not in sep:
+        return sep
+    try:
+        return sep.encode("utf-8").decode("unicode_escape")
+    except UnicodeDecodeError:
+        raise DinrecError(f"not a valid separator escape: {sep!r}") from None
 
 
 # --------------------------------------------------------------------------- samples

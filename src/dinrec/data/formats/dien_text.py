@@ -78,7 +78,7 @@ def read(inputs: Sequence[Path], options: ReadOptions, errors: ErrorLog) -> Read
 
 FORMAT = Format(
     name="dien-text",
-    read=read,
+    reader=read,
     summary="DIEN reference sample files: label, user, item, cat, item/cat histories (0x02-joined)",
     inputs="TRAIN TEST [VALID]",
     min_inputs=2,

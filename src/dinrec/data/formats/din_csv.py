@@ -29,8 +29,10 @@ from dinrec.data.formats.common import (
 )
 from dinrec.errors import DataFormatError
 
-_LIST_RE = r"^\s*\[\s*([0-9]+\s*(,\s*[0-9]+\s*)*)?\]\s*$"
-_PAIR_RE = r"^\s*\(\s*[0-9]+\s*,\s*[0-9]+\s*\)\s*$"
+# ids of 1-18 digits (int64-safe); only spaces and tabs around them (they are trimmed)
+_ID = r"[ \t]*[0-9]{1,18}[ \t]*"
+_LIST_RE = rf"^[ \t]*\[({_ID}(,{_ID})*)?\][ \t]*$"
+_PAIR_RE = rf"^[ \t]*\({_ID},{_ID}\)[ \t]*$"
 
 
 def find_inputs(inputs: Sequence[Path]) -> tuple[Path, Path, Path]:
@@ -56,9 +58,14 @@ def find_inputs(inputs: Sequence[Path]) -> tuple[Path, Path, Path]:
 
 
 def read_cate_list(path: Path, options: ReadOptions, errors: ErrorLog) -> np.ndarray:
-    """Category id (as a string) of each item id: ``cats[item_id]``."""
+    """Category id (as a string) of each item id: ``cats[item_id]``.
+
+    Every bad line is fatal, whatever ``errors`` says: skipping one would shift the ids
+    of every later item."""
+    errors = ErrorLog("fail")
     text, bad_lines = decode(read_bytes(path, options.progress), path, errors)
     parsed = read_delimited(text, path, errors, ["cat"], "\t", bad_lines=bad_lines)
+    errors.raise_pending()
     if not parsed.keep.all():  # a blank line would shift every following item id
         first = int(parsed.line_no[~parsed.keep].min())
         raise DataFormatError(str(path), first, "cat", "blank or bad line (line k = item k - 1)")
@@ -67,6 +74,8 @@ def read_cate_list(path: Path, options: ReadOptions, errors: ErrorLog) -> np.nda
     if not parsed.keep.all():
         first = int(parsed.line_no[~parsed.keep].min())
         raise DataFormatError(str(path), first, "cat", "not an integer")
+    if len(cats) == 0:
+        raise DataFormatError(str(path), None, "cat", "no categories (line k = item k - 1)")
     return np.asarray(cats.cast(pa.string()), dtype=object)
 
 
@@ -173,7 +182,7 @@ def read(inputs: Sequence[Path], options: ReadOptions, errors: ErrorLog) -> Read
 
 FORMAT = Format(
     name="din-csv",
-    read=read,
+    reader=read,
     summary="DIN's processed Amazon Electronics CSVs (train/test rows + cate_list.csv)",
     inputs="TRAIN TEST CATE_LIST | FOLDER",
 )

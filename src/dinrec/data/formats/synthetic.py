@@ -26,7 +26,7 @@ def read(inputs: Sequence[Path], options: ReadOptions, errors: ErrorLog) -> Read
 
 FORMAT = Format(
     name="synthetic",
-    read=read,
+    reader=read,
     summary="the embedded synthetic dataset (--preset NAME), no input files",
     inputs="(none)",
     min_inputs=0,
