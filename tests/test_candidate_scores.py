@@ -166,16 +166,18 @@ def test_mlp_input_layer_folding(kw):
 
 
 def test_din_candidate_scorer_is_a_snapshot_of_eval_mode():
+    from dinrec.data.schema import Schema
     from dinrec.errors import DinrecError
-    from dinrec.models import build_model
+    from dinrec.models import create_model
+    from model_inputs import history_row, random_batch, random_candidates
 
+    schema, sizes = Schema.default(max_len=4), {"user": 20, "item": 60, "cat": 9}
     torch.manual_seed(2)
-    model = build_model("din", n_users=20, n_items=60, n_cats=9, embedding_dim=4, hidden=[8, 4])
+    model = create_model("din", schema, sizes, embedding_dim=4, hidden=[8, 4])
     with pytest.raises(DinrecError, match="eval mode"):
         model.candidate_scorer()
     model.eval()
-    args = (torch.tensor(3), torch.tensor([5, 9, 2, 0]), torch.tensor([3, 4, 2, 0]),
-            torch.arange(10, 30), torch.arange(10, 30) % 9)
+    args = (history_row(random_batch(schema, sizes, b=2), 0), random_candidates(schema, sizes, 20))
     scorer = model.candidate_scorer()
     before = scorer(*args, return_alphas=True)
     want = model.score_candidates(*args, return_alphas=True)
@@ -183,12 +185,12 @@ def test_din_candidate_scorer_is_a_snapshot_of_eval_mode():
     torch.testing.assert_close(before.alphas, want.alphas)
     with torch.no_grad():
         model.mlp.out.bias += 1.0
-        model.attention.att2.bias += 0.5
+        model.attentions["hist"].att2.bias += 0.5
     torch.testing.assert_close(scorer(*args).logits, before.logits)  # the snapshot
     fresh = model.candidate_scorer()(*args, return_alphas=True)
     torch.testing.assert_close(fresh.logits, model.score_candidates(*args).logits)
     assert not torch.allclose(fresh.logits, before.logits)
-    assert not torch.allclose(fresh.alphas, before.alphas)
+    assert not torch.allclose(fresh.alphas["hist"], before.alphas["hist"])
 
 
 # --------------------------------------------------------------------------- the C++ operator

@@ -52,11 +52,13 @@ def test_recommend_json_explains_with_attention(trained, capsys):
     assert len(rec["ranked"]) == 5
     scores = [r["score"] for r in rec["ranked"]]
     assert scores == sorted(scores, reverse=True)
-    assert not set(r["item"] for r in rec["ranked"]) & set(rec["history"])
+    history = [e if isinstance(e, str) else e["item"] for e in rec["history"]["hist"]]
+    assert history and not set(r["item"] for r in rec["ranked"]) & set(history)
     for r in rec["ranked"]:
         assert len(r["explanation"]) == 2
         assert r["explanation"][0]["weight"] >= r["explanation"][1]["weight"]
-        assert r["explanation"][0]["item"] in rec["history"]
+        assert r["explanation"][0]["sequence"] == "hist"
+        assert r["explanation"][0]["event"]["item"] in history
 
 
 def test_recommend_given_history_and_candidates(trained, capsys):
@@ -73,7 +75,7 @@ def test_recommend_given_history_and_candidates(trained, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["recommend", "{run}", "--user", "nobody"], "'nobody' is not in the vocabulary"),
+        (["recommend", "{run}", "--user", "nobody"], "user 'nobody' is not in"),
         (["recommend", "{run}", "--user", "u3", "--candidates", "zzz"], "not items of this run's vocabulary: zzz"),
         (["recommend", "{run}", "--user", "u3", "--candidates", ","], "--candidates: no item given"),
         (["evaluate", "{store}"], "not a dinrec run folder"),
@@ -116,11 +118,12 @@ def test_demo_on_tiny_data_writes_pictures_and_checks_truth(tmp_path):
     model, _ = load_run_model(tmp_path / "demo" / "din")
     batch = next(iter(BatchLoader(store, "test", batch_size=1024, shuffle=False)))
     with torch.no_grad():
-        alphas = model(batch, return_alphas=True).alphas
+        alphas = model(batch, return_alphas=True).alphas["hist"]
+    hist = batch.sequences["hist"]
     mass, share = [], []
     for r in range(len(batch)):
-        cats = batch.hist_cats[r][batch.mask[r]].tolist()
-        same = [c == int(batch.cat[r]) for c in cats]
+        cats = hist.items["cat"][r][hist.mask[r]].tolist()
+        same = [c == int(batch.item["cat"][r]) for c in cats]
         if 0 < sum(same) < len(cats):
             mass.append(sum(float(a) for a, s in zip(alphas[r][: len(cats)], same, strict=True) if s))
             share.append(sum(same) / len(cats))

@@ -9,33 +9,34 @@ import torch
 import torch.nn.functional as F
 
 from dinrec.data.batches import Batch
-from dinrec.models import build_model
+from dinrec.data.schema import Schema
+from dinrec.models import create_model
 
 pytestmark = pytest.mark.slow  # inductor compiles for a minute or two on a small CPU
 
-SIZES = dict(n_users=30, n_items=50, n_cats=8)
+SIZES = {"user": 30, "item": 50, "cat": 8}
 
 
 def _model_and_batches(name: str, steps: int = 3, b: int = 16, t: int = 9) -> tuple[torch.nn.Module, list]:
     """A float64 model in train mode and ``steps`` batches (the one place models are built)."""
     torch.manual_seed(0)
-    model = build_model(name, **SIZES).double().train()
+    model = create_model(name, Schema.default(), SIZES).double().train()
     batches = []
     for seed in range(steps):
         g = torch.Generator().manual_seed(seed)
         lengths = torch.randint(1, t + 1, (b,), generator=g)
         lengths[0] = t
         mask = torch.arange(t)[None, :] < lengths[:, None]  # (B, T)
-        batches.append(Batch(
-            user=torch.randint(2, SIZES["n_users"], (b,), generator=g),
-            item=torch.randint(2, SIZES["n_items"], (b,), generator=g),
-            cat=torch.randint(2, SIZES["n_cats"], (b,), generator=g),
-            hist_items=torch.randint(2, SIZES["n_items"], (b, t), generator=g) * mask,
-            hist_cats=torch.randint(2, SIZES["n_cats"], (b, t), generator=g) * mask,
+        batches.append(Batch.from_ids(
+            user=torch.randint(2, SIZES["user"], (b,), generator=g),
+            item=torch.randint(2, SIZES["item"], (b,), generator=g),
+            cat=torch.randint(2, SIZES["cat"], (b,), generator=g),
+            hist_items=torch.randint(2, SIZES["item"], (b, t), generator=g) * mask,
+            hist_cats=torch.randint(2, SIZES["cat"], (b, t), generator=g) * mask,
             mask=mask,
             label=torch.randint(0, 2, (b,), generator=g).double(),
-            neg_items=torch.randint(2, SIZES["n_items"], (b, t, 1), generator=g) * mask[..., None],
-            neg_cats=torch.randint(2, SIZES["n_cats"], (b, t, 1), generator=g) * mask[..., None],
+            neg_items=torch.randint(2, SIZES["item"], (b, t, 1), generator=g) * mask[..., None],
+            neg_cats=torch.randint(2, SIZES["cat"], (b, t, 1), generator=g) * mask[..., None],
         ))  # fmt: skip
     return model, batches
 
@@ -78,14 +79,14 @@ def test_torch_export_traces_the_model(name):
             self.model = model
 
         def forward(self, user, item, cat, hist_items, hist_cats, mask):
-            batch = Batch(user=user, item=item, cat=cat, hist_items=hist_items, hist_cats=hist_cats,
-                          mask=mask, label=None, neg_items=None, neg_cats=None)
+            batch = Batch.from_ids(user, item, cat, hist_items, hist_cats, mask=mask)
             return self.model(batch).logits
 
-    b = batches[0]
-    args = (b.user, b.item, b.cat, b.hist_items, b.hist_cats, b.mask)
+    def flat(b: Batch) -> tuple[torch.Tensor, ...]:
+        h = b.sequences["hist"]
+        return (b.user["user"], b.item["item"], b.item["cat"], h.items["item"], h.items["cat"], h.mask)
+
     with torch.no_grad():
-        program = torch.export.export(Logits(), args)
+        program = torch.export.export(Logits(), flat(batches[0]))
         for other in batches[1:]:
-            x = (other.user, other.item, other.cat, other.hist_items, other.hist_cats, other.mask)
-            torch.testing.assert_close(program.module()(*x), Logits()(*x))
+            torch.testing.assert_close(program.module()(*flat(other)), Logits()(*flat(other)))

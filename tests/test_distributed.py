@@ -148,8 +148,8 @@ def test_rank_shares_cover_every_evaluation_row_once(store):
         share = RankShare(lambda r, w: eval_loader(cfg, s, "valid", r, w),
                            D.DistContext(rank=rank, world_size=3))
         assert share.stride == 3
-        users += [b.user for b in share]
-    full = [b.user for b in eval_loader(cfg, s, "valid")]
+        users += [b.group for b in share]
+    full = [b.group for b in eval_loader(cfg, s, "valid")]
     assert sorted(torch.cat(users).tolist()) == sorted(torch.cat(full).tolist())
     # Even shares use the per-rank loaders (each rank reads only its rows).
     cfg = TrainConfig(eval_batch_size=100)

@@ -56,11 +56,13 @@ def attention_truth_check(run_dir: Path, store: SampleStore, max_rows: int = 20_
     with torch.no_grad():
         for batch in loader:
             out = model(batch, return_alphas=True)
-            same = (batch.hist_cats == batch.cat.unsqueeze(1)) & batch.mask  # (B, T)
-            n_valid = batch.mask.sum(1)
+            hist = batch.sequences["hist"]
+            same = (hist.items["cat"] == batch.item["cat"].unsqueeze(1)) & hist.mask  # (B, T)
+            n_valid = hist.mask.sum(1)
             n_same = same.sum(1)
             keep = (n_same > 0) & (n_same < n_valid)
-            mass.append((out.alphas * same).sum(1)[keep])
+            assert out.alphas is not None
+            mass.append((out.alphas["hist"] * same).sum(1)[keep])
             share.append((n_same / n_valid.clamp(min=1))[keep])
             rows += len(batch)
             if rows >= max_rows:
@@ -78,12 +80,14 @@ def _pick_user(store: SampleStore) -> tuple[str, list[str]]:
     """A test user with a long, mixed history (for a readable explanation)."""
     loader = BatchLoader(store, "test", batch_size=4096, shuffle=False)
     batch = next(iter(loader))
-    lengths = batch.mask.sum(1)
-    n_cats = torch.tensor([len(set(r[m].tolist())) for r, m in zip(batch.hist_cats[:256], batch.mask[:256], strict=True)])
+    hist = batch.sequences["hist"]
+    lengths = hist.mask.sum(1)  # (B,)
+    n_cats = torch.tensor([len(set(r[m].tolist()))
+                           for r, m in zip(hist.items["cat"][:256], hist.mask[:256], strict=True)])
     score = lengths[:256].clamp(max=30) + 3 * n_cats.clamp(max=5)
     i = int(torch.argmax(score))
-    user = store.vocabs.user.id_to_token(int(batch.user[i]))
-    hist_ids = batch.hist_items[i][batch.mask[i]].numpy()
+    user = store.vocabs.user.id_to_token(int(batch.user["user"][i]))
+    hist_ids = hist.items["item"][i][hist.mask[i]].numpy()
     return user, store.vocabs.item.decode(hist_ids[-20:])
 
 
@@ -134,8 +138,8 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict[str, Any]:
     rec = ranker.rank(user, history, candidates, k=5, explain=3)
     echo(f"[4/5] top 5 of 50 sampled candidates for user {user} (history: {len(history)} items, newest last):")
     for s in rec.ranked:
-        why = ", ".join(f"{e.item} ({e.category}) {e.weight:.2f}" for e in s.explanation)
-        echo(f"      {s.item:<8} cat {s.category:<5} p={s.score:.3f}   attends to: {why}")
+        why = ", ".join(f"{e.event['item']} ({e.event['cat']}) {e.weight:.2f}" for e in s.explanation)
+        echo(f"      {s.item:<8} cat {s.attributes['cat']:<5} p={s.score:.3f}   attends to: {why}")
 
     check = attention_truth_check(out / "din", store)
     echo(
@@ -153,9 +157,9 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict[str, Any]:
     for r, s in enumerate(full.ranked):
         for e in s.explanation:
             weights[r, e.position] = e.weight
-    cat_of = {e.item: e.category for s in full.ranked for e in s.explanation}
+    cat_of = {e.event["item"]: e.event["cat"] for s in full.ranked for e in s.explanation}
     hist_labels = [f"{h}/{cat_of.get(h, '?')}" for h in history]
-    cand_labels = [f"{s.item}/{s.category}" for s in full.ranked]
+    cand_labels = [f"{s.item}/{s.attributes['cat']}" for s in full.ranked]
     heat = plot_attention(weights, hist_labels, cand_labels, out / "attention.png",
                           title=f"DIN attention, user {user}")
     curves = plot_curves(out / "din", out=out / "curves.png", others=[out / "base"])

@@ -282,7 +282,7 @@ def ranking_metrics(
         cand = loader.item_features(neg)  # (b, negatives[, M])
         rows.item = {k: torch.cat([v[pos][:, None], cand[k]], 1).flatten(0, 1)
                      for k, v in batch.item.items()}  # (b * n[, M]) positive first
-    scores.append(model(rows).logits.float().reshape(b, n))
+        scores.append(model(rows).logits.float().reshape(b, n))
     if not scores:
         return {}
     all_scores = torch.cat(scores).numpy()  # (positives, 1 + negatives)

@@ -78,8 +78,7 @@ def rank_slice(batch: Batch, ctx: D.DistContext) -> Batch:
     """Rows ``[rank * n / W, (rank + 1) * n / W)`` of a global batch (``data_split="batches"``)."""
     n = len(batch)
     a, b = n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
-    fields: dict[str, Any] = {k: (None if v is None else v[a:b]) for k, v in vars(batch).items()}
-    return type(batch)(**fields)
+    return batch.apply(lambda t: t[a:b])
 
 
 def unused_parameters(model: CTRModel, loader: BatchLoader, device: str) -> list[str]:
