@@ -386,18 +386,18 @@ def test_dien_auxiliary_loss_and_gradient_paths():
         _model("dien", evolution="lstm")
 
 
-def test_dien_without_negative_categories_reads_them_as_padding():
-    """``Batch.from_ids`` without neg_cats (as the pre-schema ``neg_cats=None``)."""
+def test_dien_negatives_without_a_feature_read_it_as_padding():
+    """Negatives carrying only some item features (the pre-schema ``neg_cats=None``)."""
     torch.manual_seed(0)
     model = _model("dien")
-    b = _batch()
-    seq = b.sequences["hist"]
-    zeros = torch.zeros_like(seq.neg["item"])
-    batch = Batch.from_ids(b.user["user"], b.item["item"], b.item["cat"], seq.items["item"],
-                           seq.items["cat"], seq.mask, b.label, seq.neg["item"], None)
-    explicit = Batch.from_ids(b.user["user"], b.item["item"], b.item["cat"], seq.items["item"],
-                              seq.items["cat"], seq.mask, b.label, seq.neg["item"], zeros)
-    torch.testing.assert_close(model(batch).aux_loss, model(explicit).aux_loss)
+    batch = _batch()
+    neg = batch.sequences["hist"].neg
+    explicit = model(batch).aux_loss
+    batch.sequences["hist"].neg = {"item": neg["item"], "cat": torch.zeros_like(neg["cat"])}
+    zeros = model(batch).aux_loss
+    batch.sequences["hist"].neg = {"item": neg["item"]}
+    torch.testing.assert_close(model(batch).aux_loss, zeros)
+    assert not torch.allclose(zeros, explicit)
 
 
 # --------------------------------------------------------------------------- registry, config
