@@ -15,9 +15,8 @@ from dinrec.models.dien import FAMILY as DIEN_FAMILY
 from dinrec.models.din import DIN
 from dinrec.models.embedding import FeatureEmbedding
 
-MODELS: dict[str, type[CTRModel]] = {
-    m.name: m for m in (BaseModel, WideDeep, PNN, DIN, *DIEN_FAMILY)
-}
+_BUILT_IN: tuple[type[CTRModel], ...] = (BaseModel, WideDeep, PNN, DIN, *DIEN_FAMILY)
+MODELS: dict[str, type[CTRModel]] = {m.name: m for m in _BUILT_IN}
 
 
 def register(model_class: type[CTRModel]) -> type[CTRModel]:

@@ -100,7 +100,7 @@ class CTRModel(nn.Module):
 
     def _mlp(self, in_features: int) -> MLP:
         c = self.config
-        return MLP(in_features, hidden=c.hidden, activation=c.activation, dropout=c.dropout)
+        return MLP(in_features, hidden=c.hidden, activation=c.activation, dropout=c.dropout)  # type: ignore[arg-type]
 
     def _profile(self, e: Embedded) -> list[Tensor]:
         """The MLP's user and context inputs: [(B, D_user)] [(B, D_ctx)]."""

@@ -15,6 +15,7 @@ reference's ``[u, i, h]``, ``[i, i*h]`` and ``[u, i, h, i*h]``.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -34,9 +35,9 @@ class BaseModel(CTRModel):
     """Embedding&MLP: sum-pooled histories. MLP input ``[u, i, h_s...]``."""
 
     name = "base"
-    config_class = BaseModelConfig
+    config_class: ClassVar[type[ModelConfig]] = BaseModelConfig
 
-    def __init__(self, config: BaseModelConfig, schema: Schema, table_sizes: dict[str, int]) -> None:
+    def __init__(self, config: ModelConfig, schema: Schema, table_sizes: dict[str, int]) -> None:
         super().__init__(config, schema, table_sizes)
         self.mlp = self._mlp(self._deep_dim())
 

@@ -72,6 +72,7 @@ class DIEN(CTRModel):
     config_class = DIENConfig
     has_attention = True
     needs_neg_history: ClassVar[bool] = True
+    config: DIENConfig
 
     def __init__(self, config: DIENConfig, schema: Schema, table_sizes: dict[str, int]) -> None:
         super().__init__(config, schema, table_sizes)
@@ -88,7 +89,7 @@ class DIEN(CTRModel):
         else:
             self.attention = DinFcnAttention(d, hd, size, mode="LIST")
             self.evolution = AttentionGRU(
-                AttentionGRUConfig(hd, hd, kind=config.evolution, gate=config.gate)
+                AttentionGRUConfig(hd, hd, kind=config.evolution, gate=config.gate)  # type: ignore[arg-type]
             )
         self.aux_net = AuxiliaryNet(hd, d) if config.aux_loss else None
         # DIN attention on every other sequence
@@ -99,6 +100,10 @@ class DIEN(CTRModel):
         self.mlp = self._mlp(self.profile_dim + 2 * d + self.sequence_dim(self.main) + hd + per_other)
 
     # ------------------------------------------------------------------ pieces
+    def _unit(self, seq: str) -> DinFcnAttention:
+        """The DIN attention unit of a sequence other than the main one."""
+        return self.attentions[seq]  # type: ignore[return-value]
+
     def _auxiliary(self, batch: Batch, states: Tensor, main: EmbeddedSequence) -> Tensor:
         """The auxiliary loss of the main sequence's states: ()."""
         negatives = self.embedding.negatives(self.main, batch.sequences[self.main])  # (B, T, K, D)
@@ -141,7 +146,7 @@ class DIEN(CTRModel):
         attended, alphas = {}, {self.main: alphas_main}
         for s in self.others:
             seq = e.sequences[s]
-            att, a = self.attentions[s](e.target, seq.history, seq.mask, return_alphas=True)  # (B,1,D_s), (B,1,T)
+            att, a = self._unit(s)(e.target, seq.history, seq.mask, return_alphas=True)  # (B,1,D_s), (B,1,T)
             attended[s], alphas[s] = att.squeeze(1), a.squeeze(1)
         logits = self._head(e, interest, attended)
         return ModelOutput(logits=logits, aux_loss=aux, alphas=alphas if return_alphas else None)
@@ -170,7 +175,7 @@ class DIEN(CTRModel):
         )  # (N, Hd), (N, T)
         attended, alphas = {}, {self.main: alphas_main}
         for s in self.others:
-            att, a = self.attentions[s].score_candidates(
+            att, a = self._unit(s).score_candidates(
                 targets, seqs[s].history[0], seqs[s].mask[0], return_alphas=True, compute_dtype=compute_dtype
             )  # (N, 1, D_s), (N, 1, T)
             attended[s], alphas[s] = att.squeeze(1), a.squeeze(1)
@@ -183,7 +188,7 @@ class DIEN(CTRModel):
 
 
 def _variant(name: str, evolution: str, aux: bool) -> type[DIEN]:
-    cfg_cls = dataclass(type(f"{name.upper()}Config", (DIENConfig,), {
+    cfg_cls: type[DIENConfig] = dataclass(type(f"{name.upper()}Config", (DIENConfig,), {
         "__annotations__": {"evolution": str, "aux_loss": bool},
         "evolution": evolution,
         "aux_loss": aux,

@@ -44,6 +44,7 @@ class DIN(CTRModel):
     name = "din"
     config_class = DINConfig
     has_attention = True
+    config: DINConfig
 
     def __init__(self, config: DINConfig, schema: Schema, table_sizes: dict[str, int]) -> None:
         super().__init__(config, schema, table_sizes)
@@ -63,10 +64,14 @@ class DIN(CTRModel):
         size = 80 if plain else self.config.attention_size
         return DinFcnAttention(d, ds, size, mode="SUM", query_projection=not plain)
 
+    def unit(self, seq: str) -> DinFcnAttention:
+        """The attention unit of sequence ``seq``."""
+        return self.attentions[seq]  # type: ignore[return-value]
+
     @property
     def attention(self) -> DinFcnAttention:
         """The main sequence's attention unit."""
-        return self.attentions[self.sequence_names[0]]  # type: ignore[return-value]
+        return self.unit(self.sequence_names[0])
 
     def mlp_layout(self) -> list[tuple[str, int]]:
         """The MLP's input blocks in order, with widths: profile, ``target``, then per
@@ -91,7 +96,7 @@ class DIN(CTRModel):
         attended, alphas = {}, {}
         for s in self.sequence_names:
             seq = e.sequences[s]
-            att, a = self.attentions[s](e.target, seq.history, seq.mask, return_alphas=True)  # (B,1,D_s), (B,1,T)
+            att, a = self.unit(s)(e.target, seq.history, seq.mask, return_alphas=True)  # (B,1,D_s), (B,1,T)
             attended[s], alphas[s] = att.squeeze(1), a.squeeze(1)
         logits = self._head(e, attended)
         return ModelOutput(logits=logits, alphas=alphas if return_alphas else None)
@@ -120,7 +125,7 @@ class DIN(CTRModel):
         attended, alphas = {}, {}
         for s in self.sequence_names:
             seq = emb.sequence(s, history.sequences[s])  # (1, T, D_s)
-            att, a = self.attentions[s].score_candidates(
+            att, a = self.unit(s).score_candidates(
                 targets, seq.history[0], seq.mask[0], return_alphas=True, compute_dtype=compute_dtype
             )  # (N, 1, D_s), (N, 1, T)
             attended[s], alphas[s] = att.squeeze(1), a.squeeze(1)
@@ -155,7 +160,7 @@ class DINCandidateScorer:
         self.names = list(model.sequence_names)
         self.item_dim = model.behaviour_dim
         with torch.no_grad():
-            self.attentions = {s: model.attentions[s].candidate_attention() for s in self.names}
+            self.attentions = {s: model.unit(s).candidate_attention() for s in self.names}
             w, self.bias = (x.detach() for x in model.mlp.input_layer())  # (H1, F), (H1,)
             layout = model.mlp_layout()
             self.w = dict(zip((k for k, _ in layout), w.split([n for _, n in layout], dim=1), strict=True))

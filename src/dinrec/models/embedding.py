@@ -91,10 +91,15 @@ class FeatureEmbedding(nn.Module):
 
     def reset_parameters(self) -> None:
         """Normal values (std :data:`INIT_STD`), the padding row zero; table by table."""
-        for table in self.tables.values():
-            nn.init.normal_(table.weight, std=INIT_STD)
+        for name in self.tables:
+            weight = self.table(name).weight  # (rows, d)
+            nn.init.normal_(weight, std=INIT_STD)
             with torch.no_grad():
-                table.weight[0].zero_()
+                weight[0].zero_()
+
+    def table(self, name: str) -> nn.Embedding:
+        """The embedding table ``name`` (a table name of ``schema.tables()``)."""
+        return self.tables[name]  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ widths
     def width(self, feature: Feature) -> int:
@@ -125,7 +130,7 @@ class FeatureEmbedding(nn.Module):
         """One feature's vectors: categorical (...,) / multi (..., M) / numeric (...,) -> (..., d)."""
         if f.is_numeric:
             return x.to(self._dtype()).unsqueeze(-1)  # (..., 1)
-        e = self.tables[f.table_name](x)  # (..., d) or (..., M, d)
+        e = self.table(f.table_name)(x)  # (..., d) or (..., M, d)
         if f.kind != "multi":
             return e
         valid = (x != 0).to(e.dtype)  # (..., M)
@@ -210,7 +215,7 @@ class FeatureEmbedding(nn.Module):
         )
 
     def _dtype(self) -> torch.dtype:
-        return next(iter(self.tables.values())).weight.dtype
+        return self.table(next(iter(self.tables))).weight.dtype
 
 
 def _bool(mask: Tensor) -> Tensor:
