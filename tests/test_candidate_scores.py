@@ -9,10 +9,9 @@ import threading
 import pytest
 import torch
 
-from dinrec.nn import _ops
+from dinrec.nn import _ops, backend
 from dinrec.nn import candidate_scores as cs
 from dinrec.nn.attention import DinFcnAttention, _project_query, _split_first_layer
-from dinrec.nn.backend import backend
 from dinrec.nn.mlp import MLP
 
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from dinrec.nn import _ops
+from dinrec.nn import _ops, backend, get_backend
 from dinrec.nn.attention import DinFcnAttention
-from dinrec.nn.backend import backend, get_backend
 from dinrec.nn.rnn import AUGRU, InterestExtractor, attention_gru
 
 needs_build = pytest.mark.skipif(not _ops.available(), reason="no C++ build of the kernels")

@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dinrec.nn import _ops
+from dinrec.nn import _ops, backend
 from dinrec.nn.attention import DinFcnAttention
-from dinrec.nn.backend import backend
 from dinrec.nn.rnn import AGRU, AIGRU, AUGRU, InterestExtractor
 
 B, T, E, H = 5, 8, 6, 36

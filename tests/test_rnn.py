@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from dinrec.errors import ShapeError
-from dinrec.nn import _ops, rnn
-from dinrec.nn.backend import backend
+from dinrec.nn import _ops, backend, rnn
 from dinrec.nn.rnn import (
     AGRU,
     AIGRU,

@@ -30,11 +30,22 @@ constexpr int64_t kChunkRows = 8192;
 constexpr int64_t kSplitRows = 4096;
 constexpr int64_t kBlock = 256;
 
-template <typename T>
-T* scratch(int64_t n) {  // a per-thread buffer reused from call to call (no page faults)
+// Per-thread buffers reused from call to call: fresh multi-MB buffers per request cost page
+// faults. Tag 0: the chunks' intermediates; 1, 2: the first layer's matrix and queries.
+template <typename T, int Tag = 0>
+T* scratch(int64_t n) {
   thread_local std::vector<T> buf;
   if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
   return buf.data();
+}
+
+template <int Tag>
+at::Tensor reused(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  int64_t n = 1;
+  for (auto s : shape) n *= s;
+  void* p = opts.dtype() == at::kDouble ? static_cast<void*>(scratch<double, Tag>(n))
+                                        : static_cast<void*>(scratch<float, Tag>(n));
+  return at::from_blob(p, shape, opts);
 }
 
 // Scores of candidates [c0, c1): q (N, D1) row-major, m (D1, Tv*A), out (N, Tv).
@@ -95,8 +106,8 @@ at::Tensor candidate_scores(const at::Tensor& q_, const at::Tensor& keys_, const
   const int64_t hid = w2_.size(0), d1 = d + 1;
   auto keys = keys_.contiguous(), wq = w_query_.contiguous(), wp = w_prod_.contiguous();
   auto w2t = w2_.t(), b2 = b2_.contiguous(), w3 = w3_.contiguous();
-  auto m = at::empty({d1, tv, a}, q_.options());
-  auto q = at::empty({n, d1}, q_.options());
+  auto m = reused<1>({d1, tv, a}, q_.options());
+  auto q = reused<2>({n, d1}, q_.options());
   q.narrow(1, 0, d).copy_(q_);
   q.select(1, d).fill_(1);
   auto history_part = m.select(0, d);  // (Tv, A): ((W_k - W_d) keys + b1)

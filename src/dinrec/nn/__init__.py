@@ -1,5 +1,6 @@
 """Building blocks, each usable alone in any PyTorch model."""
 
+from dinrec.nn._backend import Backend, backend, get_backend
 from dinrec.nn.activations import Dice, PReLU
 from dinrec.nn.attention import (
     AttentionWeights,
@@ -11,10 +12,13 @@ from dinrec.nn.mlp import MLP
 
 __all__ = [
     "MLP",
+    "Backend",
     "AttentionWeights",
     "Dice",
     "DinFcnAttention",
     "PReLU",
+    "backend",
     "din_fcn_attention",
     "din_fcn_attention_candidates",
+    "get_backend",
 ]

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinrec.errors import ShapeError
-from dinrec.nn.backend import resolve
+from dinrec.nn._backend import resolve
 from dinrec.nn.candidate_scores import candidate_scores
 
 #: The reference's padding score for invalid positions.

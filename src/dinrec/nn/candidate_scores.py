@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from dinrec.nn import _ops
-from dinrec.nn.backend import resolve
+from dinrec.nn._backend import resolve
 
 logger = logging.getLogger(__name__)
 

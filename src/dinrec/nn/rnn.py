@@ -48,7 +48,7 @@ unless the attention is concentrated. The two are different models, not two
 spellings of one: pick the convention the experiment needs (``"reference"`` by
 default, to reproduce the published code).
 
-Implementations (chosen by :func:`dinrec.nn.backend`, see :mod:`dinrec.nn.backend`):
+Implementations (chosen by :func:`dinrec.nn.backend`, see :mod:`dinrec.nn._backend`):
 
 * ``"reference"``: the literal per-step cell through autograd (any device), and for the
   interest extractor ``nn.GRU`` over the padded batch (cuDNN on CUDA);
@@ -73,7 +73,7 @@ from torch import Tensor, nn
 
 from dinrec.errors import ShapeError
 from dinrec.nn import _ops
-from dinrec.nn.backend import resolve, tracing
+from dinrec.nn._backend import resolve, tracing
 
 __all__ = [
     "AGRU",
