@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="din,dien")
     ap.add_argument("--rounds", type=int, default=3, help="interrupted runs per model")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps per run (default: din 90, dien 60); longer runs: more kills "
+                    "mid-training")
     ap.add_argument("--kills", type=int, default=6, help="kills per round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--in-training", type=float, default=0.5,
@@ -171,14 +174,15 @@ def main(argv: list[str] | None = None) -> int:
             ref = work / f"{model}-ref"
             shutil.rmtree(ref, ignore_errors=True)
             t0 = time.perf_counter()
-            subprocess.run(_cmd(store, ref, model, STEPS[model], False), check=True, env=_env(),
+            steps = args.steps or STEPS[model]
+            subprocess.run(_cmd(store, ref, model, steps, False), check=True, env=_env(),
                            stdout=subprocess.DEVNULL)
             # The kills fall anywhere in a whole run (a little shorter: the machine varies).
             duration = 0.8 * (time.perf_counter() - t0)
             for r in range(args.rounds):
                 run = work / f"{model}-{r}"
                 shutil.rmtree(run, ignore_errors=True)
-                cmd = _cmd(store, run, model, STEPS[model], True)  # the one command, always
+                cmd = _cmd(store, run, model, steps, True)  # the one command, always
                 kills, rc = kill_round(cmd, run, duration, args.kills, rng, args.in_training)
                 diff = differences(ref, run) if rc == 0 else [f"exit status {rc}"]
                 total_kills += len(kills)
