@@ -71,7 +71,9 @@ def test_default_schema_reproduces_the_pre_schema_models(case):
     else:
         torch.testing.assert_close(out.aux_loss.detach(), c["aux_loss"], rtol=1e-5, atol=1e-6)
     grads = [torch.zeros_like(p) if p.grad is None else p.grad.double() for p in model.parameters()]
-    torch.testing.assert_close(torch.stack([g.sum() for g in grads]), c["grad_sums"], rtol=1e-4, atol=1e-7)
+    # atol 1e-5: the fixture came from the former C loops; the GRU operator sums the same
+    # float32 products in another order (a gradient sum near 0 moves by ~3e-6)
+    torch.testing.assert_close(torch.stack([g.sum() for g in grads]), c["grad_sums"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.stack([g.square().sum() for g in grads]), c["grad_sq_sums"],
                                rtol=1e-4, atol=1e-9)
     model.eval()
@@ -508,11 +510,12 @@ def test_train_and_reload_a_rich_schema_run(rich_store, tmp_path):
     """The trainer builds the model from the store's schema and table sizes, and a run
     folder rebuilds it (schema.json + config.json's table sizes)."""
     from dinrec.data.schema import Schema
-    from dinrec.train.trainer import TrainConfig, load_run_model, train
+    from dinrec.run import load_run_model
+    from dinrec.train.trainer import TrainConfig, train
 
     res = train(TrainConfig(model="dien", max_steps=4, batch_size=64, max_len=20, progress=False),
                 rich_store, tmp_path / "run")
     assert np.isfinite(res.metrics["test"]["logloss"])
     model, saved = load_run_model(tmp_path / "run")
     assert Schema.load(tmp_path / "run") == model.schema and model.schema.sequences[1].name == "disliked"
-    assert saved["model"]["table_sizes"] == model.table_sizes and model.extractor.input_size == model.sequence_dim("liked")
+    assert saved["vocab_sizes"] == model.table_sizes and model.extractor.input_size == model.sequence_dim("liked")
