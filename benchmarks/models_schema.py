@@ -8,21 +8,21 @@ Prints, per case, the median time of:
 * the same two on a rich schema (6 item/user/context features incl. a multi-valued one
   and a numeric one, two sequences, per-event features), new code only.
 
-``--baseline-src DIR`` runs the default-schema cases on another source tree too (e.g. the
-commit before the schema: ``git archive 8cc926c src | tar -x -C /tmp/old`` then
-``--baseline-src /tmp/old/src``), alternating fresh processes round by round, and prints
-the ratio of medians (new / old). No assertion on time: a busy machine moves every figure.
+``--baseline-src DIR`` also runs DIN on the default schema against the models of another
+source tree (e.g. the commit before the schema: ``git archive 8cc926c src | tar -x -C
+/tmp/old`` then ``--baseline-src /tmp/old/src``), imported in this process as
+``dinrec_old``, same seed and inputs, calls alternating old / new, and prints the median
+per-pair ratio (new / old) of wall and CPU time. No assertion on time: a busy machine moves
+every absolute figure; the interleaved ratio is what to read.
 
-    OMP_NUM_THREADS=2 python benchmarks/models_schema.py --rounds 5 --baseline-src /tmp/old/src
+    OMP_NUM_THREADS=2 python benchmarks/models_schema.py --baseline-src /tmp/old/src
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -137,44 +137,97 @@ def worker_rich(repeat: int) -> dict[str, float]:
     return {"score_ms": _median_ms(lambda: scorer(history, cands), repeat * 5), "train_ms": train}
 
 
-def _run(src: str | None, what: str, repeat: int) -> dict[str, float]:
-    env = dict(os.environ)
-    if src:
-        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, __file__, "--worker", what, "--repeat", str(repeat)],
-                         env=env, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _old_package(src: str) -> str:
+    """A copy of ``src``/dinrec importable as ``dinrec_old`` (imports rewritten), so that the
+    old and the new models run side by side in this process. Returns the folder to add."""
+    import re
+    import shutil
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="dinrec_old_")
+    shutil.copytree(os.path.join(src, "dinrec"), os.path.join(root, "dinrec_old"))
+    for d, _, files in os.walk(os.path.join(root, "dinrec_old")):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(d, f)
+                with open(path) as fh:
+                    text = fh.read()
+                with open(path, "w") as fh:
+                    fh.write(re.sub(r"\b(from|import) dinrec\b", r"\1 dinrec_old", text))
+    return root
+
+
+def _pairs(fo: Callable[[], object], fn: Callable[[], object], n: int) -> dict[str, float]:
+    """Old and new called alternately (order flipped every pair): medians and the median
+    per-pair ratio new / old of wall and CPU time (CPU: all threads of the process)."""
+    for _ in range(3):
+        fo()
+        fn()
+    wall: dict[str, list[float]] = {"o": [], "n": []}
+    ratio_w, ratio_c = [], []
+    for i in range(n):
+        t = {}
+        for f, k in ([(fo, "o"), (fn, "n")] if i % 2 == 0 else [(fn, "n"), (fo, "o")]):
+            w0, c0 = time.perf_counter(), time.process_time()
+            f()
+            t[k] = (time.perf_counter() - w0, time.process_time() - c0)
+            wall[k].append(t[k][0] * 1e3)
+        ratio_w.append(t["n"][0] / t["o"][0])
+        ratio_c.append(t["n"][1] / max(t["o"][1], 1e-9))
+    return {"old_ms": statistics.median(wall["o"]), "new_ms": statistics.median(wall["n"]),
+            "ratio_wall": statistics.median(ratio_w), "ratio_cpu": statistics.median(ratio_c)}
+
+
+def against(src: str, n: int) -> None:
+    """DIN on the default schema, new vs the models of ``src``: same seed, same inputs."""
+    sys.path.insert(0, _old_package(src))
+    import dinrec_old.models as OM  # type: ignore[import-not-found]
+    from dinrec_old.data.batches import Batch as OldBatch  # type: ignore[import-not-found]
+
+    from dinrec.data.batch import Batch
+    from dinrec.data.schema import Schema
+    from dinrec.models import create_model
+
+    x = _default_inputs(torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    old = OM.build_model("din", n_users=SIZES["user"], n_items=SIZES["item"], n_cats=SIZES["cat"])
+    torch.manual_seed(0)
+    new = create_model("din", Schema.default(), SIZES)
+    ob = OldBatch(user=x["user"], item=x["item"], cat=x["cat"], hist_items=x["hist_items"],
+                  hist_cats=x["hist_cats"], mask=x["mask"], label=x["label"])
+    nb = Batch.from_ids(x["user"], x["item"], x["cat"], x["hist_items"], x["hist_cats"], x["mask"], x["label"])
+
+    def step(m: torch.nn.Module, b: object) -> torch.Tensor:
+        m.zero_grad(set_to_none=True)
+        out = m(b).logits
+        out.sum().backward()
+        return out.detach()
+
+    diff = float((step(old.train(), ob) - step(new.train(), nb)).abs().max())
+    train = _pairs(lambda: step(old, ob), lambda: step(new, nb), n)
+    so, sn = old.eval().candidate_scorer(), new.eval().candidate_scorer()
+    args = (x["user"][0], x["hist_items"][0], x["hist_cats"][0], x["cand_items"], x["cand_cats"])
+    history, cands = nb.apply(lambda t: t[:1]), {"item": x["cand_items"], "cat": x["cand_cats"]}
+    score_diff = float((so(*args).logits - sn(history, cands).logits).abs().max())
+    score = _pairs(lambda: so(*args), lambda: sn(history, cands), n * 5)
+    print(f"new vs {src}: max |logit difference| train {diff:.2e}, scores {score_diff:.2e}")
+    for name, r in (("train step", train), ("score 1x1000", score)):
+        print(f"  {name:<13} old {r['old_ms']:7.2f} ms  new {r['new_ms']:7.2f} ms  "
+              f"new/old per pair: wall {r['ratio_wall']:.3f}  cpu {r['ratio_cpu']:.3f}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--baseline-src", default=None, help="another source tree (its src/) to compare with")
-    p.add_argument("--worker", choices=["default", "rich"], help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.worker:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-        fn = worker_default if a.worker == "default" else worker_rich
-        print(json.dumps(fn(a.repeat)))
-        return
-    runs: dict[str, list[dict[str, float]]] = {"default": [], "baseline": [], "rich": []}
-    for _ in range(a.rounds):  # interleaved: each round runs every variant once
-        runs["default"].append(_run(None, "default", a.repeat))
-        if a.baseline_src:
-            runs["baseline"].append(_run(a.baseline_src, "default", a.repeat))
-        runs["rich"].append(_run(None, "rich", a.repeat))
-    print(f"threads {os.environ.get('OMP_NUM_THREADS', '2')}, T={T}, N={N}, B={B}, {a.rounds} rounds "
-          "(median of the rounds' medians)")
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("score_ms", "train_ms")}
-           for k, v in runs.items() if v}
-    for k, m in med.items():
-        print(f"  {k:<9} score 1x{N}: {m['score_ms']:7.2f} ms   train step B={B}: {m['train_ms']:7.2f} ms")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    print(f"threads {torch.get_num_threads()}, T={T}, N={N}, B={B}")
+    for name, fn in (("default", worker_default), ("rich", worker_rich)):
+        m = fn(a.repeat)
+        print(f"  {name:<8} score 1x{N}: {m['score_ms']:7.2f} ms   train step B={B}: {m['train_ms']:7.2f} ms")
     if a.baseline_src:
-        ratios = {m: statistics.median(n[m] / o[m] for n, o in zip(runs["default"], runs["baseline"], strict=True))
-                  for m in ("score_ms", "train_ms")}
-        print(f"  new/old (median of per-round ratios): score {ratios['score_ms']:.3f}  "
-              f"train {ratios['train_ms']:.3f}")
+        against(a.baseline_src, a.repeat * 4)
 
 
 if __name__ == "__main__":
