@@ -157,7 +157,7 @@ def test_demo_main_job_din_beats_base_and_attention_finds_the_planted_truth(tmp_
     assert on_same > 2 * share
 
 
-@pytest.mark.parametrize("argv", [["--version"], ["train", "--help"], ["evaluate", "--help"]])
+@pytest.mark.parametrize("argv", [["--version"], ["train", "--help"], ["evaluate", "--help"], ["prepare", "--help"]])
 def test_version_and_help_import_no_torch(argv):
     # `dinrec --version` took 3.3-3.9 s when building the parser imported torch.
     code = ("import sys\nfrom dinrec.cli import main\ntry:\n    main(sys.argv[1:])\n"

@@ -61,15 +61,15 @@ def test_connection_errors_are_errors(rate):
 
 
 def test_a_lagging_generator_reports_its_lag_as_latency():
-    """A handler that blocks the client's event loop 20 ms per request at 100 requests/s: the
+    """A handler that blocks the client's event loop 40 ms per request at 100 requests/s: the
     generator falls behind its schedule, and that delay is counted in the latencies (from the
     scheduled time, not from the late actual send) and shown as send lag."""
     def handler(request: httpx.Request) -> httpx.Response:
-        time.sleep(0.02)  # synchronous: the whole client waits
+        time.sleep(0.04)  # synchronous: the whole client waits
         return httpx.Response(200)
 
     report = asyncio.run(open_loop("http://test", [b"{}"], rate=100, seconds=0.5,
                                    transport=httpx.MockTransport(handler)))
     assert report.sent == 50 and report.errors == 0
-    # the 50th request is sent at ~1.0 s instead of 0.49 s: its latency is >= ~0.5 s
+    # the 50th request is sent at ~2.0 s instead of 0.49 s: its latency is >= ~1.5 s
     assert report.max_send_lag_ms >= 400 and report.max_ms >= 400

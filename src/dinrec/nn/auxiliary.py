@@ -41,7 +41,6 @@ The model applies its weight ``alpha`` to the returned loss.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -50,21 +49,10 @@ from torch import Tensor, nn
 
 from dinrec.errors import ShapeError
 
-__all__ = ["AuxiliaryConfig", "AuxiliaryNet", "auxiliary_loss"]
+__all__ = ["AuxiliaryNet", "auxiliary_loss"]
 
 NormName = Literal["reference", "batch", "none"]
 _REDUCTIONS = ("mean", "reference", "sum")
-
-
-@dataclass(frozen=True)
-class AuxiliaryConfig:
-    """Everything that defines an :class:`AuxiliaryNet` (``AuxiliaryNet(**asdict(cfg))``)."""
-
-    state_size: int
-    item_size: int
-    hidden: tuple[int, ...] = (100, 50)
-    norm: NormName = "reference"
-    bn_eps: float = 1e-3
 
 
 class _FrozenStatsNorm(nn.Module):

@@ -276,6 +276,7 @@ def ranking_metrics(
         b, n = int(pos.sum()), 1 + negatives
         targets = batch.item[key][pos]  # (b,) ids; an id is its key for known items
         forbidden = torch.cat([targets[:, None], batch.sequences[main].items[key][pos]], 1)
+        assert batch.group is not None, "the loader sets batch.group"
         neg = draw_negatives(rng, cdf, batch.group[pos].numpy(), forbidden.numpy(),
                              positives, negatives)  # (b, negatives) item keys
         rows = batch.apply(lambda t, pos=pos, n=n: t[pos].repeat_interleave(n, 0))  # (b * n, ...)
