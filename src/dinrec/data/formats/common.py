@@ -328,7 +328,7 @@ def read_delimited(
 
 def _add_short_rows(text, table, line_no, short, names, sep, quoting, first):
     lines = text.split("\n")
-    rows = {name: [] for name in names}
+    rows: dict[str, list[Any]] = {name: [] for name in names}
     numbers = []
     for n, _ in short:
         parsed = pcsv.read_csv(
