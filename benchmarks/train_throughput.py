@@ -15,6 +15,7 @@ GFLOP/s (forward + backward on the same batches). Asserts nothing about time.
     python benchmarks/train_throughput.py                       # din, base, dien (+ unbucketed)
     python benchmarks/train_throughput.py --models din --steps 600 --rounds 1
     python benchmarks/train_throughput.py --models din --nproc 2   # + data-parallel scaling
+    python benchmarks/train_throughput.py --schema rich            # the rich schema
 """
 
 from __future__ import annotations
@@ -69,6 +70,19 @@ def make_store(path: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
+def make_rich_store(path: Path, preset_name: str = "small") -> Path:
+    """Synthetic events with side features, prepared with the rich schema of
+    :func:`dinrec.data.synthetic.rich_schema` (two sequences, six more features)."""
+    from dinrec.data import generate, prepare_events, preset
+    from dinrec.data.synthetic import rich_schema, side_features
+
+    events, truth = generate(preset(preset_name))
+    events, items, users = side_features(events, truth)
+    prepare_events(events, path, PrepareConfig(max_len=100), schema=rich_schema(),
+                   items=items, users=users)
+    return path
+
+
 def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -89,7 +103,7 @@ def attention_gflops(store: Path, batches: int = 60, attention_size: int = 36) -
     for i, batch in enumerate(loader):
         if i >= batches:
             break
-        shapes.append(batch.mask)
+        shapes.append(batch.sequences[next(iter(batch.sequences))].mask)  # (B, T) main sequence
     flops, seconds = 0.0, 0.0
     for i, mask in enumerate(shapes):
         b, t = mask.shape
@@ -155,6 +169,10 @@ def main() -> None:
                         help="models also measured without length bucketing (comma-separated)")
     parser.add_argument("--no-bucket", action="store_true", help="DDP runs: no bucketing")
     parser.add_argument("--store", default=None, help="reuse / keep the benchmark store here")
+    parser.add_argument("--schema", default="default", choices=["default", "rich"],
+                        help="default: random samples of today's layout (user; item + cat; one "
+                        "sequence); rich: synthetic events with the rich schema (two sequences, "
+                        "user gender/age, brand, genres, price, a per-event feature)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--nproc", type=int, default=1,
                         help="also train with this many DDP processes (`dinrec train --nproc`, "
@@ -165,10 +183,10 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     store = Path(args.store) if args.store else Path(tmp.name) / "store"
     if not (store / "stats.json").exists():
-        make_store(store, args.rows)
+        make_rich_store(store) if args.schema == "rich" else make_store(store, args.rows)
     stats = SampleStore(store).stats
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; store {store}: "
-          f"{stats['rows']['train']:,} train rows, history 5..100; DIEN's GRU loops: "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.schema} schema, "
+          f"store {store}: {stats['rows']['train']:,} train rows; DIEN's GRU loops: "
           f"{'C++ operators' if _ops.available() else 'reference (no C++ build)'}")
     gemm = matmul_gflops()
     att, att_ms = attention_gflops(store)
