@@ -12,6 +12,9 @@
 - ``ml-1m/rich``: docs/formats.md's ML-1M example: user profile (gender, age,
   occupation, zip prefix), all genres as one multi-valued feature, release year, and
   liked (rating >= 4) / disliked (< 4) sequences, one attention each;
+- ``ml-1m/profile-only``, ``ml-1m/split-only``: the two halves of ``rich`` (its user and
+  item features with today's one 100-event history; today's features with the
+  liked / disliked sequences), to see which half helps;
 - ``beauty/first-attr``: today's layout (``cat`` = the first S3-Rec attribute);
 - ``beauty/all-attrs``: every attribute as one pooled multi-valued feature, no ``cat``.
 
@@ -41,6 +44,10 @@ ML1M_RICH = {
         {"name": "disliked", "max_len": 20, "filter_column": "rating", "values": ["<4"]},
     ],
 }
+# Ablations of ML1M_RICH: the profile and item features with today's one history, and
+# the liked / disliked split with today's features.
+ML1M_PROFILE = {**ML1M_RICH, "sequences": [{"name": "hist", "max_len": 100}]}
+ML1M_SPLIT = {"item": ["item", "cat"], "sequences": ML1M_RICH["sequences"]}
 BEAUTY_ALL = {
     "item": ["item", {"name": "attrs", "kind": "multi", "max_values": 8}],
     "sequences": [{"name": "hist", "max_len": 100}],
@@ -52,6 +59,10 @@ LAYOUTS: dict[tuple[str, str], tuple[list[str], dict | None]] = {
     ("ml-1m", "default"): (["movielens", ML + "ratings_users_0001-2999.dat.gz", ML + "movies.dat"], None),
     ("ml-1m", "rich"): (["movielens", ML + "ratings_users_0001-2999.dat.gz", ML + "movies.dat",
                          ML + "users.dat"], ML1M_RICH),
+    ("ml-1m", "profile-only"): (["movielens", ML + "ratings_users_0001-2999.dat.gz", ML + "movies.dat",
+                                 ML + "users.dat"], ML1M_PROFILE),
+    ("ml-1m", "split-only"): (["movielens", ML + "ratings_users_0001-2999.dat.gz", ML + "movies.dat"],
+                              ML1M_SPLIT),
     ("beauty", "first-attr"): (["sequences", BT + "Beauty.txt", BT + "Beauty_item2attributes.json"], None),
     ("beauty", "all-attrs"): (["sequences", BT + "Beauty.txt", BT + "Beauty_item2attributes.json"],
                               BEAUTY_ALL),
