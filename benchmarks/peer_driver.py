@@ -1,0 +1,229 @@
+"""Train one peer library's DIN or DIEN on an exported dinrec sample store (see peers.py).
+
+Runs inside the peer's own virtual environment (it imports only NumPy, torch and the
+peer), so it must not import dinrec. The export folder (written by ``peers.py``) holds::
+
+    meta.json                  vocabulary sizes (ids are dinrec's: 0 padding, 1 OOV)
+    sequences.npz              items, cats: every behaviour sequence, flat (oldest first)
+    {train,valid,test}.npz     user, item, cat, label, start, len: a row's history is
+                               items[start : start + len] (at most max_len, most recent)
+
+Every peer sees dinrec's ids, rows and histories unchanged; batches are built here with
+NumPy (history padded to the batch's longest row, after the items, as FuxiCTR's LongCTR
+loader does), which is at least as fast as each peer's own loader, so the measured
+samples/s flatter the peer if anything. The training loop is the peer's own train step
+(FuxiCTR: ``model.train_step``; the others: forward, loss, backward, step, as their
+``fit``) under the budget peers.py passes: epochs or max steps, a validation every N
+steps, early stopping, the best-validation weights kept for the test predictions.
+
+Writes ``--out`` (JSON: train samples/s, steps, validation AUCs) and ``--preds`` (NPZ:
+test labels, probabilities, users) that peers.py scores with dinrec's own metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+# --------------------------------------------------------------------------- data
+class Split:
+    def __init__(self, folder: Path, name: str) -> None:
+        z = np.load(folder / f"{name}.npz")
+        self.user, self.item, self.cat = z["user"], z["item"], z["cat"]
+        self.label, self.start, self.len = z["label"].astype(np.float32), z["start"], z["len"]
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+class Data:
+    def __init__(self, folder: Path) -> None:
+        self.meta = json.loads((folder / "meta.json").read_text())
+        z = np.load(folder / "sequences.npz")
+        self.items, self.cats = z["items"], z["cats"]
+        self.splits = {s: Split(folder, s) for s in ("train", "valid", "test")}
+
+    def batch(self, split: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+        s = self.splits[split]
+        lens = s.len[rows]  # (B,)
+        t = max(1, int(lens.max()))
+        pos = np.arange(t)
+        mask = pos[None, :] < lens[:, None]  # (B, T)
+        idx = (s.start[rows][:, None] + pos) * mask  # (B, T)
+        return {
+            "user": s.user[rows], "item": s.item[rows], "cat": s.cat[rows],
+            "label": s.label[rows], "mask": mask,
+            "hist_items": self.items[idx] * mask, "hist_cats": self.cats[idx] * mask,
+        }
+
+
+def auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Rank AUC with ties averaged."""
+    order = np.argsort(probs, kind="mergesort")
+    p = probs[order]
+    ranks = np.empty(len(p))
+    _, first, counts = np.unique(p, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    pos = labels > 0.5
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+# --------------------------------------------------------------------------- peers
+class Peer:
+    """A peer model behind one interface: step(batch) -> loss; predict(batch) -> probs."""
+
+    model: nn.Module
+
+    def step(self, b: dict[str, np.ndarray]) -> float:
+        raise NotImplementedError
+
+    def predict(self, b: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class FuxiCTR(Peer):
+    """FuxiCTR 2.3.10 LongCTR DIN / DIEN (model_zoo), fed as its LongCTR loader feeds it."""
+
+    def __init__(self, model: str, meta: dict, a: argparse.Namespace) -> None:
+        from fuxictr.features import FeatureMap
+
+        fm = FeatureMap("peers", a.workdir)
+        fm.features = {
+            "user_id": {"type": "categorical", "source": "user", "vocab_size": meta["n_users"],
+                        "padding_idx": 0},
+            "item_id": {"type": "categorical", "source": "item", "vocab_size": meta["n_items"],
+                        "padding_idx": 0},
+            "cat_id": {"type": "categorical", "source": "item", "vocab_size": meta["n_cats"],
+                       "padding_idx": 0},
+        }
+        fm.labels = ["label"]
+        fm.group_id = "user_id"
+        fm.default_emb_dim = a.emb
+        fm.num_fields = 3
+        common = dict(gpu=-1, optimizer="adam", loss="binary_crossentropy", verbose=0,
+                      model_root=a.workdir, metrics=["AUC", "logloss"], learning_rate=a.lr,
+                      embedding_dim=a.emb, dnn_hidden_units=[200, 80])
+        if model == "din":
+            from model_zoo.LongCTR.DIN.DIN import DIN
+
+            self.model = DIN(fm, dnn_activations="Dice", attention_hidden_units=[80, 40],
+                             attention_hidden_activations="Dice", din_use_softmax=True, **common)
+        else:
+            from model_zoo.LongCTR.DIEN.DIEN import DIEN
+
+            self.model = DIEN(fm, dnn_activations="Dice", gru_type="AUGRU",
+                              attention_type="din_attention", attention_hidden_units=[80, 40],
+                              attention_activation="Dice", use_attention_softmax=True,
+                              enable_sum_pooling=True, **common)
+        self.model._max_gradient_norm = 10.0  # FuxiCTR's fit() default
+        self.model._batch_index = 0
+
+    def _inputs(self, b: dict[str, np.ndarray]):
+        t = lambda x: torch.from_numpy(np.ascontiguousarray(x))  # noqa: E731
+        both_i = np.concatenate([b["hist_items"], b["item"][:, None]], axis=1)  # (B, T+1)
+        both_c = np.concatenate([b["hist_cats"], b["cat"][:, None]], axis=1)
+        batch_dict = {"user_id": t(b["user"]), "label": t(b["label"])}
+        item_dict = {"item_id": t(both_i.reshape(-1)), "cat_id": t(both_c.reshape(-1))}
+        return batch_dict, item_dict, t(b["mask"].astype(np.float32))
+
+    def step(self, b: dict[str, np.ndarray]) -> float:
+        self.model.train()
+        return float(self.model.train_step(self._inputs(b)))
+
+    @torch.no_grad()
+    def predict(self, b: dict[str, np.ndarray]) -> np.ndarray:
+        self.model.eval()
+        return self.model.forward(self._inputs(b))["y_pred"].reshape(-1).numpy()
+
+
+PEERS = {"fuxictr": FuxiCTR}
+
+
+# --------------------------------------------------------------------------- loop
+def predict(peer: Peer, data: Data, split: str, bs: int = 1024) -> np.ndarray:
+    n = len(data.splits[split])
+    out = [peer.predict(data.batch(split, np.arange(i, min(n, i + bs)))) for i in range(0, n, bs)]
+    return np.concatenate(out)
+
+
+def train(peer: Peer, data: Data, a: argparse.Namespace) -> dict:
+    rng = np.random.default_rng(a.seed)
+    n = len(data.splits["train"])
+    per_epoch = n // a.batch_size  # full batches, as dinrec (drop_last)
+    total = a.max_steps or per_epoch * a.epochs
+    every = a.eval_every or per_epoch
+    best, best_state, bad, step, seconds, vals = -1.0, None, 0, 0, 0.0, []
+    valid = data.splits["valid"]
+    while step < total:
+        perm = rng.permutation(n)
+        for i in range(per_epoch):
+            if step >= total:
+                break
+            t0 = time.perf_counter()
+            peer.step(data.batch("train", perm[i * a.batch_size:(i + 1) * a.batch_size]))
+            seconds += time.perf_counter() - t0
+            step += 1
+            if step % every == 0 or step == total:
+                v = auc(valid.label, predict(peer, data, "valid"))
+                vals.append((step, v))
+                if v > best:
+                    best, bad, best_state = v, 0, copy.deepcopy(peer.model.state_dict())
+                else:
+                    bad += 1
+                if a.patience and bad >= a.patience:
+                    total = step
+                    break
+    if best_state is not None:
+        peer.model.load_state_dict(best_state)
+    return {"steps": step, "train_seconds": seconds,
+            "train_samples_per_s": step * a.batch_size / max(seconds, 1e-9),
+            "valid_auc": vals, "best_valid_auc": best}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--peer", choices=sorted(PEERS), required=True)
+    p.add_argument("--model", choices=["din", "dien"], required=True)
+    p.add_argument("--data", required=True, help="export folder")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--preds", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--emb", type=int, default=18)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    np.random.seed(a.seed)
+    os.makedirs(a.workdir, exist_ok=True)
+    data = Data(Path(a.data))
+    peer = PEERS[a.peer](a.model, data.meta, a)
+    res = train(peer, data, a)
+    test = data.splits["test"]
+    probs = predict(peer, data, "test")
+    np.savez(a.preds, labels=test.label, probs=probs.astype(np.float32), users=test.user)
+    res.update(peer=a.peer, model=a.model, seed=a.seed, threads=a.threads)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
