@@ -56,18 +56,24 @@ def _run_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from dinrec.models import MODELS
-    from dinrec.train.trainer import TrainConfig
+    from dinrec.train.trainer import PRESETS, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train a model on a sample store into a run folder")
     p.add_argument("store", help="sample store folder (from `dinrec prepare`)")
     p.add_argument("run", help="run folder to create (or continue with --resume)")
     p.add_argument("--model", default=d.model, choices=sorted(MODELS))
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                   help="reference: the DIEN reference's exact configuration (PReLU MLP, DIN's "
+                   "din_fcn_attention, length-sorted batches); default: Dice MLP, DIN's plain "
+                   "din_attention, shuffled batches (more accurate, docs/results.md); options "
+                   "given explicitly win")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a model option, e.g. attention_size=80 or attention=din (repeatable)")
     p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
     p.add_argument("--hidden", default=",".join(map(str, d.hidden)), help="MLP widths, e.g. 200,80")
-    p.add_argument("--activation", default=d.activation, choices=["prelu", "dice", "relu", "sigmoid"])
+    p.add_argument("--activation", default=None, choices=["prelu", "dice", "relu", "sigmoid"],
+                   help=f"MLP activation (default: the preset's; {d.activation})")
     p.add_argument("--max-len", type=int, default=d.max_len)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
@@ -86,7 +92,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=d.device)
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--no-bucket", action="store_true", help="no length bucketing")
+    p.add_argument("--bucket", dest="bucket", action="store_true", default=None,
+                   help="sort batches by history length inside windows (the preset's by default)")
+    p.add_argument("--no-bucket", dest="bucket", action="store_false", help="no length bucketing")
     p.add_argument("--neg-history", type=int, default=d.neg_history)
     p.add_argument("--aux-weight", type=float, default=d.aux_weight)
     p.add_argument("--log-every", type=int, default=d.log_every)
@@ -124,22 +132,23 @@ def _parse_options(items: list[str]) -> dict:
 def _run_train(args: argparse.Namespace) -> int:
     import json
 
-    from dinrec.train.trainer import TrainConfig, train
+    from dinrec.train.trainer import preset_config, train
 
     try:
         hidden = tuple(int(h) for h in args.hidden.split(",") if h)
     except ValueError:
         raise DinrecError(f"--hidden: expected comma-separated integers, got {args.hidden!r}") from None
-    cfg = TrainConfig(
-        model=args.model, model_options=_parse_options(args.option),
-        embedding_dim=args.embedding_dim, hidden=hidden, activation=args.activation,
+    chosen = {k: v for k, v in (("activation", args.activation), ("bucket", args.bucket)) if v is not None}
+    cfg = preset_config(
+        args.preset, args.model, **chosen, model_options=_parse_options(args.option),
+        embedding_dim=args.embedding_dim, hidden=hidden,
         max_len=args.max_len, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
         lr=args.lr, weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, epochs=args.epochs,
         max_steps=args.max_steps, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, patience=args.patience, seed=args.seed,
         threads=args.threads, device=args.device, amp=args.amp, compile=args.compile,
-        bucket=not args.no_bucket, neg_history=args.neg_history, aux_weight=args.aux_weight,
+        neg_history=args.neg_history, aux_weight=args.aux_weight,
         log_every=args.log_every, progress=not args.quiet, stop_after=args.stop_after,
         shuffle_buffer=args.shuffle_buffer, data_split=args.data_split,
     )
