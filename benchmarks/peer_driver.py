@@ -50,12 +50,13 @@ class Data:
         self.meta = json.loads((folder / "meta.json").read_text())
         z = np.load(folder / "sequences.npz")
         self.items, self.cats = z["items"], z["cats"]
+        self.meta["item_cat"] = z["item_cat"]
         self.splits = {s: Split(folder, s) for s in ("train", "valid", "test")}
 
-    def batch(self, split: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def batch(self, split: str, rows: np.ndarray, pad_to: int | None = None) -> dict[str, np.ndarray]:
         s = self.splits[split]
         lens = s.len[rows]  # (B,)
-        t = max(1, int(lens.max()))
+        t = pad_to or max(1, int(lens.max()))
         pos = np.arange(t)
         mask = pos[None, :] < lens[:, None]  # (B, T)
         idx = (s.start[rows][:, None] + pos) * mask  # (B, T)
@@ -86,6 +87,7 @@ class Peer:
     """A peer model behind one interface: step(batch) -> loss; predict(batch) -> probs."""
 
     model: nn.Module
+    pad_to: int | None = None  # histories padded to the batch's longest row unless set
 
     def step(self, b: dict[str, np.ndarray]) -> float:
         raise NotImplementedError
@@ -149,13 +151,85 @@ class FuxiCTR(Peer):
         return self.model.forward(self._inputs(b))["y_pred"].reshape(-1).numpy()
 
 
-PEERS = {"fuxictr": FuxiCTR}
+class DeepCTR(Peer):
+    """DeepCTR-Torch 0.3.0 DIN / DIEN (AUGRU + its auxiliary loss); the loop is its ``fit``'s
+    (binary cross-entropy summed over the batch + L2 on embeddings + alpha * auxiliary loss).
+    Its inputs are one float matrix with a fixed ``maxlen`` for every sequence column, so
+    histories are padded to ``max_len`` (DeepCTR-Torch has no per-batch length)."""
+
+    def __init__(self, model: str, meta: dict, a: argparse.Namespace) -> None:
+        from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat, build_input_features
+
+        e, self.maxlen, self.dien = a.emb, meta["max_len"], model == "dien"
+        self.pad_to = self.maxlen
+        self.item_cat = meta["item_cat"]
+        self.rng = np.random.default_rng(a.seed + 1000)
+        feats = [SparseFeat("user", meta["n_users"], embedding_dim=e),
+                 SparseFeat("item", meta["n_items"], embedding_dim=e),
+                 SparseFeat("cat", meta["n_cats"], embedding_dim=e)]
+        seqs = ["hist_item", "hist_cat"] + (["neg_hist_item", "neg_hist_cat"] if self.dien else [])
+        for name in seqs:
+            base = name.split("_")[-1]
+            feats.append(VarLenSparseFeat(SparseFeat(name, meta[f"n_{base}s"], embedding_dim=e,
+                                                     embedding_name=base),
+                                          maxlen=self.maxlen, length_name="seq_length"))
+        self.index = build_input_features(feats)
+        self.width = max(end for _, end in self.index.values())
+        # its DNN cannot take "dice" (Dice is built for 3-d inputs there): PReLU, as the reference MLP
+        common = dict(dnn_hidden_units=(200, 80), dnn_activation="prelu", seed=a.seed)
+        if self.dien:
+            from deepctr_torch.models import DIEN
+
+            self.model = DIEN(feats, ["item", "cat"], gru_type="AUGRU", use_negsampling=True,
+                              alpha=1.0, att_hidden_units=(80, 40), att_activation="dice",
+                              att_weight_normalization=True, **common)
+        else:
+            from deepctr_torch.models import DIN
+
+            self.model = DIN(feats, ["item", "cat"], att_hidden_size=(80, 40), att_activation="Dice",
+                             att_weight_normalization=True, **common)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=a.lr)
+
+    def _x(self, b: dict[str, np.ndarray]) -> torch.Tensor:
+        n, t = b["hist_items"].shape
+        x = np.zeros((n, self.width), np.float32)
+        cols = {"user": b["user"], "item": b["item"], "cat": b["cat"], "seq_length": b["mask"].sum(1),
+                "hist_item": b["hist_items"], "hist_cat": b["hist_cats"]}
+        if self.dien:
+            neg = self.rng.integers(2, len(self.item_cat), size=(n, t)) * b["mask"]
+            cols["neg_hist_item"], cols["neg_hist_cat"] = neg, self.item_cat[neg] * b["mask"]
+        for name, v in cols.items():
+            s, _ = self.index[name]
+            v = v.reshape(n, -1)
+            x[:, s:s + v.shape[1]] = v
+        return torch.from_numpy(x)
+
+    def step(self, b: dict[str, np.ndarray]) -> float:
+        import torch.nn.functional as F
+
+        m = self.model
+        m.train()
+        y_pred = m(self._x(b)).squeeze(-1)
+        loss = F.binary_cross_entropy(y_pred, torch.from_numpy(b["label"]), reduction="sum")
+        total = loss + m.get_regularization_loss() + m.aux_loss
+        self.opt.zero_grad()
+        total.backward()
+        self.opt.step()
+        return float(loss) / len(y_pred)
+
+    @torch.no_grad()
+    def predict(self, b: dict[str, np.ndarray]) -> np.ndarray:
+        self.model.eval()
+        return self.model(self._x(b)).reshape(-1).numpy()
+
+
+PEERS = {"fuxictr": FuxiCTR, "deepctr": DeepCTR}
 
 
 # --------------------------------------------------------------------------- loop
 def predict(peer: Peer, data: Data, split: str, bs: int = 1024) -> np.ndarray:
     n = len(data.splits[split])
-    out = [peer.predict(data.batch(split, np.arange(i, min(n, i + bs)))) for i in range(0, n, bs)]
+    out = [peer.predict(data.batch(split, np.arange(i, min(n, i + bs)), peer.pad_to)) for i in range(0, n, bs)]
     return np.concatenate(out)
 
 
@@ -173,7 +247,7 @@ def train(peer: Peer, data: Data, a: argparse.Namespace) -> dict:
             if step >= total:
                 break
             t0 = time.perf_counter()
-            peer.step(data.batch("train", perm[i * a.batch_size:(i + 1) * a.batch_size]))
+            peer.step(data.batch("train", perm[i * a.batch_size:(i + 1) * a.batch_size], peer.pad_to))
             seconds += time.perf_counter() - t0
             step += 1
             if step % every == 0 or step == total:
@@ -213,7 +287,6 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    np.random.seed(a.seed)
     os.makedirs(a.workdir, exist_ok=True)
     data = Data(Path(a.data))
     peer = PEERS[a.peer](a.model, data.meta, a)

@@ -51,7 +51,7 @@ BUDGETS = {
     "beauty": {"max_steps": 3000, "eval_every": 500},
 }
 QUICK = {"max_steps": 300, "eval_every": 300}
-PEER_PACKAGES = {"fuxictr": ["fuxictr==2.3.10"], "deepctr": ["deepctr-torch==0.3.0"],
+PEER_PACKAGES = {"fuxictr": ["fuxictr==2.3.10"], "deepctr": ["deepctr-torch==0.3.0", "requests"],
                  "rechub": ["torch-rechub==0.9.0"]}
 PEER_MODELS = {"fuxictr": ("din", "dien"), "deepctr": ("din", "dien"), "rechub": ("din",)}
 
@@ -90,7 +90,8 @@ def export_store(store_dir: Path, out: Path) -> None:
     store = SampleStore.open(store_dir)
     seqs = store.sequences
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "sequences.npz", items=np.asarray(seqs.items), cats=np.asarray(seqs.cats))
+    np.savez(out / "sequences.npz", items=np.asarray(seqs.items), cats=np.asarray(seqs.cats),
+             item_cat=np.asarray(store.item_cat))
     for split in ("train", "valid", "test"):
         tab = pq.read_table(store.files(split), columns=["label", "user", "item", "cat", "seq", "hist_end"])
         col = {k: tab.column(k).to_numpy() for k in tab.column_names}
@@ -155,7 +156,7 @@ def report(ds: str, model: str, res: dict[str, list[dict]]) -> None:
             continue
         speed = statistics.median(r["speed"] for r in rows)
         ratio = ("" if who == "dinrec" else
-                 f"{statistics.median(b['speed'] / r['speed'] for b, r in zip(base, rows)):.2f}x")
+                 f"{statistics.median(b['speed'] / r['speed'] for b, r in zip(base, rows, strict=True)):.2f}x")
         print(f"| {ds} | {model} | {who} | {speed:,.0f} | {ratio} | "
               f"{_ms([r['auc'] for r in rows])} | {_ms([r['gauc'] for r in rows])} | "
               f"{_ms([r['logloss'] for r in rows])} | {len(rows)} |", flush=True)
@@ -169,6 +170,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="300 steps, one validation: a smoke test")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="budget override: N steps, a validation every min(500, N) (a shorter run)")
     p.add_argument("--data", default=str(HERE.parents[1] / "shared" / "data"))
     p.add_argument("--root", default="runs/peers")
     p.add_argument("--venvs", default=".peers", help="folder of the peers' virtual environments")
@@ -189,6 +192,8 @@ def main() -> None:
         export_store(store, export)
         budget = QUICK if a.quick else BUDGETS[ds]
         q = "-quick" if a.quick else ""
+        if a.max_steps:
+            budget, q = {"max_steps": a.max_steps, "eval_every": min(500, a.max_steps)}, f"-{a.max_steps}"
         for model in a.models.split(","):
             res: dict[str, list[dict]] = {"dinrec": [], **{peer: [] for peer in peers}}
             for seed in map(int, a.seeds.split(",")):
