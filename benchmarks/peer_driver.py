@@ -215,7 +215,7 @@ class DeepCTR(Peer):
         self.opt.zero_grad()
         total.backward()
         self.opt.step()
-        return float(loss) / len(y_pred)
+        return float(loss.detach()) / len(y_pred)
 
     @torch.no_grad()
     def predict(self, b: dict[str, np.ndarray]) -> np.ndarray:
@@ -223,7 +223,50 @@ class DeepCTR(Peer):
         return self.model(self._x(b)).reshape(-1).numpy()
 
 
-PEERS = {"fuxictr": FuxiCTR, "deepctr": DeepCTR}
+class RecHub(Peer):
+    """torch-rechub 0.9.0 DIN: one ActivationUnit per history feature (item, category: 18
+    wide each), softmax over *all* positions (it has no padding mask), MLP with Dice and
+    BatchNorm in every layer; its CTRTrainer's loop (BCE, Adam with weight decay 1e-5)."""
+
+    def __init__(self, model: str, meta: dict, a: argparse.Namespace) -> None:
+        from torch_rechub.basic.features import SequenceFeature, SparseFeature
+        from torch_rechub.models.ranking import DIN
+
+        if model != "din":
+            raise SystemExit("torch-rechub: only DIN is run")
+        e = a.emb
+        item = SparseFeature("item", meta["n_items"], embed_dim=e, padding_idx=0)
+        cat = SparseFeature("cat", meta["n_cats"], embed_dim=e, padding_idx=0)
+        hist = [SequenceFeature("hist_items", meta["n_items"], embed_dim=e, pooling="concat",
+                                shared_with="item", padding_idx=0),
+                SequenceFeature("hist_cats", meta["n_cats"], embed_dim=e, pooling="concat",
+                                shared_with="cat", padding_idx=0)]
+        self.model = DIN([SparseFeature("user", meta["n_users"], embed_dim=e, padding_idx=0)], hist,
+                         [item, cat], mlp_params={"dims": [200, 80]},
+                         attention_mlp_params={"dims": [80, 40], "activation": "dice",
+                                               "use_softmax": True})
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=a.lr, weight_decay=1e-5)
+
+    @staticmethod
+    def _x(b: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.ascontiguousarray(b[k]))
+                for k in ("user", "item", "cat", "hist_items", "hist_cats")}
+
+    def step(self, b: dict[str, np.ndarray]) -> float:
+        self.model.train()
+        loss = nn.functional.binary_cross_entropy(self.model(self._x(b)), torch.from_numpy(b["label"]))
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def predict(self, b: dict[str, np.ndarray]) -> np.ndarray:
+        self.model.eval()
+        return self.model(self._x(b)).reshape(-1).numpy()
+
+
+PEERS = {"fuxictr": FuxiCTR, "deepctr": DeepCTR, "rechub": RecHub}
 
 
 # --------------------------------------------------------------------------- loop
