@@ -150,13 +150,14 @@ def _ms(vals: list[float]) -> str:
 
 
 def report(ds: str, model: str, res: dict[str, list[dict]]) -> None:
-    base = res["dinrec"]
+    mine = [k for k in res if k.startswith("dinrec")]
     for who, rows in res.items():
         if not rows:
             continue
         speed = statistics.median(r["speed"] for r in rows)
-        ratio = ("" if who == "dinrec" else
-                 f"{statistics.median(b['speed'] / r['speed'] for b, r in zip(base, rows, strict=True)):.2f}x")
+        ratio = "" if who in mine else " / ".join(
+            f"{statistics.median(b['speed'] / r['speed'] for b, r in zip(res[m], rows, strict=True)):.2f}x"
+            for m in mine)
         print(f"| {ds} | {model} | {who} | {speed:,.0f} | {ratio} | "
               f"{_ms([r['auc'] for r in rows])} | {_ms([r['gauc'] for r in rows])} | "
               f"{_ms([r['logloss'] for r in rows])} | {len(rows)} |", flush=True)
@@ -177,6 +178,8 @@ def main() -> None:
     p.add_argument("--venvs", default=".peers", help="folder of the peers' virtual environments")
     p.add_argument("--dinrec-args", default="", help="more `dinrec train` options, e.g. '--preset reference'")
     p.add_argument("--tag", default="", help="suffix of dinrec's run folders (to compare options)")
+    p.add_argument("--reference", action="store_true",
+                   help="also run dinrec with --preset reference (the DIEN reference), interleaved")
     a = p.parse_args()
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -195,11 +198,16 @@ def main() -> None:
         if a.max_steps:
             budget, q = {"max_steps": a.max_steps, "eval_every": min(500, a.max_steps)}, f"-{a.max_steps}"
         for model in a.models.split(","):
-            res: dict[str, list[dict]] = {"dinrec": [], **{peer: [] for peer in peers}}
+            res: dict[str, list[dict]] = {"dinrec": [], **({"dinrec-reference": []} if a.reference else {}),
+                                          **{peer: [] for peer in peers}}
             for seed in map(int, a.seeds.split(",")):
                 t0 = time.time()
                 res["dinrec"].append(dinrec_run(store, root / ds / f"dinrec-{model}{a.tag}{q}-seed{seed}",
                                                 model, seed, budget, a, log))
+                if a.reference:
+                    ref = argparse.Namespace(**{**vars(a), "dinrec_args": a.dinrec_args + " --preset reference"})
+                    res["dinrec-reference"].append(dinrec_run(
+                        store, root / ds / f"dinrec-{model}{a.tag}-ref{q}-seed{seed}", model, seed, budget, ref, log))
                 for peer in peers:
                     if model in PEER_MODELS[peer]:
                         res[peer].append(peer_run(peer, pys[peer], export,
@@ -208,7 +216,8 @@ def main() -> None:
                 print(f"# {ds} {model} seed {seed}: {time.time() - t0:.0f}s, "
                       f"load {os.getloadavg()[0]:.1f}", flush=True)
             table.append((ds, model, res))
-    print("\n| data | model | library | train samples/s | dinrec / peer | test AUC | test GAUC "
+    print("\n| data | model | library | train samples/s | dinrec / peer (median of per-seed ratios; "
+          "default / reference) | test AUC | test GAUC "
           "| test logloss | seeds |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in table:
