@@ -78,6 +78,7 @@ class TrainingError(DinrecError):
 #: ``din_attention`` scored more accurate than ``din_fcn_attention`` (docs/results.md, "Peers").
 DEFAULT_MODEL_OPTIONS: dict[str, dict[str, Any]] = {"din": {"attention": "din"}}
 
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved as ``config.json``)."""
@@ -142,7 +143,7 @@ class TrainConfig:
 #: ``dinrec train --preset NAME``: named configurations. ``reference`` is the DIEN
 #: reference's exact configuration: PReLU MLP, DIN with ``din_fcn_attention``, batches
 #: sorted by history length inside windows (as its data iterator). The defaults differ
-#: from it only where they measured more accurate at the same speed.
+#: from it where they measured more accurate; they are slower (docs/results.md, "Peers").
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "reference": {"activation": "prelu", "bucket": True, "model_options": {"din": {"attention": "fcn"}}},
