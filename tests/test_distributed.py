@@ -46,8 +46,9 @@ def _no_input_batchnorm(monkeypatch=None) -> None:
 
 
 def _cfg(batch_size: int, **kw) -> TrainConfig:
+    # PReLU: Dice (the default) normalises with batch statistics, which differ per rank
     base = dict(model="din", embedding_dim=8, hidden=(32, 16), batch_size=batch_size, threads=1,
-                progress=False, log_every=1, max_steps=40, eval_every=20, seed=5)
+                progress=False, log_every=1, max_steps=40, eval_every=20, seed=5, activation="prelu")
     return TrainConfig(**{**base, **kw})
 
 
