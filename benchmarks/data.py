@@ -7,7 +7,9 @@ default schema and a rich one (two sequences, six more features).
         # the default schema here vs another checkout's code, interleaved, as ratios
         # (e.g. `git archive 8cc926c src | tar -x -C /tmp/old`: the code before the schema)
 
-Each prepare runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own.
+First the whole ``dinrec prepare events`` command is timed on the generated log written
+to a Parquet file (what a user runs). Then each prepare runs in a fresh subprocess so its
+peak RSS (``ru_maxrss``) is its own.
 Synthetic generation is timed separately and not counted in the prepare rate; "cpu s" is
 the prepare's CPU time over all threads (steadier than wall time on a shared machine).
 Histories are not written per sample: each user's sequence is stored once
@@ -106,8 +108,30 @@ def _run(cmd: list[str], src: str | None = None) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _cli_prepare(tmp: str, size: str) -> tuple[int, float]:
+    """The whole ``dinrec prepare events`` command (start-up, reading the file, writing the
+    store) on the generated log written to a Parquet file: (events, wall seconds)."""
+    import pyarrow.parquet as pq
+
+    from dinrec.data import generate, preset
+
+    name, over = PRESETS[size]
+    events, _ = generate(preset(name, **over))
+    path = Path(tmp) / f"events-{size}.parquet"
+    pq.write_table(events, path)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dinrec", "prepare", "events", str(path), "--cat-col", "cat",
+                    "--time-col", "ts", "--out", str(Path(tmp) / f"cli-{size}"), "--quiet"],
+                   check=True, capture_output=True)
+    return events.num_rows, time.perf_counter() - t0
+
+
 def _table(tmp: str, sizes: list[str]) -> None:
     print(f"CPU: {_cpu_name()}")
+    for size in sizes:
+        n, sec = _cli_prepare(tmp, size)
+        print(f"`dinrec prepare events` from a Parquet file, default schema: {n:,} events in "
+              f"{sec:.2f} s ({n / sec:,.0f} events/s, the whole command)")
     print(f"{'schema':>7} {'events':>10} {'prepare s':>10} {'cpu s':>7} {'events/s':>12} "
           f"{'samples':>11} {'mean hist':>9} {'peak RSS MiB':>12} {'(gen s)':>8}")
     for schema in ("default", "rich"):

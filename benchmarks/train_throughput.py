@@ -7,7 +7,7 @@ real trainer (`dinrec.train.trainer.train`: loader, forward, backward, Adam, log
 for ``--steps`` steps, ``--rounds`` times (default 3), and reports the median training
 samples/s (excluding the final evaluation) with its range, and the evaluation samples/s
 over the test split. Each model runs with length bucketing (dinrec's default) and, for
-the models in ``--unbucketed`` (default: dien), also without it, as the reference
+the models in ``--unbucketed`` (default: din and dien), also without it, as the reference
 implementation feeds batches (rows in store order, padded to the longest history).
 It also prints the machine's float32 matmul GFLOP/s beside the attention unit's achieved
 GFLOP/s (forward + backward on the same batches). Asserts nothing about time.
@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=60_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="runs per figure (median)")
-    parser.add_argument("--unbucketed", default="dien",
+    parser.add_argument("--unbucketed", default="din,dien",
                         help="models also measured without length bucketing (comma-separated)")
     parser.add_argument("--no-bucket", action="store_true", help="DDP runs: no bucketing")
     parser.add_argument("--store", default=None, help="reuse / keep the benchmark store here")
