@@ -119,12 +119,9 @@ class Tokens:
     n: int
 
 
-def _as_lists(col: pa.Array, sep: str, where: str) -> pa.Array:
-    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-        return col
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-        col = col.cast(pa.string())
-    lists = pc.split_pattern(pc.fill_null(col, ""), sep or "|")
+def split_multi(col: pa.Array, sep: str) -> pa.Array:
+    """A string column split on ``sep`` into trimmed lists without empty entries."""
+    lists = pc.split_pattern(pc.fill_null(col.cast(pa.string()), ""), sep or "|")
     values = pc.utf8_trim_whitespace(lists.flatten())
     parent = np.asarray(pc.list_parent_indices(lists))
     keep = np.asarray(pc.greater(pc.utf8_length(values), 0))
@@ -132,6 +129,12 @@ def _as_lists(col: pa.Array, sep: str, where: str) -> pa.Array:
     offsets = np.zeros(len(col) + 1, dtype=np.int32)
     np.cumsum(counts, out=offsets[1:])
     return pa.ListArray.from_arrays(pa.array(offsets), values.filter(pa.array(keep)))
+
+
+def _as_lists(col: pa.Array, sep: str, where: str) -> pa.Array:
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        return col
+    return split_multi(col, sep)
 
 
 def tokens_of(f: Feature, col: pa.Array, weight: np.ndarray, where: str) -> Tokens:

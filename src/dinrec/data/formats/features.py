@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dinrec.data.encode import split_multi
 from dinrec.data.formats.common import ErrorLog, Parsed, parse_float
 from dinrec.errors import DataFormatError
 
@@ -63,18 +64,6 @@ def column_kinds(schema: Schema | None) -> dict[str, ColumnKind]:
         if s.filter_column and _bounded(s.values):
             add(s.filter_column, ColumnKind("numeric", feature=f"sequences.{s.name}"))
     return out
-
-
-def split_multi(col: pa.Array, sep: str) -> pa.Array:
-    """A string column split on ``sep`` into trimmed lists without empty entries."""
-    lists = pc.split_pattern(pc.fill_null(col.cast(pa.string()), ""), sep or "|")
-    values = pc.utf8_trim_whitespace(lists.flatten())
-    parent = np.asarray(pc.list_parent_indices(lists))
-    keep = np.asarray(pc.greater(pc.utf8_length(values), 0))
-    counts = np.bincount(parent[keep], minlength=len(col))
-    offsets = np.zeros(len(col) + 1, dtype=np.int32)
-    np.cumsum(counts, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), values.filter(pa.array(keep)))
 
 
 def first_values(lists: pa.Array) -> pa.Array:
