@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ from dinrec.data.batch import Batch, Features
 from dinrec.data.schema import Schema
 from dinrec.errors import DinrecError
 from dinrec.models.embedding import Embedded, FeatureEmbedding
-from dinrec.nn.mlp import MLP
+from dinrec.nn.mlp import MLP, ActivationName
 
 
 @dataclass
@@ -100,7 +100,8 @@ class CTRModel(nn.Module):
 
     def _mlp(self, in_features: int) -> MLP:
         c = self.config
-        return MLP(in_features, hidden=c.hidden, activation=c.activation, dropout=c.dropout)  # type: ignore[arg-type]
+        activation = cast(ActivationName, c.activation)  # a str in the config; MLP rejects others
+        return MLP(in_features, hidden=c.hidden, activation=activation, dropout=c.dropout)
 
     def _profile(self, e: Embedded) -> list[Tensor]:
         """The MLP's user and context inputs: [(B, D_user)] [(B, D_ctx)]."""

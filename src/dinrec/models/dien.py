@@ -41,7 +41,7 @@ update gate); see :mod:`dinrec.nn.rnn`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +53,7 @@ from dinrec.models.base import CTRModel, ModelConfig, ModelOutput, check_history
 from dinrec.models.embedding import Embedded, EmbeddedSequence
 from dinrec.nn.attention import DinFcnAttention
 from dinrec.nn.auxiliary import AuxiliaryNet
-from dinrec.nn.rnn import AttentionGRU, AttentionGRUConfig, InterestExtractor
+from dinrec.nn.rnn import AttentionGRU, AttentionGRUConfig, Gate, InterestExtractor, Kind
 
 EVOLUTIONS = ("gru_att", "aigru", "agru", "augru")
 
@@ -89,7 +89,8 @@ class DIEN(CTRModel):
         else:
             self.attention = DinFcnAttention(d, hd, size, mode="LIST")
             self.evolution = AttentionGRU(
-                AttentionGRUConfig(hd, hd, kind=config.evolution, gate=config.gate)  # type: ignore[arg-type]
+                # both checked against their allowed values above
+                AttentionGRUConfig(hd, hd, kind=cast(Kind, config.evolution), gate=cast(Gate, config.gate))
             )
         self.aux_net = AuxiliaryNet(hd, d) if config.aux_loss else None
         # DIN attention on every other sequence

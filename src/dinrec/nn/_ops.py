@@ -32,6 +32,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +105,7 @@ def _available() -> bool:
         return _build_and_check()
 
 
-available.cache_clear = _available.cache_clear  # type: ignore[attr-defined]
+available.cache_clear = _available.cache_clear
 
 
 def _build_and_check() -> bool:
@@ -148,7 +149,7 @@ def gru_scan(
 
 
 @gru_scan.register_fake
-def _(xi, c0, c1, w_hh, b_hh, h0):  # type: ignore[no-untyped-def]
+def _(xi: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, b_hh: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
     steps, b, _ = xi.shape
     hid = w_hh.shape[1]
     return xi.new_empty(steps, b, hid), xi.new_empty(steps, b, 4 * hid)
@@ -164,18 +165,22 @@ def gru_scan_backward(
 
 
 @gru_scan_backward.register_fake
-def _(g_hs, hs, gates, c0, c1, w_hh, h0):  # type: ignore[no-untyped-def]
+def _(
+    g_hs: Tensor, hs: Tensor, gates: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, h0: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     steps, b, hid = hs.shape
     return hs.new_empty(steps, b, 4 * hid), hs.new_empty(steps, b), hs.new_empty(steps, b), hs.new_empty(b, hid)
 
 
-def _gru_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+def _gru_setup(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
     _, c0, c1, w_hh, _, h0 = inputs
     hs, gates = output
     ctx.save_for_backward(hs, gates, c0, c1, w_hh, h0)
 
 
-def _gru_backward(ctx, g_hs, g_gates):  # type: ignore[no-untyped-def]
+def _gru_backward(
+    ctx: Any, g_hs: Tensor | None, g_gates: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     hs, gates, c0, c1, w_hh, h0 = ctx.saved_tensors
     steps, b, hid = hs.shape
     if g_hs is None:
@@ -226,7 +231,10 @@ def candidate_scores(
 
 
 @candidate_scores.register_fake
-def _(q, keys, w_query, w_key, w_prod, b1, w2, b2, w3, b3):  # type: ignore[no-untyped-def]
+def _(
+    q: Tensor, keys: Tensor, w_query: Tensor, w_key: Tensor, w_prod: Tensor, b1: Tensor,
+    w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
+) -> Tensor:
     return q.new_empty(q.shape[0], keys.shape[0])
 
 
@@ -274,10 +282,12 @@ def _check_gru(gen: torch.Generator, steps: int, b: int, hid: int, dtype: torch.
     leaves = [x.clone().requires_grad_() for x in (xi, c0, c1, w, bias, h0)]
     hs_ref, gates_ref = gru_scan_reference(*leaves)
     want = torch.autograd.grad(hs_ref, leaves, g_hs)
-    hs, gates = CHECKED["gru_forward"](xi, c0, c1, w, bias, h0)  # type: ignore[misc]
+    hs, gates = cast("tuple[Tensor, Tensor]", CHECKED["gru_forward"](xi, c0, c1, w, bias, h0))
     _close(f"gru_scan forward ({dtype}, H={hid})", hs, hs_ref.detach(), tol)
     _close(f"gru_scan gates ({dtype}, H={hid})", gates, gates_ref.detach(), tol)
-    d, d_c0, d_c1, d_h0 = CHECKED["gru_backward"](g_hs, hs, gates, c0, c1, w, h0)  # type: ignore[misc]
+    d, d_c0, d_c1, d_h0 = cast(
+        "tuple[Tensor, Tensor, Tensor, Tensor]", CHECKED["gru_backward"](g_hs, hs, gates, c0, c1, w, h0)
+    )
     d_xi = torch.cat([d[:, :, : 2 * hid], d[:, :, 3 * hid :]], 2)
     h_prev = torch.cat([h0[None], hs[:-1]])
     d_w = d[:, :, : 3 * hid].reshape(-1, 3 * hid).t() @ h_prev.reshape(-1, hid)
@@ -293,8 +303,8 @@ def _check_candidates(gen: torch.Generator, n: int, t: int, d: int, a: int, dtyp
 
     q, keys, wq, wk, wp, w2 = rand(n, d), rand(t, d), rand(a, d), rand(a, d), rand(a, d), rand(40, a)
     b1, b2, w3, b3 = rand(a), rand(40), rand(1, 40), rand(1)
-    got = CHECKED["candidate_scores"](q, keys, wq, wk, wp, b1, w2, b2, w3, b3)
+    got = cast(Tensor, CHECKED["candidate_scores"](q, keys, wq, wk, wp, b1, w2, b2, w3, b3))
     # The literal first layer W1 [q; k; q-k; q*k] with W_q + W_d = wq, W_k - W_d = wk.
     pre = (q @ wq.t() + b1)[:, None] + (keys @ wk.t())[None] + (q[:, None] * keys[None]) @ wp.t()
     want = F.linear(torch.sigmoid(F.linear(torch.sigmoid(pre), w2, b2)), w3, b3)[..., 0]  # (N, T)
-    _close(f"candidate_scores ({dtype}, N={n}, T={t})", got, want, tol)  # type: ignore[arg-type]
+    _close(f"candidate_scores ({dtype}, N={n}, T={t})", got, want, tol)

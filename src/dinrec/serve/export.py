@@ -33,7 +33,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +43,10 @@ from torch import Tensor, nn
 from dinrec.data.batch import Batch, SequenceBatch
 from dinrec.data.schema import Feature, Schema
 from dinrec.errors import DinrecError
+
+if TYPE_CHECKING:
+    from dinrec.models.base import CTRModel
+    from dinrec.nn.rnn import AttentionGRU, InterestExtractor
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +78,14 @@ def flatten(batch: Batch, schema: Schema) -> list[Tensor]:
     out = []
     for _, role, seq, f in _layout(schema):
         if role in ("user", "context", "item"):
+            assert f is not None  # a profile or candidate input is a feature's
             out.append(getattr(batch, role)[f.name])
-        elif role == "mask":
+            continue
+        assert seq is not None  # the rest belong to a sequence
+        if role == "mask":
             out.append(batch.sequences[seq].mask)
         else:
+            assert f is not None
             s = batch.sequences[seq]
             out.append((s.items if role == "seq_item" else s.events)[f.name])
     return out
@@ -89,10 +97,14 @@ def unflatten(inputs: tuple[Tensor, ...] | list[Tensor], schema: Schema) -> Batc
     seqs: dict[str, SequenceBatch] = {}
     for (_, role, seq, f), x in zip(_layout(schema), inputs, strict=True):
         if role in parts:
+            assert f is not None  # a profile or candidate input is a feature's
             parts[role][f.name] = x
-        elif role == "mask":
+            continue
+        assert seq is not None  # the rest belong to a sequence
+        if role == "mask":
             seqs[seq] = SequenceBatch(items={}, mask=x, events={})
         else:
+            assert f is not None
             (seqs[seq].items if role == "seq_item" else seqs[seq].events)[f.name] = x
     b = inputs[0].shape[0]
     return Batch(label=torch.zeros(b), user=parts["user"], item=parts["item"], sequences=seqs,
@@ -129,15 +141,18 @@ def example_inputs(schema: Schema, sizes: dict[str, int], b: int = 3, t: int = 7
     lengths 1..T (all T with ``full``) per sequence, zero past their length."""
     g = torch.Generator().manual_seed(seed)
     out: list[Tensor] = []
-    mask = None
+    mask: Tensor | None = None
     for _, role, _seq, f in _layout(schema):
         if role == "mask":
             lengths = torch.full((b,), t) if full else torch.randint(1, t + 1, (b,), generator=g)
             mask = torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
             out.append(mask)
-        elif role in ("user", "context", "item"):
+            continue
+        assert f is not None  # every input but a mask is a feature's
+        if role in ("user", "context", "item"):
             out.append(_values(f, (b,), sizes, g))
         else:
+            assert mask is not None  # a sequence's mask comes before its features
             v = _values(f, (b, t), sizes, g)
             m = mask if v.dim() == 2 else mask.unsqueeze(-1)
             out.append(v * m.to(v.dtype) if v.is_floating_point() else v * m)
@@ -186,7 +201,8 @@ class _ExportGRU(nn.Module):
     """An :class:`~dinrec.nn.rnn.InterestExtractor` or :class:`~dinrec.nn.rnn.AttentionGRU`
     running :func:`gru_loop` (same weights, same outputs)."""
 
-    def __init__(self, module: nn.Module, kind: str, gate: str, reset_after: bool, scored: bool) -> None:
+    def __init__(self, module: InterestExtractor | AttentionGRU, kind: str, gate: str, reset_after: bool,
+                 scored: bool) -> None:
         super().__init__()
         self.inner = module  # its parameters, registered here
         self.kind, self.gate, self.reset_after = kind, gate, reset_after
@@ -234,7 +250,7 @@ def _recurrent(model: nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------- export
-def export_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, exporter: str = "auto") -> Path:
+def export_onnx(model: CTRModel, path: str | Path, opset: int = DEFAULT_OPSET, exporter: str = "auto") -> Path:
     """Write ``model`` as an ONNX graph with dynamic B and T axes (``exporter``: ``auto`` =
     ``legacy`` for recurrent models, else ``dynamo``)."""
     if exporter not in EXPORTERS:
@@ -260,6 +276,7 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, 
                 module, args, input_names=names, output_names=[OUTPUT_NAME],
                 dynamic_shapes=(shapes,), opset_version=opset, dynamo=True, verbose=False,
             )
+            assert program is not None  # dynamo=True returns the program
             program.save(str(path))
         else:
             axes = {n: ({0: "B"} if seq is None else {0: "B", 1: f"T_{seq}"})
@@ -270,7 +287,7 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, 
     return path
 
 
-def export_torchscript(model: nn.Module, path: str | Path) -> Path:
+def export_torchscript(model: CTRModel, path: str | Path) -> Path:
     """Write ``model`` as a traced TorchScript module with dynamic B and T."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -309,7 +326,7 @@ def load_exported(path: str | Path, fmt: str, names: list[str] | None = None):
 VERIFY_SHAPES = ((1, 1), (5, 20), (64, 100))
 
 
-def max_difference(model: nn.Module, path: str | Path, fmt: str,
+def max_difference(model: CTRModel, path: str | Path, fmt: str,
                    shapes: tuple[tuple[int, int], ...] = VERIFY_SHAPES) -> float:
     """Largest |exported - PyTorch| probability over random inputs of the given (B, T)."""
     run = load_exported(path, fmt, input_names(model.schema))
@@ -332,7 +349,7 @@ class ExportResult:
     max_abs_diff: float | None  # vs the PyTorch model over a few (B, T), when verified
 
 
-def export_model(model: nn.Module, fmt: str, path: str | Path, name: str = "", *, opset: int = DEFAULT_OPSET,
+def export_model(model: CTRModel, fmt: str, path: str | Path, name: str = "", *, opset: int = DEFAULT_OPSET,
                  exporter: str = "auto", verify: bool = True) -> ExportResult:
     """Export a model (eval mode) to ``path`` and compare it with PyTorch."""
     if fmt not in FORMATS:

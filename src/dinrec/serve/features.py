@@ -119,7 +119,7 @@ class FeatureCodec:
         present = [i for i, v in enumerate(values) if v is not None]
         out = np.full(n, OOV_ID, np.int64)
         if present:
-            out[present] = self.ids_of([values[i] for i in present], unknown)
+            out[present] = self.ids_of([v for v in values if v is not None], unknown)
         return out
 
     def decode(self, value: Any) -> Any:
@@ -234,14 +234,14 @@ class RequestEncoder:
         ids = [e if isinstance(e, str) else e[self.item_key] for e in entries]
         keys = self.items.keys_of(ids)  # (n,)
         out = {name: v.take(keys, axis=0) for name, v in self.items.encoded.items()}
-        inline = [i for i, e in enumerate(entries) if not isinstance(e, str)]
+        inline = {i: e for i, e in enumerate(entries) if not isinstance(e, str)}  # row -> features
         unknown_ids: list[str] = []
         if inline:  # given attributes win over the table's, one feature at a time
             for f in self.schema.item[1:]:
-                rows = [i for i in inline if entries[i].get(f.name) is not None]
+                rows = [i for i, e in inline.items() if e.get(f.name) is not None]
                 if rows:
                     out[f.name][rows] = self.codecs[f.name].encode(
-                        [entries[i][f.name] for i in rows], unknown.setdefault(f.name, []))
+                        [inline[i][f.name] for i in rows], unknown.setdefault(f.name, []))
         # the id itself: the table's id (OOV for items outside the vocabulary)
         key_ids = out[self.item_key]
         bad = np.flatnonzero(key_ids == OOV_ID)
@@ -305,7 +305,8 @@ class RequestEncoder:
         mask = np.arange(t)[None, :] < lengths[:, None]  # (B, T)
         flat = [e for r in rows for e in r]
         feats, _ = self.item_features(flat, unknown, extra=event_features)
-        items, events = {}, {}
+        items: dict[str, torch.Tensor] = {}
+        events: dict[str, torch.Tensor] = {}
         for f in [*self.schema.item, *event_features]:
             v = feats[f.name]
             full = np.zeros((b, t, *v.shape[1:]), v.dtype)  # (B, T[, M])

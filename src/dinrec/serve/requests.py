@@ -21,6 +21,7 @@ its id. A bad request is a 422 whose message names the field path
 
 from __future__ import annotations
 
+from types import GenericAlias
 from typing import Annotated, Any
 
 from pydantic import (
@@ -49,14 +50,19 @@ def _types(limits: Any) -> dict[str, Any]:
     return {"token": token, "number": number}
 
 
+def _list_of(item: Any) -> Any:
+    """``list[item]`` for an element type made at run time (not a static type to mypy)."""
+    return GenericAlias(list, item)
+
+
 def value_type(f: Feature, t: dict[str, Any]) -> Any:
     """The JSON type of one feature's value."""
     if f.kind == "numeric":
         return t["number"]
     if f.kind == "multi":
         token = t["token"]
-        return Annotated[list[token], Field(max_length=max(f.max_values, 64),
-                                                  description=f"up to {f.max_values} used")]
+        return Annotated[_list_of(token), Field(max_length=max(f.max_values, 64),
+                                                      description=f"up to {f.max_values} used")]
     return t["token"]
 
 
@@ -94,7 +100,7 @@ def request_models(schema: Schema, limits: Any) -> dict[str, type[BaseModel]]:
     user = create_model("User", __config__=FORBID,
                         **_fields(schema.user, "user", t, schema.user_key.name))
     context = create_model("Context", __config__=FORBID, **_fields(schema.context, "context", t, None))
-    seq_fields = {}
+    seq_fields: dict[str, Any] = {}
     models: dict[str, type[BaseModel]] = {"Item": item, "User": user, "Context": context}
     for s in schema.sequences:
         event = create_model(
@@ -104,28 +110,28 @@ def request_models(schema: Schema, limits: Any) -> dict[str, type[BaseModel]]:
         )
         models[event.__name__] = event
         seq_fields[s.name] = (
-            Annotated[list[_id_or(event, token)], Field(max_length=limits.max_history)],
+            Annotated[_list_of(_id_or(event, token)), Field(max_length=limits.max_history)],
             Field(default_factory=list, description=f"events of {s.name!r}, oldest first "
                   f"(the last {s.max_len} used); an item id or an object with its features"),
         )
     sequences = create_model("Sequences", __config__=FORBID, **seq_fields)
     candidate = _id_or(item, token)
-    common = {
+    common: dict[str, Any] = {
         "user": (_id_or(user, token), Field(description="the user id, or the user's features")),
         "context": (context, Field(default_factory=context)),
         "sequences": (sequences, Field(default_factory=sequences)),
     }
     recommend = create_model(
         "RecommendRequest", __config__=FORBID, **common,
-        candidates=(list[candidate], Field(min_length=1, max_length=limits.max_candidates,
-                                           description="item ids, or objects with inline features")),
+        candidates=(_list_of(candidate), Field(min_length=1, max_length=limits.max_candidates,
+                                               description="item ids, or objects with inline features")),
         k=(StrictInt, Field(10, ge=1, le=limits.max_candidates, description="items returned")),
         explain=(StrictInt, Field(0, ge=0, le=limits.max_explain,
                                   description="attended events shown per ranked item and sequence")),
     )
     row = create_model("ScoreRow", __config__=FORBID, **common, item=(candidate, ...))
     score = create_model("ScoreRequest", __config__=FORBID,
-                         rows=(list[row], Field(min_length=1, max_length=limits.max_rows)))
+                         rows=(_list_of(row), Field(min_length=1, max_length=limits.max_rows)))
     models.update({"Sequences": sequences, "RecommendRequest": recommend, "ScoreRow": row,
                    "ScoreRequest": score})
     return models
