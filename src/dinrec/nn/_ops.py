@@ -130,7 +130,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _warn(reason: str) -> None:
-    warnings.warn(f"dinrec: {reason}; {FALLBACK}", RuntimeWarning, stacklevel=4)
+    warnings.warn(f"dinrec: {reason}; {FALLBACK}", RuntimeWarning, stacklevel=5)
 
 
 # --------------------------------------------------------------------------- gru_scan
