@@ -35,7 +35,8 @@ DATASETS: dict[str, list[str]] = {
 TRAIN_ARGS = ["--max-steps", "3000", "--eval-every", "500", "--patience", "3", "--threads", "1", "--quiet"]
 
 
-def _sh(cmd: list[str], log: Path) -> None:
+def _sh(cmd: list[str], log: Path, fatal: bool = True) -> None:
+    """Print and log ``cmd``, run it; on failure print its stderr and stop (``fatal``) or go on."""
     line = " ".join(shlex.quote(c) for c in cmd)
     print(line, flush=True)
     with open(log, "a") as f:
@@ -43,7 +44,9 @@ def _sh(cmd: list[str], log: Path) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         print(res.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"failed: {line}")
+        if fatal:
+            raise SystemExit(f"failed: {line}")
+        print(f"failed: {line}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> None:

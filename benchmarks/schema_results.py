@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from results import _sh as results_sh  # benchmarks/results.py (this folder is on sys.path)
 
 ML1M_RICH = {
     "user": ["user", "gender", "age", "occupation", "zip_prefix"],
@@ -72,14 +72,7 @@ TRAIN_ARGS = ["--model", "din", "--max-steps", "3000", "--eval-every", "500", "-
 
 
 def _sh(cmd: list[str], log: Path) -> None:
-    line = " ".join(shlex.quote(c) for c in cmd)
-    print(line, flush=True)
-    with open(log, "a") as f:
-        f.write(line + "\n")
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        print(res.stderr[-3000:], file=sys.stderr)
-        print(f"failed: {line}", file=sys.stderr, flush=True)
+    results_sh(cmd, log, fatal=False)  # a failed run is reported, the others go on
 
 
 def _prepare(root: Path, data: str, log: Path) -> None:

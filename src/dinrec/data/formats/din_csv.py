@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dinrec.data.encode import split_multi
 from dinrec.data.formats import Format, ReadOptions, ReadResult
 from dinrec.data.formats.common import (
     ErrorLog,
@@ -86,14 +87,9 @@ def _int_list(parsed: Parsed, col: pa.Array, path: Path, errors: ErrorLog, field
                     "not a list of item ids like [1, 2, 3]")
     col = pc.if_else(pa.array(ok), col, pa.scalar("[]"))
     inner = pc.utf8_trim(col, characters="[] \t")
-    lists = pc.split_pattern(inner, ",")
-    values = pc.utf8_trim_whitespace(lists.flatten())
-    parent = np.asarray(pc.list_parent_indices(lists))
-    nonempty = np.asarray(pc.greater(pc.utf8_length(values), 0))
-    counts = np.bincount(parent[nonempty], minlength=len(col))
-    offsets = np.zeros(len(col) + 1, dtype=np.int32)
-    np.cumsum(counts, out=offsets[1:])
-    ids = np.asarray(pc.cast(values.filter(pa.array(nonempty)), pa.int64()))
+    lists = split_multi(inner, ",")  # trimmed entries, empty ones dropped
+    offsets = np.asarray(lists.offsets, dtype=np.int32)
+    ids = np.asarray(pc.cast(lists.flatten(), pa.int64()))
     return offsets, ids
 
 
