@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_description  # benchmarks/machine.py (this folder is on sys.path)
+
 PRESETS = {"1M": ("medium", {}), "10M": ("large", {})}
 BATCH_CASES = (("shuffle", {}), ("shuffle+bucket", {"bucket": True}),
                ("shuffle+neg_history=1", {"neg_history": 1}))
@@ -127,7 +129,7 @@ def _cli_prepare(tmp: str, size: str) -> tuple[int, float]:
 
 
 def _table(tmp: str, sizes: list[str]) -> None:
-    print(f"CPU: {_cpu_name()}")
+    print(f"CPU: {cpu_description()}")
     for size in sizes:
         n, sec = _cli_prepare(tmp, size)
         print(f"`dinrec prepare events` from a Parquet file, default schema: {n:,} events in "
@@ -172,20 +174,10 @@ def _compare(tmp: str, other: str, rounds: int, seconds: float) -> None:
         print(f"round {r + 1}/{rounds} done", file=sys.stderr)
     print(f"this ({Path(__file__).resolve().parents[1]}) / other ({other}), default schema, "
           f"1M events, {rounds} interleaved rounds (time: < 1 is faster; rate: > 1 is faster)")
-    print(f"CPU: {_cpu_name()}")
+    print(f"CPU: {cpu_description()}")
     print(f"{'measure':>40} {'median':>8} {'min':>7} {'max':>7}")
     for k, v in ratios.items():
         print(f"{k:>40} {statistics.median(v):>8.3f} {min(v):>7.3f} {max(v):>7.3f}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return "unknown"
 
 
 def main() -> None:

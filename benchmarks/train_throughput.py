@@ -16,13 +16,24 @@ GFLOP/s (forward + backward on the same batches). Asserts nothing about time.
     python benchmarks/train_throughput.py --models din --steps 600 --rounds 1
     python benchmarks/train_throughput.py --models din --nproc 2   # + data-parallel scaling
     python benchmarks/train_throughput.py --schema rich            # the rich schema
+    python benchmarks/train_throughput.py --against /tmp/old/src --models din,dien --rounds 6
+
+``--against SRC`` compares with another checkout of dinrec (e.g. the previous release, from
+``git worktree add /tmp/old <commit>``): every round trains each model once with that code
+and once with this one, each in a fresh child process on a store written by that
+checkout's own ``benchmarks/train_throughput.py``, alternating which goes first, and prints
+the median of the per-round ratios (this / that). The machine's noise hits both sides of a
+round alike, so the ratio is steadier than either figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +46,7 @@ from dinrec.data import BatchLoader, PrepareConfig, SampleStore, prepare_samples
 from dinrec.nn import _ops
 from dinrec.nn.attention import HIDDEN_SIZE, DinFcnAttention
 from dinrec.train.trainer import TrainConfig, train
+from machine import cpu_description  # benchmarks/machine.py (this folder is on sys.path)
 
 
 def make_store(path: Path, rows: int, seed: int = 0) -> Path:
@@ -158,6 +170,63 @@ def model_row(store: Path, name: str, bucket: bool, args: argparse.Namespace) ->
             "steps": m["steps"], "test_auc": m["test"]["auc"]}
 
 
+#: One training run in a child process, with whichever ``dinrec`` is on PYTHONPATH; uses
+#: only the API both releases share (``make_store``, ``TrainConfig``, ``train``).
+CHILD = """
+import json, sys, tempfile
+from pathlib import Path
+a = json.loads(sys.argv[1])
+sys.path.insert(0, a["bench"])
+import torch
+torch.set_num_threads(a["threads"])
+import train_throughput as tt
+from dinrec.train.trainer import TrainConfig, train
+store = Path(a["store"])
+if not (store / "stats.json").exists():
+    tt.make_store(store, a["rows"])
+with tempfile.TemporaryDirectory() as run:
+    cfg = TrainConfig(model=a["model"], max_steps=a["steps"], eval_every=10**9, batch_size=128,
+                      lr=1e-3, embedding_dim=18, hidden=(200, 80), threads=a["threads"],
+                      progress=False, bucket=True, log_every=100)
+    m = train(cfg, store, Path(run) / a["model"]).metrics
+print(json.dumps({"train": m["train_samples_per_s"], "eval": m["test"]["eval_samples_per_s"],
+                  "auc": m["test"]["auc"]}))
+"""
+
+
+def _child_run(src: Path, store: Path, model: str, args: argparse.Namespace) -> dict:
+    """One training run of ``model`` with the code in ``src`` (its own benchmark's store)."""
+    spec = {"bench": str(src.parent / "benchmarks"), "store": str(store), "model": model,
+            "rows": args.rows, "steps": args.steps, "threads": args.threads}
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env, check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(against: Path, args: argparse.Namespace, tmp: Path) -> None:
+    """Interleaved rounds: this checkout against ``against``, as per-round ratios."""
+    this = Path(__file__).resolve().parent.parent / "src"
+    sides = {"this": (this, tmp / "store_this"), "that": (against.resolve(), tmp / "store_that")}
+    print(f"this: {this}\nthat: {sides['that'][0]}\n{args.rounds} interleaved rounds, "
+          f"{args.steps} steps, batch 128, {args.threads} threads, bucketed")
+    for side in ("this", "that"):  # write both stores before timing anything
+        _child_run(*sides[side], "base", argparse.Namespace(**{**vars(args), "steps": 2}))
+    for model in args.models.split(","):
+        runs: dict[str, list[dict]] = {"this": [], "that": []}
+        for r in range(args.rounds):
+            for side in ("this", "that") if r % 2 == 0 else ("that", "this"):
+                runs[side].append(_child_run(*sides[side], model, args))
+        for key in ("train", "eval"):
+            ratios = [a[key] / b[key] for a, b in zip(runs["this"], runs["that"], strict=True)]
+            med = {s: statistics.median(x[key] for x in runs[s]) for s in runs}
+            print(f"{model:<6} {key:<5} samples/s  this {med['this']:>9,.0f}  that {med['that']:>9,.0f}"
+                  f"  ratio this/that median {statistics.median(ratios):.3f} "
+                  f"(rounds {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
+        aucs = {s: runs[s][0]["auc"] for s in runs}
+        print(f"{model:<6} test AUC this {aucs['this']:.4f} that {aucs['that']:.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="din,base,dien")
@@ -177,8 +246,15 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=1,
                         help="also train with this many DDP processes (`dinrec train --nproc`, "
                         "batch 128 per process, --threads split between them) and print the scaling")
+    parser.add_argument("--against", type=Path, default=None, metavar="SRC",
+                        help="compare with the dinrec in this src folder, round by round")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.against:
+        print(f"CPU: {cpu_description()}; torch {torch.__version__}")
+        with tempfile.TemporaryDirectory() as tmp:
+            compare(args.against, args, Path(tmp))
+        return
 
     tmp = tempfile.TemporaryDirectory()
     store = Path(args.store) if args.store else Path(tmp.name) / "store"
