@@ -187,7 +187,7 @@ if not (store / "stats.json").exists():
 with tempfile.TemporaryDirectory() as run:
     cfg = TrainConfig(model=a["model"], max_steps=a["steps"], eval_every=10**9, batch_size=128,
                       lr=1e-3, embedding_dim=18, hidden=(200, 80), threads=a["threads"],
-                      progress=False, bucket=True, log_every=100)
+                      progress=False, bucket=True, log_every=100, activation="prelu")
     m = train(cfg, store, Path(run) / a["model"]).metrics
 print(json.dumps({"train": m["train_samples_per_s"], "eval": m["test"]["eval_samples_per_s"],
                   "auc": m["test"]["auc"]}))
