@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import cpu_description  # benchmarks/machine.py (this folder is on sys.path)
+
 SIZES = {"user": 6042, "item": 3708, "cat": 20}
 
 # The attention unit alone: the same public API in both trees.
@@ -179,8 +181,6 @@ def main() -> None:
     if args.child:
         return child(args)
     here = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(here / "benchmarks"))
-    from machine import cpu_description
 
     sides = {"current": Side("current", here / "src", args)}
     if args.baseline is not None:
