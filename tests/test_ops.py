@@ -326,6 +326,10 @@ def test_the_choice_is_kept_on_disk_for_later_processes(monkeypatch, fresh_choic
     monkeypatch.setattr(_ops, "measure", _timings(0.010, 0.020))
     assert _ops.use("gru_scan")
     assert json.loads(files[0].read_text())["cpp"] is True
+    _ops.forget()  # measured again, in this process and the next
+    assert not _ops.choices() and not files[0].exists()
+    monkeypatch.setattr(_ops, "measure", _timings(0.030, 0.020))
+    assert not _ops.use("gru_scan")
 
 
 def test_concurrent_writers_never_leave_a_partial_cache_file(tmp_path, monkeypatch):

@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "Choice", "available", "candidate_scores", "choices", "fast_paths", "gru_scan", "gru_scan_reference",
-    "measure", "self_check", "use",
+    "Choice", "available", "candidate_scores", "choice", "choices", "fast_paths", "forget", "gru_scan",
+    "gru_scan_reference", "measure", "self_check", "use",
 ]
 
 logger = logging.getLogger(__name__)
@@ -342,7 +342,7 @@ def _check_candidates(gen: torch.Generator, n: int, t: int, d: int, a: int, dtyp
 MIN_GAIN: float = 0.03
 #: Seconds one operator's measurement should take (warm-up excluded): rounds stop there,
 #: except that a close call (within :data:`CLOSE` of the threshold) gets ``MIN_ROUNDS``.
-BUDGET_S: float = 0.2
+BUDGET_S: float = 0.1
 MIN_ROUNDS, MAX_ROUNDS = 3, 9
 CLOSE: float = 0.15
 
@@ -476,6 +476,15 @@ def fast_paths() -> str:
     """One line per operator: which implementation runs at the current thread count and
     why (measuring now where not yet decided)."""
     return "\n".join(choice(op).line() for op in sorted(BENCHMARKS))
+
+
+def forget() -> None:
+    """Drop every decision, in this process and on disk: the next use measures again (after
+    a hardware or load change; the disk cache is keyed by build, CPU and thread count)."""
+    with _choice_lock:
+        _choices.clear()
+        for path in build_folder.glob("choice-*.json") if build_folder is not None else ():
+            path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- decision cache
