@@ -409,15 +409,11 @@ _choices: dict[tuple[str, int], Choice] = {}
 _choice_lock = threading.RLock()
 
 
+@torch.compiler.assume_constant_result  # compilers run it once, eagerly, and keep the answer
 def use(op: str) -> bool:
     """Whether the C++ operator ``op`` runs: built, self-checked, and measured faster than
     the torch path here (at the current torch thread count; measured once)."""
-    return _use(op, torch.get_num_threads())
-
-
-@torch.compiler.assume_constant_result  # compilers run it once, eagerly, and keep the answer
-def _use(op: str, threads: int) -> bool:
-    return available() and choice(op, threads).cpp
+    return available() and choice(op).cpp
 
 
 def choice(op: str, threads: int | None = None) -> Choice:
