@@ -25,6 +25,7 @@ import torch
 
 from dinrec.nn import _ops
 from dinrec.nn.attention import DinFcnAttention
+from machine import cpu_description  # benchmarks/machine.py (this folder is on sys.path)
 
 CONFIGS = [(128, 100, 36), (1024, 100, 36), (4096, 200, 64)]
 ATTENTION_SIZE = 80
@@ -149,7 +150,8 @@ def main() -> None:
 
     configs = CONFIGS[:2] if args.quick else CONFIGS
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, A = {ATTENTION_SIZE}, "
-          f"median of {args.repeats} interleaved runs")
+          f"median of {args.repeats} interleaved runs; {cpu_description()}")
+    print("fast paths (measured at first use):", *_ops.fast_paths().splitlines(), sep="\n  ")
     header = (f"{'(B, T, D)':>16} {'pass':>8} {'reference ms':>13} {'fast ms':>9} {'speed-up':>9}"
               f" {'ref MiB':>8} {'fast MiB':>9}")
     print(header)
@@ -168,7 +170,7 @@ def main() -> None:
 
     n, t, d = 1000, 100, 36
     c = time_candidates(n, t, d, args.repeats)
-    print(f"\none history (T = {t}, D = {d}) x {n} candidates ({'C++ operator' if _ops.available() else 'no C++ build'}):")
+    print(f"\none history (T = {t}, D = {d}) x {n} candidates ({_ops.choice('candidate_scores').line()}):")
     for name, ms in c.items():
         base = c["score_candidates autograd" if "autograd" in name else "score_candidates"]
         print(f"  {name:<26} {ms:>9.2f} ms   {ms / base:>6.2f}x the time of score_candidates")

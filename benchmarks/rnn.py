@@ -150,8 +150,9 @@ def main() -> None:
             times[name].append(_time(fn))
     print(
         f"forward+backward, B={b} T={t} E=H={e}, lengths 5..{t}, threads={torch.get_num_threads()}, "
-        f"{args.repeats} repeats; fast path: {'C++ operators' if _ops.available() else 'reference (no C++ build)'}"
+        f"{args.repeats} repeats"
     )
+    print(f"fast path: {_ops.choice('gru_scan').line()}")
     print(f"{'':40s} {'median ms':>10s} {'min ms':>8s}")
     for name, ts in times.items():
         print(f"{name:40s} {1e3 * statistics.median(ts):10.2f} {1e3 * min(ts):8.2f}")

@@ -90,3 +90,16 @@ def test_torch_export_traces_the_model(name):
         program = torch.export.export(Logits(), flat(batches[0]))
         for other in batches[1:]:
             torch.testing.assert_close(program.module()(*flat(other)), Logits()(*flat(other)))
+
+
+@pytest.mark.parametrize(("name", "breaks"), [("din", 0), ("dien", 6)])
+def test_graph_breaks_do_not_grow(name, breaks):
+    """Dynamo's graph breaks, counted: DIN has none; DIEN's six come from the interest
+    extractor's ``nn.GRU`` module (Dynamo does not wrap RNN modules) and the auxiliary
+    loss's ``nonzero`` (a data-dependent shape), each in the forward and its resume. A
+    new break (e.g. a ``torch.get_num_threads()`` call reached by the tracer) fails here."""
+    model, batches = _model_and_batches(name)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(batches[0])
+    reasons = [str(r.reason).strip().splitlines()[0] for r in explained.break_reasons]
+    assert explained.graph_break_count == breaks, reasons

@@ -4,6 +4,9 @@ rejected), the fallback when the check fails or raises, and dispatch off the CPU
 
 from __future__ import annotations
 
+import json
+import threading
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -187,3 +190,222 @@ def test_no_thread_count_changes_inside_forward_or_backward(monkeypatch):
     with torch.no_grad():
         DinFcnAttention(8, 8, 16).score_candidates(torch.randn(1000, 8), torch.randn(100, 8))
     assert calls == []
+
+
+# --------------------------------------------------------------------------- measured choice
+@pytest.fixture
+def fresh_choice(monkeypatch, tmp_path):
+    """No decision made yet in this process, the disk cache in ``tmp_path``."""
+    monkeypatch.setattr(_ops, "_choices", {})
+    monkeypatch.setattr(_ops, "build_folder", tmp_path)
+    return tmp_path
+
+
+def _timings(cpp_s: float, torch_s: float, calls: list | None = None):
+    def measure(op):
+        if calls is not None:
+            calls.append((op, torch.get_num_threads()))
+        return cpp_s, torch_s
+    return measure
+
+
+def _spy_op(monkeypatch, name):
+    """Count calls of ``_ops.<name>`` (the C++ operator's Python entry)."""
+    ran = []
+    real = getattr(_ops, name)
+    monkeypatch.setattr(_ops, name, lambda *a: ran.append(1) or real(*a))
+    return ran
+
+
+def _augru_case():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 5, generator=g)
+    a = torch.rand(4, 6, generator=g)
+    mask = torch.arange(6)[None] < torch.tensor([6, 3, 1, 5])[:, None]
+    return AUGRU(5, 36), x, a, mask
+
+
+@needs_build
+def test_measured_faster_the_cpp_operators_run(monkeypatch, fresh_choice):
+    monkeypatch.setattr(_ops, "measure", _timings(0.010, 0.020))
+    assert _ops.use("candidate_scores") and _ops.use("gru_scan")
+    ran_cs, ran_gru = _spy_op(monkeypatch, "candidate_scores"), _spy_op(monkeypatch, "gru_scan")
+    with torch.no_grad():
+        DinFcnAttention(8, 8, 16).score_candidates(torch.randn(50, 8), torch.randn(20, 8))
+    unit, x, a, mask = _augru_case()
+    unit(x, a, mask)
+    assert ran_cs and ran_gru
+    c = _ops.choice("candidate_scores")
+    assert (c.cpp, c.cpp_ms, c.torch_ms, c.source) == (True, 10.0, 20.0, "measured")
+
+
+@needs_build
+@pytest.mark.parametrize("cpp_s", [0.020, 0.0198])  # slower; faster by only 1% (< MIN_GAIN)
+def test_measured_no_faster_the_torch_paths_run_after_one_log_line(monkeypatch, fresh_choice, caplog, cpp_s):
+    monkeypatch.setattr(_ops, "measure", _timings(cpp_s, 0.020))
+    ran_cs, ran_gru = _spy_op(monkeypatch, "candidate_scores"), _spy_op(monkeypatch, "gru_scan")
+    att = DinFcnAttention(8, 8, 16)
+    cands, history = torch.randn(50, 8), torch.randn(20, 8)
+    unit, x, a, mask = _augru_case()
+    with caplog.at_level("INFO", logger="dinrec.nn._ops"):
+        with torch.no_grad():
+            got = att.score_candidates(cands, history)
+            att.score_candidates(cands, history)
+        out, _ = unit(x, a, mask)
+        unit(x, a, mask)
+    assert not ran_cs and not ran_gru
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines  # one per operator, not one per call
+    ms = f"C++ {1e3 * cpp_s:.2f} ms vs torch 20.00 ms"
+    assert all(ms in line and "the torch path runs" in line for line in lines)
+    assert {r.levelname for r in caplog.records} == {"WARNING"}
+    with backend("reference"), torch.no_grad():  # the torch paths gave the reference's values
+        torch.testing.assert_close(got, att.score_candidates(cands, history), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, unit(x, a, mask)[0], rtol=1e-5, atol=1e-6)
+
+
+@needs_build
+def test_a_measurement_that_raises_falls_back_to_the_torch_path(monkeypatch, fresh_choice, caplog):
+    def raising(op):
+        raise RuntimeError("the timer broke")
+
+    monkeypatch.setattr(_ops, "measure", raising)
+    with caplog.at_level("WARNING", logger="dinrec.nn._ops"):
+        assert not _ops.use("candidate_scores")
+        assert not _ops.use("candidate_scores")
+    assert len(caplog.records) == 1 and "the timer broke" in caplog.records[0].getMessage()
+    assert _ops.choice("candidate_scores").source.startswith("measurement failed")
+    ran = _spy_op(monkeypatch, "candidate_scores")
+    with torch.no_grad():
+        DinFcnAttention(8, 8, 16).score_candidates(torch.randn(50, 8), torch.randn(20, 8))
+    assert not ran
+
+
+@needs_build
+def test_the_choice_is_made_per_thread_count(monkeypatch, fresh_choice):
+    """Measured once per (operator, thread count), at that thread count; use() follows the
+    count in force (here the C++ operator wins on 1 thread and loses on 2)."""
+    calls = []
+
+    def measure(op):
+        calls.append((op, torch.get_num_threads()))
+        return (0.010, 0.020) if torch.get_num_threads() == 1 else (0.030, 0.020)
+
+    monkeypatch.setattr(_ops, "measure", measure)
+    before = torch.get_num_threads()
+    try:
+        for _ in range(2):
+            torch.set_num_threads(1)
+            assert _ops.use("candidate_scores")
+            torch.set_num_threads(2)
+            assert not _ops.use("candidate_scores")
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [("candidate_scores", 1), ("candidate_scores", 2)]
+    assert set(_ops.choices()) == {("candidate_scores", 1), ("candidate_scores", 2)}
+    assert "candidate_scores: torch path (C++ 30.00 ms vs torch 20.00 ms, 2 threads" in \
+        _ops.choice("candidate_scores", 2).line()
+
+
+@needs_build
+def test_the_choice_is_kept_on_disk_for_later_processes(monkeypatch, fresh_choice):
+    monkeypatch.setattr(_ops, "measure", _timings(0.030, 0.020))
+    assert not _ops.use("gru_scan")
+    files = list(fresh_choice.glob("choice-gru_scan-*t.json"))
+    assert len(files) == 1 and not list(fresh_choice.glob("*.tmp"))
+
+    def boom(op):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(_ops, "_choices", {})  # a new process
+    monkeypatch.setattr(_ops, "measure", boom)
+    c = _ops.choice("gru_scan")
+    assert (c.cpp, c.cpp_ms, c.torch_ms, c.source) == (False, 30.0, 20.0, "cached")
+    files[0].write_text('{"op": "gru_scan", "cpp": tru')  # a damaged file: measured again
+    monkeypatch.setattr(_ops, "_choices", {})
+    monkeypatch.setattr(_ops, "measure", _timings(0.010, 0.020))
+    assert _ops.use("gru_scan")
+    assert json.loads(files[0].read_text())["cpp"] is True
+    _ops.forget()  # measured again, in this process and the next
+    assert not _ops.choices() and not files[0].exists()
+    monkeypatch.setattr(_ops, "measure", _timings(0.030, 0.020))
+    assert not _ops.use("gru_scan")
+
+
+def test_concurrent_writers_never_leave_a_partial_cache_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(_ops, "build_folder", tmp_path)
+    nan = float("nan")
+    made = [_ops.Choice("candidate_scores", i % 2 == 0, float(i), nan, 2, "measured") for i in range(200)]
+    seen, torn, stop = [], [], threading.Event()
+    path = tmp_path / "choice-candidate_scores-2t.json"
+
+    def read():
+        while not stop.is_set():
+            try:
+                seen.append(json.loads(path.read_text()))
+            except FileNotFoundError:  # not written yet
+                pass
+            except ValueError as exc:  # a partial file
+                torn.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [threading.Thread(target=lambda c=c: _ops._write_cache(c)) for c in made]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    stop.set()
+    reader.join()
+    assert _ops._read_cache("candidate_scores", 2) is not None
+    assert seen and not torn  # every read a whole file
+    assert all(c["cpp"] == (int(c["cpp_ms"]) % 2 == 0) for c in seen)
+    assert list(tmp_path.iterdir()) == [path]
+
+
+class _Clock:
+    """A fake ``time`` module: each timed call advances ``perf_counter`` by its cost."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def call(self, cost: float, log: list, name: str):
+        def f():
+            log.append(name)
+            self.now += cost
+        return f
+
+
+@pytest.mark.parametrize(("cpp_cost", "rounds"), [(1.0, 1), (3.0, 1), (1.9375, _ops.MIN_ROUNDS)])
+def test_time_pair_interleaves_and_stops_within_its_budget(monkeypatch, cpp_cost, rounds):
+    """One warm-up each, then rounds alternating which goes first; past the budget a clear
+    win either way stops after one round, a close call (ratio ~0.97) runs MIN_ROUNDS."""
+    clock, order = _Clock(), []
+    monkeypatch.setattr(_ops, "time", clock)
+    monkeypatch.setattr(_ops, "BUDGET_S", 0.5)
+    cpp_s, torch_s = _ops._time_pair(clock.call(cpp_cost, order, "c"), clock.call(2.0, order, "t"))
+    assert (cpp_s, torch_s) == pytest.approx((cpp_cost, 2.0))
+    assert order[:4] == ["c", "t", "c", "t"] and order.count("c") == order.count("t") == rounds + 1
+    if rounds > 1:
+        assert order[4:6] == ["t", "c"]
+
+
+@needs_build
+def test_the_real_measurement_runs_both_paths_at_the_production_size(monkeypatch):
+    """The registered benchmarks call the C++ operator and the torch path they are compared with."""
+    from dinrec.nn import candidate_scores  # noqa: F401  (registers its benchmark)
+
+    ran_cs, ran_gru = _spy_op(monkeypatch, "candidate_scores"), _spy_op(monkeypatch, "gru_scan")
+    ran_ref = []
+    real_ref = candidate_scores.torch_candidate_scores
+    monkeypatch.setattr(candidate_scores, "torch_candidate_scores", lambda *a, **k: ran_ref.append(1) or real_ref(*a, **k))
+    monkeypatch.setattr(_ops, "BUDGET_S", 0.0)
+    with torch.no_grad():  # the caller's mode does not matter: GRU is timed forward + backward
+        for op in ("candidate_scores", "gru_scan"):
+            cpp_s, torch_s = _ops._timer(op)
+            assert cpp_s > 0 and torch_s > 0
+    assert ran_cs and ran_gru and ran_ref
+    assert sorted(_ops.BENCHMARKS) == ["candidate_scores", "gru_scan"]

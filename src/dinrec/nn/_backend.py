@@ -9,7 +9,9 @@ Every operation with a fast path has exactly two implementations:
 * ``"fast"`` (the default) -- the folded attention algebra in PyTorch ops, and on CPU
   for float32 / float64 the C++ operators of :mod:`dinrec.nn._ops` (the GRU recurrence,
   candidate scoring). Where a C++ operator cannot run (another device or dtype, or no
-  build: one warning says so) the reference computes that operation.
+  build: one warning says so) the reference computes that operation, and likewise where
+  it was timed at first use and found no faster than the torch path on this CPU at this
+  thread count (one log line says so; ``dinrec.nn._ops.fast_paths()`` reports).
 
 Choose it per block with the context manager (it applies to this thread)::
 

@@ -20,17 +20,33 @@ Before first use the kernels are checked against the literal math at production 
 (:func:`self_check`). :func:`available` is ``False`` -- with one warning naming the
 pure-PyTorch path that runs instead -- when the build fails (no compiler) or the check
 fails or raises.
+
+A C++ operator must also *win* on the CPU it runs on: at its first use (:func:`use`),
+after the self-check, each operator is timed against the torch path it replaces, at the
+production size it serves and the torch thread count in force, interleaved, median of a
+few rounds within a fraction of a second (:func:`measure`). It runs only where it is at
+least :data:`MIN_GAIN` faster; otherwise one log line names both timings and says that
+the torch path runs. The decision is kept per process and thread count, and on disk next
+to the build (keyed by the build, which includes the CPU, and the thread count; written
+atomically), so later processes do not measure again. :func:`fast_paths` reports it.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
+import math
+import os
 import platform
+import statistics
+import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,7 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["available", "candidate_scores", "gru_scan", "gru_scan_reference", "self_check"]
+__all__ = [
+    "Choice", "available", "candidate_scores", "choice", "choices", "fast_paths", "forget", "gru_scan",
+    "gru_scan_reference", "measure", "self_check", "use",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,19 +90,27 @@ def _build() -> None:
     """Compile (or reuse) and load the library; raises where that is impossible."""
     from torch.utils import cpp_extension
 
+    global build_folder
     paths = [CSRC / s for s in SOURCES]
     key = hashlib.sha256()
     for p in [*paths, CSRC / "math.h"]:
         key.update(p.read_bytes())
     key.update("\0".join([*CFLAGS, torch.__version__, _cpu_id()]).encode())
+    name = f"dinrec_ops_{key.hexdigest()[:12]}"
     cpp_extension.load(
-        name=f"dinrec_ops_{key.hexdigest()[:12]}",
+        name=name,
         sources=[str(p) for p in paths],
         extra_cflags=list(CFLAGS),
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
     )
+    loaded = [Path(p) for p in torch.ops.loaded_libraries if Path(p).stem == name]
+    build_folder = loaded[0].parent if loaded else None
+
+
+#: The folder of the loaded build (where the measured choices are kept), if known.
+build_folder: Path | None = None
 
 
 #: Replaced in tests to simulate a machine without a compiler.
@@ -308,3 +335,209 @@ def _check_candidates(gen: torch.Generator, n: int, t: int, d: int, a: int, dtyp
     pre = (q @ wq.t() + b1)[:, None] + (keys @ wk.t())[None] + (q[:, None] * keys[None]) @ wp.t()
     want = F.linear(torch.sigmoid(F.linear(torch.sigmoid(pre), w2, b2)), w3, b3)[..., 0]  # (N, T)
     _close(f"candidate_scores ({dtype}, N={n}, T={t})", got, want, tol)
+
+
+# --------------------------------------------------------------------------- measured choice
+#: A C++ operator runs only where it takes at most ``1 - MIN_GAIN`` of the torch path's time.
+MIN_GAIN: float = 0.03
+#: Seconds one operator's measurement should take (warm-up excluded): rounds stop there,
+#: except that a close call (within :data:`CLOSE` of the threshold) gets ``MIN_ROUNDS``.
+BUDGET_S: float = 0.1
+MIN_ROUNDS, MAX_ROUNDS = 3, 9
+CLOSE: float = 0.15
+
+Call = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Which implementation of one operator runs at one thread count, and why."""
+
+    op: str
+    cpp: bool  # the C++ operator runs (else the torch path)
+    cpp_ms: float  # median time per call at the production size (nan: not measured)
+    torch_ms: float
+    threads: int
+    source: str  # "measured", "cached", "no build" or "measurement failed: ..."
+
+    def line(self) -> str:
+        """One line for logs and benchmark headers."""
+        which = "C++ operator" if self.cpp else "torch path"
+        timing = (f"C++ {self.cpp_ms:.2f} ms vs torch {self.torch_ms:.2f} ms"
+                  if not math.isnan(self.cpp_ms) else "not timed")
+        return f"{self.op}: {which} ({timing}, {self.threads} threads, {self.source})"
+
+
+#: For each operator, a maker of its two calls at the production size it serves:
+#: ``() -> (C++ call, torch call)``. Registered by the module that uses the operator.
+BENCHMARKS: dict[str, Callable[[], tuple[Call, Call]]] = {}
+
+
+def _time_pair(cpp: Call, ref: Call) -> tuple[float, float]:
+    """Median seconds per call of ``cpp`` and ``ref``, called alternately (the order
+    swapped each round) after one warm-up call each: rounds until ``BUDGET_S`` is spent,
+    at least one, and ``MIN_ROUNDS`` where the ratio is close to the threshold (at most
+    ``MAX_ROUNDS``). A clear win of either side is decided in one or two rounds."""
+    cpp()
+    ref()
+    times: dict[Call, list[float]] = {cpp: [], ref: []}
+    start = time.perf_counter()
+    for i in range(MAX_ROUNDS):
+        if i >= 1 and time.perf_counter() - start > BUDGET_S:
+            ratio = statistics.median(times[cpp]) / statistics.median(times[ref])
+            if i >= MIN_ROUNDS or abs(ratio - (1 - MIN_GAIN)) > CLOSE:
+                break
+        for f in (cpp, ref) if i % 2 == 0 else (ref, cpp):
+            t0 = time.perf_counter()
+            f()
+            times[f].append(time.perf_counter() - t0)
+    return statistics.median(times[cpp]), statistics.median(times[ref])
+
+
+def _timer(op: str) -> tuple[float, float]:
+    """Seconds per call (C++, torch) of ``op`` at its production size, whatever the
+    caller's mode (the GRU is timed forward + backward)."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        return _time_pair(*BENCHMARKS[op]())
+
+
+#: Times one operator: ``op -> (C++ seconds, torch seconds)``. Replaced in tests.
+measure: Callable[[str], tuple[float, float]] = _timer
+
+#: The decisions of this process, by (operator, thread count).
+_choices: dict[tuple[str, int], Choice] = {}
+_choice_lock = threading.RLock()
+
+
+@torch.compiler.assume_constant_result  # compilers run it once, eagerly, and keep the answer
+def use(op: str) -> bool:
+    """Whether the C++ operator ``op`` runs: built, self-checked, and measured faster than
+    the torch path here (at the current torch thread count; measured once)."""
+    return available() and choice(op).cpp
+
+
+def choice(op: str, threads: int | None = None) -> Choice:
+    """The :class:`Choice` for ``op`` at ``threads`` (default: the current count), made now
+    if not yet made: from the disk cache, else by measuring (logged once)."""
+    threads = torch.get_num_threads() if threads is None else threads
+    key = (op, threads)
+    found = _choices.get(key)
+    if found is not None:
+        return found
+    with _choice_lock:
+        if key not in _choices:
+            _choices[key] = _decide(op, threads)
+        return _choices[key]
+
+
+def _decide(op: str, threads: int) -> Choice:
+    nan = float("nan")
+    if not available():
+        return Choice(op, False, nan, nan, threads, "no build")
+    cached = _read_cache(op, threads)
+    if cached is not None:
+        _log(cached)
+        return cached
+    previous = torch.get_num_threads()
+    try:
+        if threads != previous:  # only from an explicit choice(op, threads): never inside a forward
+            torch.set_num_threads(threads)
+        cpp_s, torch_s = measure(op)
+    except Exception as exc:  # a kernel or a timer that raises: the torch path is the safe one
+        made = Choice(op, False, nan, nan, threads, f"measurement failed: {_first_line(exc)}")
+        logger.warning("dinrec: %s; the torch path runs", made.line())
+        return made
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+    made = Choice(op, cpp_s <= (1 - MIN_GAIN) * torch_s, 1e3 * cpp_s, 1e3 * torch_s, threads, "measured")
+    _write_cache(made)
+    _log(made)
+    return made
+
+
+def _log(made: Choice) -> None:
+    if made.cpp:
+        logger.info("dinrec: %s", made.line())
+    else:
+        logger.warning("dinrec: %s; the C++ operator is not faster here, the torch path runs", made.line())
+
+
+def choices() -> dict[tuple[str, int], Choice]:
+    """The decisions made in this process so far, by (operator, thread count)."""
+    return dict(_choices)
+
+
+def fast_paths() -> str:
+    """One line per operator: which implementation runs at the current thread count and
+    why (measuring now where not yet decided)."""
+    return "\n".join(choice(op).line() for op in sorted(BENCHMARKS))
+
+
+def forget() -> None:
+    """Drop every decision, in this process and on disk: the next use measures again (after
+    a hardware or load change; the disk cache is keyed by build, CPU and thread count)."""
+    with _choice_lock:
+        _choices.clear()
+        for path in build_folder.glob("choice-*.json") if build_folder is not None else ():
+            path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- decision cache
+def _cache_file(op: str, threads: int) -> Path | None:
+    """``<build folder>/choice-<op>-<threads>t.json`` (the build's name holds the sources,
+    flags, torch version and CPU), or None where the build folder is unknown."""
+    if build_folder is None:
+        return None
+    return build_folder / f"choice-{op}-{threads}t.json"
+
+
+def _read_cache(op: str, threads: int) -> Choice | None:
+    path = _cache_file(op, threads)
+    try:
+        if path is None or not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        made = Choice(**{**data, "source": "cached"})
+        if made.op != op or made.threads != threads or not isinstance(made.cpp, bool):
+            return None
+        return made
+    except (OSError, ValueError, TypeError):  # unreadable or not ours: measure again
+        return None
+
+
+def _write_cache(made: Choice) -> None:
+    """Write atomically (a temporary file renamed over the target), so concurrent
+    processes never see a partial file; failures only cost a later re-measurement."""
+    path = _cache_file(made.op, made.threads)
+    if path is None:
+        return
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(made), f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.debug("dinrec: could not keep the fast-path choice in %s (%s)", path, exc)
+
+
+# --------------------------------------------------------------------------- the two benchmarks
+def _gru_benchmark() -> tuple[Call, Call]:
+    """gru_scan forward + backward at a DIEN training size (B 128, T 50, H 36, float32)
+    against the same recurrence step by step in torch ops through autograd."""
+    gen = torch.Generator().manual_seed(0)
+    steps, b, hid = 50, 128, 36
+    xi, w, bias, h0 = (torch.randn(*s, generator=gen) * 0.3 for s in
+                       ((steps, b, 3 * hid), (3 * hid, hid), (3 * hid,), (b, hid)))
+    c0 = torch.rand(steps, b, generator=gen)
+    c1 = -c0 * torch.rand(steps, b, generator=gen)
+    leaves = [x.requires_grad_() for x in (xi, c0, c1, w, bias, h0)]
+    g_hs = torch.randn(steps, b, hid, generator=gen)
+
+    def run(f: Callable[..., tuple[Tensor, Tensor]]) -> Call:
+        return lambda: torch.autograd.grad(f(*leaves)[0], leaves, g_hs)
+
+    return run(gru_scan), run(gru_scan_reference)
+
+
+BENCHMARKS["gru_scan"] = _gru_benchmark

@@ -57,7 +57,8 @@ Implementations (chosen by :func:`dinrec.nn.backend`, see :mod:`dinrec.nn._backe
   ``f = c0 + c1 * z`` (computed outside the loop, so autograd carries their gradients to
   ``a``), and the recurrence as one operator, ``dinrec::gru_scan`` (C++, CPU, float32 /
   float64, with a hand-written backward; :mod:`dinrec.nn._ops`). It runs only up to the
-  longest valid length. Elsewhere (CUDA, other dtypes, no C++ build) the reference runs.
+  longest valid length. Elsewhere (CUDA, other dtypes, no C++ build, or a CPU where it was
+  measured no faster than the reference at first use) the reference runs.
 """
 
 from __future__ import annotations
@@ -264,13 +265,14 @@ def _impl(impl: str | None) -> str:
 
 
 def _scan_supported(*tensors: Tensor | None) -> bool:
-    """Whether ``dinrec::gru_scan`` can run on these tensors (CPU, one float32/64 dtype, built)."""
+    """Whether ``dinrec::gru_scan`` runs on these tensors (CPU, one float32/64 dtype, built,
+    and measured faster than the reference on this CPU: :func:`dinrec.nn._ops.use`)."""
     ts = [t for t in tensors if t is not None]
     dtype = ts[0].dtype
     return (
         dtype in (torch.float32, torch.float64)
         and all(t.device.type == "cpu" and t.dtype == dtype for t in ts)
-        and _ops.available()
+        and _ops.use("gru_scan")
     )
 
 

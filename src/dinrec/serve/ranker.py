@@ -33,6 +33,7 @@ import torch
 from dinrec.data.batch import Batch, Features
 from dinrec.errors import DinrecError
 from dinrec.models import model_class
+from dinrec.nn import _ops
 from dinrec.run import load_run_model, read_run_config
 from dinrec.serve.features import Entry, RequestEncoder, find_serving_folder
 from dinrec.serve.requests import request_signature
@@ -90,6 +91,8 @@ class _TorchBackend:
         self.model = model
         self.compute_dtype = compute_dtype
         self.scorer = model.candidate_scorer()  # weight-only work done once, not per request
+        if next(model.parameters()).device.type == "cpu":  # build, self-check and time the C++
+            _ops.use("candidate_scores")  # operator now, not in the first request
 
     @torch.inference_mode()
     def rows(self, batch: Batch) -> np.ndarray:
