@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from dinrec.errors import ShapeError
 from dinrec.nn._backend import resolve
 from dinrec.nn.candidate_scores import candidate_scores
+from dinrec.nn.packed import can_pack, scores_if_sparse
 
 #: The reference's padding score for invalid positions.
 PADDING_SCORE: float = -(2.0**32) + 1
@@ -282,15 +283,24 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def _scores_fast(q: Tensor, facts: Tensor, w: AttentionWeights) -> Tensor:
-    """Steps 5-6 without the (B, T, 4D) tensor. q (B, D), facts (B, T, D) -> (B, 1, T)."""
+def _scores_fast(q: Tensor, facts: Tensor, w: AttentionWeights, valid: Tensor | None = None) -> Tensor:
+    """Steps 5-6 without the (B, T, 4D) tensor. q (B, D), facts (B, T, D), valid (B, T) bool
+    or None -> (B, 1, T). With ``valid``, the scores at invalid positions are arbitrary
+    (the caller masks them); the packed path (:mod:`dinrec.nn.packed`) gives them the padding
+    value and computes only the valid ones."""
     w_query, w_key, w_prod = _split_first_layer(w, facts.shape[-1])  # (A, D) each
     q_part = F.linear(q, w_query, w.att1_bias)  # (B, A): once per row
+    upper = (w.att2_weight, w.att2_bias, w.att3_weight, w.att3_bias)
+    same_dtype = all(x.dtype == facts.dtype for x in (q, q_part, w_key, *upper))
+    fused = same_dtype and not _autocast_enabled(facts.device.type)
+    if fused and valid is not None and can_pack(facts):
+        scores = scores_if_sparse(q_part, q, facts, valid, w_key, w_prod, upper,
+                                  _padding_value(facts.dtype))
+        if scores is not None:
+            return scores
     # Per-row key matrix M_b = (W_k - W_d)^T + diag(q_b) W_p^T folds the key and q*k terms.
     m = torch.addcmul(w_key.t().unsqueeze(0), q.unsqueeze(2), w_prod.t().unsqueeze(0))  # (B, D, A)
-    upper = (w.att2_weight, w.att2_bias, w.att3_weight, w.att3_bias)
-    same_dtype = all(x.dtype == facts.dtype for x in (q_part, m, *upper))
-    if same_dtype and not _autocast_enabled(facts.device.type):
+    if fused:
         return _FastScores.apply(q_part, facts, m, *upper)
     # Autocast or mixed dtypes: the same algebra through autograd, so autocast picks the precisions.
     h1_pre = torch.baddbmm(q_part.unsqueeze(1), facts, m)  # (B, T, A)
@@ -338,16 +348,19 @@ def din_fcn_attention(
     _check_inputs(query, facts, mask, for_cnn)
     _check_weights(weights, query.shape[1], facts.shape[2])
     q = _project_query(query, weights)  # (B, D)
-    scores = _row_scores(q, facts, weights, resolve(impl))  # (B, 1, T)
-    valid = None if (mask is None or for_cnn) else _valid(mask).unsqueeze(1)  # (B, 1, T)
-    scores = _mask_softmax(scores, valid, softmax)
+    valid = None if (mask is None or for_cnn) else _valid(mask)  # (B, T)
+    scores = _row_scores(q, facts, weights, resolve(impl), valid)  # (B, 1, T)
+    scores = _mask_softmax(scores, None if valid is None else valid.unsqueeze(1), softmax)
     return _weighted_output(scores, facts, mode, return_alphas)
 
 
-def _row_scores(q: Tensor, facts: Tensor, w: AttentionWeights, impl: str) -> Tensor:
-    """Steps 5-6 by the chosen implementation. q (B, D), facts (B, T, D) -> (B, 1, T)."""
+def _row_scores(
+    q: Tensor, facts: Tensor, w: AttentionWeights, impl: str, valid: Tensor | None = None
+) -> Tensor:
+    """Steps 5-6 by the chosen implementation. q (B, D), facts (B, T, D) -> (B, 1, T);
+    ``valid`` (B, T) lets the fast path skip invalid positions (their scores are masked)."""
     if impl == "fast":
-        return _scores_fast(q, facts, w)
+        return _scores_fast(q, facts, w, valid)
     return _scores_reference(q, facts, w)
 
 
