@@ -4,7 +4,7 @@ For batches of B rows padded to T with a given share of valid positions, times t
 ``"fast"`` attention unit (forward + backward, and forward alone without autograd)
 once with the dense folded path and once with the packed path
 (:mod:`dinrec.nn.packed`), interleaved, and prints the median over rounds of the
-per-round ratio dense / packed (> 1: packing is faster). The rule in
+per-round ratio dense / packed of the CPU time (> 1: packing is faster). The rule in
 ``dinrec.nn.packed.PACKED_BELOW`` comes from this table. Asserts nothing about time.
 
     python benchmarks/packed_threshold.py
@@ -31,10 +31,11 @@ def _mask(b: int, t: int, share: float, g: torch.Generator) -> torch.Tensor:
 
 
 def _time(fn, repeats: int) -> float:
-    start = time.perf_counter()
+    """CPU seconds of this process per call (steadier than wall time on a shared machine)."""
+    start = time.process_time()
     for _ in range(repeats):
         fn()
-    return (time.perf_counter() - start) / repeats
+    return (time.process_time() - start) / repeats
 
 
 def measure(b: int, t: int, d: int, a: int, share: float, rounds: int, repeats: int,
