@@ -26,7 +26,8 @@ GFLOP/s (forward + backward on the same batches). Asserts nothing about time.
 and once with this one, each in a fresh child process on a store written by that
 checkout's own ``benchmarks/train_throughput.py``, alternating which goes first, and prints
 the median of the per-round ratios (this / that). The machine's noise hits both sides of a
-round alike, so the ratio is steadier than either figure. ``--configs`` chooses the
+round alike, so the ratio is steadier than either figure; ``--step-cpu`` times only the
+model step, in CPU seconds, steadier still on a shared machine. ``--configs`` chooses the
 training configurations compared (default ``reference``), each a row per model:
 
 * ``reference``: the DIEN reference configuration (length-bucketed batches, PReLU MLP,
@@ -237,6 +238,49 @@ print(json.dumps({"train": m["train_samples_per_s"], "eval": m["test"]["eval_sam
 """
 
 
+#: The model step alone (forward, backward, Adam) on preloaded batches, timed in CPU
+#: seconds of the child process (steadier than wall time on a shared machine).
+STEP_CHILD = """
+import json, sys, time
+a = json.loads(sys.argv[1])
+import torch
+torch.set_num_threads(a["threads"])
+import torch.nn.functional as F
+from dinrec.data import BatchLoader, SampleStore
+from dinrec.models import model_class
+from dinrec.run import build_model
+store = SampleStore(a["store"])
+neg = 1 if model_class(a["model"]).needs_neg_history else 0
+loader = BatchLoader(store, "train", batch_size=128, shuffle=True, seed=0, bucket=a["bucket"],
+                     neg_history=neg)
+batches = []
+for batch in loader:
+    batches.append(batch)
+    if len(batches) == a["steps"]:
+        break
+torch.manual_seed(0)
+config = {"embedding_dim": 18, "hidden": [200, 80], "activation": a["activation"], **a["options"]}
+model = build_model(a["model"], config, store).train()
+opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+def step(batch):
+    out = model(batch)
+    loss = F.binary_cross_entropy_with_logits(out.logits, batch.label)
+    if out.aux_loss is not None:
+        loss = loss + out.aux_loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+for batch in batches[:5]:
+    step(batch)
+start = time.process_time()
+for batch in batches[5:]:
+    last = step(batch)
+cpu = time.process_time() - start
+print(json.dumps({"train": 128 * (len(batches) - 5) / cpu, "loss": float(last)}))
+"""
+
+
 def _child_run(src: Path, store: Path, model: str, args: argparse.Namespace,
                config: str = "reference") -> dict:
     """One training run of ``model`` in ``config`` with the code in ``src`` (its own
@@ -247,7 +291,8 @@ def _child_run(src: Path, store: Path, model: str, args: argparse.Namespace,
             "bucket": fields["bucket"], "activation": fields["activation"],
             "options": fields["model_options"]}
     env = {**os.environ, "PYTHONPATH": str(src)}
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env, check=True,
+    code = STEP_CHILD if args.step_cpu else CHILD
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -262,7 +307,8 @@ def compare(against: Path, args: argparse.Namespace, tmp: Path) -> None:
     print(f"this: {this}\nthat: {sides['that'][0]}\n{args.rounds} interleaved rounds, "
           f"{args.steps} steps, batch 128, {args.threads} threads; configurations {args.configs}")
     for side in ("this", "that"):  # write both stores before timing anything
-        _child_run(*sides[side], "base", argparse.Namespace(**{**vars(args), "steps": 2}))
+        warm = argparse.Namespace(**{**vars(args), "steps": 2, "step_cpu": False})
+        _child_run(*sides[side], "base", warm)
     for model in args.models.split(","):
         for config in args.configs.split(","):
             runs: dict[str, list[dict]] = {"this": [], "that": []}
@@ -273,7 +319,16 @@ def compare(against: Path, args: argparse.Namespace, tmp: Path) -> None:
 
 
 def _print_comparison(label: str, runs: dict[str, list[dict]]) -> None:
-    """Median samples/s of each side, the median of the per-round ratios, both test AUCs."""
+    """Median samples/s of each side, the median of the per-round ratios, both test AUCs
+    (with ``--step-cpu``: model-step samples per CPU second and the last training loss)."""
+    if "loss" in runs["this"][0]:
+        ratios = [a["train"] / b["train"] for a, b in zip(runs["this"], runs["that"], strict=True)]
+        med = {s: statistics.median(x["train"] for x in runs[s]) for s in runs}
+        print(f"{label:<16} step samples/CPU-s  this {med['this']:>9,.0f}  that {med['that']:>9,.0f}"
+              f"  ratio this/that median {statistics.median(ratios):.3f} "
+              f"(rounds {', '.join(f'{x:.2f}' for x in ratios)}); last loss this "
+              f"{runs['this'][0]['loss']:.6f} that {runs['that'][0]['loss']:.6f}", flush=True)
+        return
     for key in ("train", "eval"):
         ratios = [a[key] / b[key] for a, b in zip(runs["this"], runs["that"], strict=True)]
         med = {s: statistics.median(x[key] for x in runs[s]) for s in runs}
@@ -312,6 +367,9 @@ def main() -> None:
                         "synthetic set (written once by this checkout, shared)")
     parser.add_argument("--configs", default="reference",
                         help=f"--against: configurations compared ({', '.join(CONFIGS)})")
+    parser.add_argument("--step-cpu", action="store_true",
+                        help="--against: time the model step alone (forward, backward, Adam on "
+                        "--steps preloaded batches) in CPU seconds of each child, not the trainer")
     parser.add_argument("--accurate", action="store_true",
                         help="also measure din and dien in the accurate configuration "
                         "(shuffled, Dice, DIN's plain din_attention)")
