@@ -5,7 +5,8 @@ For batches of B rows padded to T with a given share of valid positions, times t
 once with the dense folded path and once with the packed path
 (:mod:`dinrec.nn.packed`), interleaved, and prints the median over rounds of the
 per-round ratio dense / packed of the CPU time (> 1: packing is faster). The rule in
-``dinrec.nn.packed.PACKED_BELOW`` comes from this table. Asserts nothing about time.
+``dinrec.nn.packed.PACKED_BELOW`` / ``PACKED_BELOW_WIDE`` take this table and the whole
+training step (``train_throughput.py --against ... --step-cpu``) into account. Asserts nothing about time.
 
     python benchmarks/packed_threshold.py
     python benchmarks/packed_threshold.py --attention-sizes 80 --lengths 100 --rounds 9
@@ -60,7 +61,7 @@ def measure(b: int, t: int, d: int, a: int, share: float, rounds: int, repeats: 
         for key, fn in (("train", train), ("eval", infer)):
             times = {}
             for side in ("dense", "packed") if r % 2 == 0 else ("packed", "dense"):
-                packed.PACKED_BELOW = 0.0 if side == "dense" else 1.01
+                packed.PACKED_BELOW = packed.PACKED_BELOW_WIDE = 0.0 if side == "dense" else 1.01
                 fn()  # warm
                 times[side] = _time(fn, repeats)
             ratios[key].append(times["dense"] / times["packed"])
@@ -83,7 +84,7 @@ def main() -> None:
           f"B {args.batch}, D {args.dim}; ratio = dense time / packed time, median of "
           f"{args.rounds} interleaved rounds")
     print(f"{'A':>4} {'T':>4} {'share':>6} {'train (fwd+bwd)':>16} {'eval (fwd)':>11}")
-    saved = packed.PACKED_BELOW
+    saved = packed.PACKED_BELOW, packed.PACKED_BELOW_WIDE
     try:
         for a in (int(x) for x in args.attention_sizes.split(",")):
             for t in (int(x) for x in args.lengths.split(",")):
@@ -92,7 +93,7 @@ def main() -> None:
                                            args.repeats, plain=a == 80)
                     print(f"{a:>4} {t:>4} {real:>6.2f} {tr:>16.2f} {ev:>11.2f}", flush=True)
     finally:
-        packed.PACKED_BELOW = saved
+        packed.PACKED_BELOW, packed.PACKED_BELOW_WIDE = saved
 
 
 if __name__ == "__main__":

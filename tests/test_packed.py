@@ -24,8 +24,14 @@ def calls(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(packed, "packed_scores", spy)
-    monkeypatch.setattr(packed, "PACKED_BELOW", 1.01)
+    _pack_below(monkeypatch, 1.01)
     return seen
+
+
+def _pack_below(monkeypatch, share: float) -> None:
+    """Pack below ``share`` for every attention width."""
+    monkeypatch.setattr(packed, "PACKED_BELOW", share)
+    monkeypatch.setattr(packed, "PACKED_BELOW_WIDE", share)
 
 
 def _unit(query_projection: bool = True, dtype=torch.float64, seed: int = 0, **kw) -> DinFcnAttention:
@@ -179,19 +185,23 @@ def test_float32_and_eval_without_autograd(calls, query_projection):
     assert len(calls) == 2
 
 
-def test_the_rule_packs_only_padded_batches(monkeypatch):
+@pytest.mark.parametrize(("attention_size", "packs_at_half"), [(16, False), (80, True)])
+def test_the_rule_packs_only_padded_batches(monkeypatch, attention_size, packs_at_half):
     seen = []
     original = packed.packed_scores
     monkeypatch.setattr(packed, "packed_scores", lambda *a, **k: seen.append(1) or original(*a, **k))
-    unit = _unit()
+    unit = DinFcnAttention(Q, D, attention_size).double()
     query, facts = _inputs(4, 10, Q)
     full = torch.ones(4, 10, dtype=torch.bool)
     short = torch.arange(10)[None, :] < torch.tensor([[2], [3], [10], [1]])  # share 0.4
+    half = torch.arange(10)[None, :] < torch.tensor([[2], [3], [10], [7]])  # share 0.55
     with torch.no_grad():
         unit(query, facts, full)
         assert seen == []
         unit(query, facts, short)
         assert seen == [1]
+        unit(query, facts, half)
+        assert seen == [1, 1] if packs_at_half else seen == [1]
 
 
 def test_autocast_and_meta_keep_the_dense_path(calls):
@@ -247,7 +257,7 @@ def test_models_train_the_same_packed_or_dense(monkeypatch, name, options):
     )
     results = {}
     for side, below in (("dense", 0.0), ("packed", 1.01)):
-        monkeypatch.setattr(packed, "PACKED_BELOW", below)
+        _pack_below(monkeypatch, below)
         torch.manual_seed(0)
         model = create_model(name, Schema.default(), sizes, activation="dice", **options).double().train()
         out = model(batch)

@@ -36,8 +36,8 @@ Two implementations compute it, chosen by :func:`dinrec.nn.backend` (or pinned w
   With a mask on a padded batch (shuffled batches are padded to their longest row,
   often more than half padding), the fast path scores only the valid positions
   (:mod:`dinrec.nn.packed`: the valid facts gathered into one ``(N, D)`` matrix, the
-  scores scattered back with the padding value) when fewer than
-  :data:`dinrec.nn.packed.PACKED_BELOW` of the positions are valid; eager CPU runs
+  scores scattered back with the padding value) when few enough of the positions are
+  valid (:func:`dinrec.nn.packed.use_packed`: a measured share by width); eager CPU runs
   without autocast only (tracers, meta tensors and other devices keep the dense path).
   The SUM output's backward computes the facts' gradient as a broadcast product
   (:class:`_WeightedSum`) instead of a batched matmul with an inner size of 1.

@@ -27,19 +27,25 @@ from torch import Tensor
 
 from dinrec.nn._backend import tracing
 
-__all__ = ["PACKED_BELOW", "can_pack", "packed_scores", "scores_if_sparse", "use_packed", "valid_index"]
+__all__ = ["PACKED_BELOW", "PACKED_BELOW_WIDE", "WIDE", "can_pack", "packed_scores", "scores_if_sparse", "use_packed", "valid_index"]
 
-#: Pack when less than this share of the (B, T) positions is valid. Measured with
-#: ``benchmarks/packed_threshold.py`` (AMD EPYC Zen 4, 1 thread, B = 128, D = 36, T = 20,
-#: 50, 100; CPU-time ratios dense / packed): packing gains 1.5-2.2x at a 0.3 share,
-#: 1.2-1.5x at 0.5, and breaks even at about 0.6 (A = 36, ``din_fcn_attention``) to 0.7
-#: (A = 80, plain ``din_attention``); above that the dense path wins (0.7-0.9x at 0.9),
-#: as packing doubles the first layer's inner size (``[k, q*k]`` against one folded
-#: per-row matrix) and adds a gather and a scatter. Length-bucketed batches (~96% valid)
-#: stay dense; shuffled ones (37-52% valid on our data) are packed. (Also tried: rows
-#: sorted by length and run densely in groups of 8-32 rows, each padded to its own
-#: longest; on real batch masks it was 10-30% slower than packing.)
-PACKED_BELOW: float = 0.6
+#: Pack when less than this share of the (B, T) positions is valid, for an attention
+#: MLP narrower than :data:`WIDE` (``din_fcn_attention``, A = 36) and at least that wide
+#: (the plain ``din_attention``, A = 80). Measured (AMD EPYC Zen 4, 1 thread, B = 128,
+#: D = 36, CPU time). The whole DIN training step, against the dense path
+#: (``benchmarks/train_throughput.py --against ... --step-cpu``): A = 36 gains 1.14x at a
+#: 0.37 share and loses (0.96x) at 0.52; A = 80 gains 1.51x at 0.37 and 1.15x at 0.52.
+#: The unit alone (``benchmarks/packed_threshold.py``) breaks even at about 0.6 (A = 36)
+#: and 0.7 (A = 80), and the dense path wins above that (0.7-0.9x at 0.9). Packing doubles
+#: the first layer's inner size (``[k, q*k]`` against one folded per-row matrix) and adds
+#: gathers and scatters, which weigh more next to a narrow MLP. Length-bucketed batches
+#: (~96% valid) stay dense. (Also tried: rows sorted by length and run densely in groups
+#: of 8-32 rows, each padded to its own longest; on real batch masks it was 10-30% slower
+#: than packing.)
+PACKED_BELOW: float = 0.45
+PACKED_BELOW_WIDE: float = 0.65
+#: The attention width from which :data:`PACKED_BELOW_WIDE` applies.
+WIDE: int = 64
 
 _sigmoid_backward_ = torch.ops.aten.sigmoid_backward.grad_input  # out= variant, in place
 
@@ -49,11 +55,13 @@ def valid_index(valid: Tensor) -> Tensor:
     return valid.reshape(-1).nonzero().squeeze(1)  # (N,)
 
 
-def use_packed(facts: Tensor, index: Tensor) -> bool:
+def use_packed(facts: Tensor, index: Tensor, attention_size: int) -> bool:
     """Whether scoring only the ``index`` positions of ``facts`` (B, T, D) pays: the valid
-    share is below :data:`PACKED_BELOW`."""
+    share is below :data:`PACKED_BELOW` (:data:`PACKED_BELOW_WIDE` for a first layer of
+    at least :data:`WIDE` units)."""
     b, t, _ = facts.shape
-    return index.numel() < PACKED_BELOW * b * t
+    below = PACKED_BELOW_WIDE if attention_size >= WIDE else PACKED_BELOW
+    return index.numel() < below * b * t
 
 
 def can_pack(facts: Tensor) -> bool:
@@ -170,7 +178,7 @@ def scores_if_sparse(
     the other arguments are those of :func:`packed_scores`.
     """
     index = valid_index(valid)  # (N,)
-    if not use_packed(facts, index):
+    if not use_packed(facts, index, w_key.shape[0]):
         return None
     w1 = torch.cat([w_key, w_prod], dim=1)  # (A, 2D) = [W_k - W_d | W_p]
     return packed_scores(q_part, q, facts, index, w1, upper, pad)
