@@ -17,13 +17,28 @@ GFLOP/s (forward + backward on the same batches). Asserts nothing about time.
     python benchmarks/train_throughput.py --models din --nproc 2   # + data-parallel scaling
     python benchmarks/train_throughput.py --schema rich            # the rich schema
     python benchmarks/train_throughput.py --against /tmp/old/src --models din,dien --rounds 6
+    python benchmarks/train_throughput.py --accurate --models din,dien   # + the accurate config
+    python benchmarks/train_throughput.py --against /tmp/old/src --models din,dien \
+        --configs reference,shuffled,accurate --threads 1 --rounds 5
 
 ``--against SRC`` compares with another checkout of dinrec (e.g. the previous release, from
 ``git worktree add /tmp/old <commit>``): every round trains each model once with that code
 and once with this one, each in a fresh child process on a store written by that
 checkout's own ``benchmarks/train_throughput.py``, alternating which goes first, and prints
 the median of the per-round ratios (this / that). The machine's noise hits both sides of a
-round alike, so the ratio is steadier than either figure.
+round alike, so the ratio is steadier than either figure; ``--step-cpu`` times only the
+model step, in CPU seconds, steadier still on a shared machine. ``--configs`` chooses the
+training configurations compared (default ``reference``), each a row per model:
+
+* ``reference``: the DIEN reference configuration (length-bucketed batches, PReLU MLP,
+  ``din_fcn_attention``);
+* ``shuffled``: the same on shuffled batches, each padded to its own longest row;
+* ``accurate``: shuffled batches, Dice MLP and, for DIN, the plain ``din_attention``
+  (``dinrec train --activation dice --no-bucket --option attention=din``).
+
+The test AUC of both sides is printed for every row: the two checkouts train on the same
+data with the same seed, so a change that only reorders float operations leaves it equal
+to ~1e-4.
 """
 
 from __future__ import annotations
@@ -95,6 +110,17 @@ def make_rich_store(path: Path, preset_name: str = "small") -> Path:
     return path
 
 
+def make_synthetic_store(path: Path) -> Path:
+    """The synthetic set of ``benchmarks/peers.py`` (the ``small`` preset split by user):
+    skewed history lengths, shuffled batches ~37% valid."""
+    from dinrec.data import generate, prepare_events, preset
+
+    events, _ = generate(preset("small"))
+    prepare_events(events, path, PrepareConfig(max_len=100, split="by-user", valid_fraction=0.1,
+                                               test_fraction=0.1))
+    return path
+
+
 def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -155,19 +181,36 @@ def ddp_throughput(store: Path, model: str, args: argparse.Namespace) -> dict:
             "test_auc": m["test"]["auc"]}
 
 
-def model_row(store: Path, name: str, bucket: bool, args: argparse.Namespace) -> dict:
-    """``args.rounds`` training runs of ``name``: the median samples/s and every round's."""
+#: Training configurations by name: (length bucketing, MLP activation, DIN's model options).
+CONFIGS: dict[str, tuple[bool, str, dict]] = {
+    "reference": (True, "prelu", {}),
+    "shuffled": (False, "prelu", {}),
+    "accurate": (False, "dice", {"attention": "din"}),
+}
+
+
+def config_fields(config: str, model: str) -> dict:
+    """The TrainConfig fields of a named configuration for ``model``."""
+    bucket, activation, options = CONFIGS[config]
+    return {"bucket": bucket, "activation": activation,
+            "model_options": options if model == "din" else {}}
+
+
+def model_row(store: Path, name: str, config: str, args: argparse.Namespace) -> dict:
+    """``args.rounds`` training runs of ``name`` in ``config``: the median samples/s and every round's."""
     rates, m = [], {}
+    fields = config_fields(config, name)
     for _ in range(args.rounds):
         with tempfile.TemporaryDirectory() as run:
             cfg = TrainConfig(model=name, max_steps=args.steps, eval_every=10**9, batch_size=128,
                               lr=1e-3, embedding_dim=18, hidden=(200, 80), threads=args.threads,
-                              progress=False, bucket=bucket, log_every=100)
+                              progress=False, log_every=100, **fields)
             m = train(cfg, store, Path(run) / name).metrics
         rates.append(m["train_samples_per_s"])
-    return {"model": name, "bucket": bucket, "train_samples_per_s": statistics.median(rates),
-            "rounds": rates, "eval_samples_per_s": m["test"]["eval_samples_per_s"],
-            "steps": m["steps"], "test_auc": m["test"]["auc"]}
+    return {"model": name, "config": config, "bucket": fields["bucket"],
+            "train_samples_per_s": statistics.median(rates), "rounds": rates,
+            "eval_samples_per_s": m["test"]["eval_samples_per_s"], "steps": m["steps"],
+            "test_auc": m["test"]["auc"]}
 
 
 #: One training run in a child process, with whichever ``dinrec`` is on PYTHONPATH; uses
@@ -187,19 +230,69 @@ if not (store / "stats.json").exists():
 with tempfile.TemporaryDirectory() as run:
     cfg = TrainConfig(model=a["model"], max_steps=a["steps"], eval_every=10**9, batch_size=128,
                       lr=1e-3, embedding_dim=18, hidden=(200, 80), threads=a["threads"],
-                      progress=False, bucket=True, log_every=100, activation="prelu")
+                      progress=False, bucket=a.get("bucket", True), log_every=100,
+                      activation=a.get("activation", "prelu"), model_options=a.get("options", {}))
     m = train(cfg, store, Path(run) / a["model"]).metrics
 print(json.dumps({"train": m["train_samples_per_s"], "eval": m["test"]["eval_samples_per_s"],
                   "auc": m["test"]["auc"]}))
 """
 
 
-def _child_run(src: Path, store: Path, model: str, args: argparse.Namespace) -> dict:
-    """One training run of ``model`` with the code in ``src`` (its own benchmark's store)."""
+#: The model step alone (forward, backward, Adam) on preloaded batches, timed in CPU
+#: seconds of the child process (steadier than wall time on a shared machine).
+STEP_CHILD = """
+import json, sys, time
+a = json.loads(sys.argv[1])
+import torch
+torch.set_num_threads(a["threads"])
+import torch.nn.functional as F
+from dinrec.data import BatchLoader, SampleStore
+from dinrec.models import model_class
+from dinrec.run import build_model
+store = SampleStore(a["store"])
+neg = 1 if model_class(a["model"]).needs_neg_history else 0
+loader = BatchLoader(store, "train", batch_size=128, shuffle=True, seed=0, bucket=a["bucket"],
+                     neg_history=neg)
+batches = []
+for batch in loader:
+    batches.append(batch)
+    if len(batches) == a["steps"]:
+        break
+torch.manual_seed(0)
+config = {"embedding_dim": 18, "hidden": [200, 80], "activation": a["activation"], **a["options"]}
+model = build_model(a["model"], config, store).train()
+opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+def step(batch):
+    out = model(batch)
+    loss = F.binary_cross_entropy_with_logits(out.logits, batch.label)
+    if out.aux_loss is not None:
+        loss = loss + out.aux_loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+for batch in batches[:5]:
+    step(batch)
+start = time.process_time()
+for batch in batches[5:]:
+    last = step(batch)
+cpu = time.process_time() - start
+print(json.dumps({"train": 128 * (len(batches) - 5) / cpu, "loss": float(last)}))
+"""
+
+
+def _child_run(src: Path, store: Path, model: str, args: argparse.Namespace,
+               config: str = "reference") -> dict:
+    """One training run of ``model`` in ``config`` with the code in ``src`` (its own
+    benchmark's store)."""
+    fields = config_fields(config, model)
     spec = {"bench": str(src.parent / "benchmarks"), "store": str(store), "model": model,
-            "rows": args.rows, "steps": args.steps, "threads": args.threads}
+            "rows": args.rows, "steps": args.steps, "threads": args.threads,
+            "bucket": fields["bucket"], "activation": fields["activation"],
+            "options": fields["model_options"]}
     env = {**os.environ, "PYTHONPATH": str(src)}
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env, check=True,
+    code = STEP_CHILD if args.step_cpu else CHILD
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -208,23 +301,43 @@ def compare(against: Path, args: argparse.Namespace, tmp: Path) -> None:
     """Interleaved rounds: this checkout against ``against``, as per-round ratios."""
     this = Path(__file__).resolve().parent.parent / "src"
     sides = {"this": (this, tmp / "store_this"), "that": (against.resolve(), tmp / "store_that")}
+    if args.data == "synthetic":  # one store for both sides, written by this checkout
+        make_synthetic_store(tmp / "store")
+        sides = {side: (src, tmp / "store") for side, (src, _) in sides.items()}
     print(f"this: {this}\nthat: {sides['that'][0]}\n{args.rounds} interleaved rounds, "
-          f"{args.steps} steps, batch 128, {args.threads} threads, bucketed")
+          f"{args.steps} steps, batch 128, {args.threads} threads; configurations {args.configs}")
     for side in ("this", "that"):  # write both stores before timing anything
-        _child_run(*sides[side], "base", argparse.Namespace(**{**vars(args), "steps": 2}))
+        warm = argparse.Namespace(**{**vars(args), "steps": 2, "step_cpu": False})
+        _child_run(*sides[side], "base", warm)
     for model in args.models.split(","):
-        runs: dict[str, list[dict]] = {"this": [], "that": []}
-        for r in range(args.rounds):
-            for side in ("this", "that") if r % 2 == 0 else ("that", "this"):
-                runs[side].append(_child_run(*sides[side], model, args))
-        for key in ("train", "eval"):
-            ratios = [a[key] / b[key] for a, b in zip(runs["this"], runs["that"], strict=True)]
-            med = {s: statistics.median(x[key] for x in runs[s]) for s in runs}
-            print(f"{model:<6} {key:<5} samples/s  this {med['this']:>9,.0f}  that {med['that']:>9,.0f}"
-                  f"  ratio this/that median {statistics.median(ratios):.3f} "
-                  f"(rounds {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
-        aucs = {s: runs[s][0]["auc"] for s in runs}
-        print(f"{model:<6} test AUC this {aucs['this']:.4f} that {aucs['that']:.4f}")
+        for config in args.configs.split(","):
+            runs: dict[str, list[dict]] = {"this": [], "that": []}
+            for r in range(args.rounds):
+                for side in ("this", "that") if r % 2 == 0 else ("that", "this"):
+                    runs[side].append(_child_run(*sides[side], model, args, config))
+            _print_comparison(f"{model} {config}", runs)
+
+
+def _print_comparison(label: str, runs: dict[str, list[dict]]) -> None:
+    """Median samples/s of each side, the median of the per-round ratios, both test AUCs
+    (with ``--step-cpu``: model-step samples per CPU second and the last training loss)."""
+    if "loss" in runs["this"][0]:
+        ratios = [a["train"] / b["train"] for a, b in zip(runs["this"], runs["that"], strict=True)]
+        med = {s: statistics.median(x["train"] for x in runs[s]) for s in runs}
+        print(f"{label:<16} step samples/CPU-s  this {med['this']:>9,.0f}  that {med['that']:>9,.0f}"
+              f"  ratio this/that median {statistics.median(ratios):.3f} "
+              f"(rounds {', '.join(f'{x:.2f}' for x in ratios)}); last loss this "
+              f"{runs['this'][0]['loss']:.6f} that {runs['that'][0]['loss']:.6f}", flush=True)
+        return
+    for key in ("train", "eval"):
+        ratios = [a[key] / b[key] for a, b in zip(runs["this"], runs["that"], strict=True)]
+        med = {s: statistics.median(x[key] for x in runs[s]) for s in runs}
+        print(f"{label:<16} {key:<5} samples/s  this {med['this']:>9,.0f}  that {med['that']:>9,.0f}"
+              f"  ratio this/that median {statistics.median(ratios):.3f} "
+              f"(rounds {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
+    aucs = {s: runs[s][0]["auc"] for s in runs}
+    print(f"{label:<16} test AUC this {aucs['this']:.4f} that {aucs['that']:.4f} "
+          f"(difference {aucs['this'] - aucs['that']:+.1e})", flush=True)
 
 
 def main() -> None:
@@ -248,6 +361,18 @@ def main() -> None:
                         "batch 128 per process, --threads split between them) and print the scaling")
     parser.add_argument("--against", type=Path, default=None, metavar="SRC",
                         help="compare with the dinrec in this src folder, round by round")
+    parser.add_argument("--data", default="uniform", choices=["uniform", "synthetic"],
+                        help="the store: uniform = random samples, history lengths uniform over "
+                        "5..100 (each --against side writes its own); synthetic = peers.py's "
+                        "synthetic set (written once by this checkout, shared)")
+    parser.add_argument("--configs", default="reference",
+                        help=f"--against: configurations compared ({', '.join(CONFIGS)})")
+    parser.add_argument("--step-cpu", action="store_true",
+                        help="--against: time the model step alone (forward, backward, Adam on "
+                        "--steps preloaded batches) in CPU seconds of each child, not the trainer")
+    parser.add_argument("--accurate", action="store_true",
+                        help="also measure din and dien in the accurate configuration "
+                        "(shuffled, Dice, DIN's plain din_attention)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.against:
@@ -259,8 +384,14 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     store = Path(args.store) if args.store else Path(tmp.name) / "store"
     if not (store / "stats.json").exists():
-        make_rich_store(store) if args.schema == "rich" else make_store(store, args.rows)
+        if args.schema == "rich":
+            make_rich_store(store)
+        elif args.data == "synthetic":
+            make_synthetic_store(store)
+        else:
+            make_store(store, args.rows)
     stats = SampleStore(store).stats
+    print(f"CPU: {cpu_description()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.schema} schema, "
           f"store {store}: {stats['rows']['train']:,} train rows; DIEN's GRU loops: "
           f"{'C++ operators' if _ops.available() else 'reference (no C++ build)'}")
@@ -270,18 +401,20 @@ def main() -> None:
           f"bucketed) fwd+bwd: {att:.1f} GFLOP/s, {att_ms:.2f} ms/batch")
 
     rows = []
-    print(f"\n{'model':<8} {'bucketing':<9} {'train samples/s (median, range)':>33} "
+    print(f"\n{'model':<8} {'config':<10} {'train samples/s (median, range)':>33} "
           f"{'eval samples/s':>15} {'steps':>6} {'test AUC':>9}")
     for name in args.models.split(","):
-        for bucket in (True, False) if name in args.unbucketed.split(",") else (True,):
-            row = model_row(store, name, bucket, args)
+        configs = ["reference"] + (["shuffled"] if name in args.unbucketed.split(",") else [])
+        configs += ["accurate"] if args.accurate and name in ("din", "dien") else []
+        for config in configs:
+            row = model_row(store, name, config, args)
             rows.append(row)
             lo, hi = min(row["rounds"]), max(row["rounds"])
             spread = f"{row['train_samples_per_s']:,.0f} ({lo:,.0f}-{hi:,.0f})"
-            print(f"{name:<8} {'yes' if bucket else 'no':<9} {spread:>33} "
+            print(f"{name:<8} {config:<10} {spread:>33} "
                   f"{row['eval_samples_per_s']:>15,.0f} {row['steps']:>6} {row['test_auc']:>9.4f}",
                   flush=True)
-            if args.nproc > 1 and bucket:
+            if args.nproc > 1 and config == "reference":
                 row["ddp"] = ddp_throughput(store, name, args)
                 d = row["ddp"]
                 print(f"{'':<8} {args.nproc} processes x {d['threads_per_process']} threads: "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dinrec.errors import DinrecError, ShapeError
-from dinrec.nn.activations import Dice, PReLU, dice, prelu
+from dinrec.nn.activations import Dice, PReLU, dice, dice_batch, prelu
 
 
 def test_prelu_hand_formula_and_init():
@@ -151,3 +151,46 @@ def test_prelu_gradients_match_the_two_sided_formula():
         got = torch.autograd.grad(prelu(x, alpha), (x, alpha), up)
         want = torch.autograd.grad(torch.clamp_min(x, 0) + alpha * torch.clamp_max(x, 0), (x, alpha), up)
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (2, 3), (37, 5), (4, 6, 5)])
+def test_fused_dice_equals_the_autograd_formula(shape):
+    """Training-mode Dice (fused) == `dice` with the batch statistics under autograd:
+    output, gradients of x and alpha, running estimates; a constant column included."""
+    g = torch.Generator().manual_seed(5)
+    c = shape[-1]
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5
+    x[..., 0] = 1.25  # zero variance
+    up = torch.randn(shape, generator=g, dtype=torch.float64)
+    m = Dice(c).double()
+    with torch.no_grad():
+        m.alpha.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+    xf = x.clone().requires_grad_()
+    out = m(xf)
+    out.backward(up)
+
+    xr = x.clone().requires_grad_()
+    alpha = m.alpha.detach().clone().requires_grad_()
+    flat = xr.reshape(-1, c)
+    mean, var = flat.mean(0), flat.var(0, unbiased=False)
+    want = dice(xr, alpha, mean, var, m.eps)
+    want.backward(up)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(m.alpha.grad, alpha.grad, rtol=1e-10, atol=1e-12)
+    n = flat.shape[0]
+    unbiased = var.detach() * (n / (n - 1)) if n > 1 else var.detach()
+    torch.testing.assert_close(m.running_mean, 0.1 * mean.detach())
+    torch.testing.assert_close(m.running_var, 0.9 + 0.1 * unbiased)
+
+
+def test_fused_dice_gradcheck_and_float32():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    alpha = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda a, b: dice_batch(a, b)[0], (x, alpha))
+    x32 = torch.randn(128, 200, generator=g) * 3
+    m = Dice(200)
+    with torch.no_grad():
+        m.alpha.uniform_(-1, 1)
+    torch.testing.assert_close(m(x32), reference_dice(x32, m.alpha.detach()), rtol=1e-5, atol=1e-5)

@@ -19,6 +19,11 @@ batch-norm layer instead: in training mode it normalises with the batch statisti
 (exactly the reference formula) and updates running estimates; in eval mode it
 normalises with the running estimates, so the output of a row depends on that row
 alone.
+
+In training mode without a mask, :class:`Dice` runs as one fused autograd function
+(:func:`dice_batch`: one ``var_mean``, a hand-written backward through the batch
+statistics) instead of a dozen autograd nodes; the values and gradients are those of
+:func:`dice` with the batch statistics, up to float round-off (tested).
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinrec.errors import DinrecError, ShapeError
+from dinrec.nn._backend import tracing
 
-__all__ = ["PReLU", "Dice", "prelu", "dice"]
+__all__ = ["PReLU", "Dice", "prelu", "dice", "dice_batch"]
 
 
 def _check_channels(x: Tensor, num_features: int, name: str) -> None:
@@ -78,6 +84,68 @@ def dice(
     """
     p = torch.sigmoid((x - mean) / (torch.sqrt(var + eps) + eps))  # (..., C)
     return p * x + (1.0 - p) * alpha * x  # (..., C)
+
+
+class _DiceBatch(torch.autograd.Function):
+    """Dice with the statistics of its own batch, forward and backward in a few fused steps.
+
+    forward(x (N, C), alpha (C,), eps) -> (y (N, C), mean (C,), var (C,)); ``mean`` and the
+    population ``var`` are returned (not differentiable) for the running estimates.
+    With ``s = sqrt(var + eps) + eps``, ``z = (x - mean) / s``, ``p = sigmoid(z)`` and
+    ``w = alpha + (1 - alpha) p`` (so ``y = x w``), the backward is::
+
+        g_z     = g x (1 - alpha) p (1 - p)
+        g_x     = g w + (g_z - mean(g_z)) / s + z sum(-g_z z / s) s / (N sqrt(var + eps))
+        g_alpha = sum(g x (1 - p))
+
+    (the terms of ``g_x``: the direct path, the paths through ``z`` and the mean, and the
+    path through the variance). Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, eps):
+        n = x.shape[0]
+        # Two passes with sums (torch.var_mean over dim 0 is ~10x slower on CPU here).
+        mean = x.sum(0).div_(n)  # (C,)
+        xc = x - mean  # (N, C)
+        var = (xc * xc).sum(0).div_(n)  # (C,) population variance, as the reference
+        std = (var + eps).sqrt_()  # (C,)
+        s = std + eps  # (C,) the reference's normaliser
+        z = xc.div_(s)  # (N, C)
+        p = torch.sigmoid(z)  # (N, C)
+        w = (p * (1 - alpha)).add_(alpha)  # (N, C) = p + (1 - p) alpha, per unit of x
+        ctx.save_for_backward(x, alpha, z, p, w, std, s)
+        ctx.mark_non_differentiable(mean, var)
+        return x * w, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, _g_mean, _g_var):
+        x, alpha, z, p, w, std, s = ctx.saved_tensors
+        gx = g * x  # (N, C)
+        gxp = gx * p  # (N, C)
+        g_alpha = gx.sum(0) - gxp.sum(0)  # (C,)
+        g_z = gxp.sub_(gxp * p).mul_(1 - alpha)  # (N, C): g x p (1 - p) (1 - alpha)
+        g_s = (g_z * z).sum(0).div_(s)  # (C,) minus the gradient of s
+        g_x = g_z.sub_(g_z.mean(0)).div_(s)  # (N, C) through z and the mean
+        g_x.addcmul_(g, w)  # the direct path
+        g_x.addcmul_(z, g_s.mul_(s).div_(std).div_(-x.shape[0]))  # through the variance
+        return g_x, g_alpha, None
+
+
+def dice_batch(x: Tensor, alpha: Tensor, eps: float = 1e-9) -> tuple[Tensor, Tensor, Tensor]:
+    """Dice with the batch's own statistics, fused.
+
+    Args:
+        x: ``(N, C)``.
+        alpha: ``(C,)`` slope of the "off" branch.
+        eps: the reference's epsilon.
+
+    Returns:
+        ``(y (N, C), mean (C,), var (C,))``: ``y = dice(x, alpha, mean, var, eps)`` with the
+        batch mean and population variance, which are returned too (no gradient).
+    """
+    return _DiceBatch.apply(x, alpha, eps)
 
 
 class PReLU(nn.Module):
@@ -177,15 +245,23 @@ class Dice(nn.Module):
         n = flat.shape[0]
         if n == 0:
             raise ShapeError("Dice in training mode needs at least one (unmasked) row")
-        mean = flat.mean(dim=0)  # (C,)
-        var = flat.var(dim=0, unbiased=False)  # (C,) population variance, as the reference
+        fused = mask is None and not tracing() and flat.dtype == self.alpha.dtype
+        if fused:
+            y, mean, var = dice_batch(flat, self.alpha, self.eps)  # (N, C), (C,), (C,)
+        else:
+            mean = flat.mean(dim=0)  # (C,)
+            var = flat.var(dim=0, unbiased=False)  # (C,) population variance, as the reference
+        self._update_running(mean, var, n)
+        return y.view(x.shape) if fused else dice(x, self.alpha, mean, var, self.eps)
+
+    def _update_running(self, mean: Tensor, var: Tensor, n: int) -> None:
+        """The running estimates, as ``torch.nn.BatchNorm1d`` (unbiased batch variance)."""
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             w = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             unbiased = var * (n / (n - 1)) if n > 1 else var
             self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), w)
             self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), w)
-        return dice(x, self.alpha, mean, var, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

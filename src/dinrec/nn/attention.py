@@ -33,6 +33,15 @@ Two implementations compute it, chosen by :func:`dinrec.nn.backend` (or pinned w
   (:class:`CandidateAttention`, the history part computed once, the C++ operator
   ``dinrec::candidate_scores`` on CPU), with autograd as N rows sharing the history.
 
+  With a mask on a padded batch (shuffled batches are padded to their longest row,
+  often more than half padding), the fast path scores only the valid positions
+  (:mod:`dinrec.nn.packed`: the valid facts gathered into one ``(N, D)`` matrix, the
+  scores scattered back with the padding value) when few enough of the positions are
+  valid (:func:`dinrec.nn.packed.use_packed`: a measured share by width); eager CPU runs
+  without autocast only (tracers, meta tensors and other devices keep the dense path).
+  The SUM output's backward computes the facts' gradient as a broadcast product
+  (:class:`_WeightedSum`) instead of a batched matmul with an inner size of 1.
+
 Query and facts widths are free (``Q != D``, odd or large ``D``): nothing assumes a
 vector width.
 
@@ -57,8 +66,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinrec.errors import ShapeError
-from dinrec.nn._backend import resolve
+from dinrec.nn._backend import resolve, tracing
 from dinrec.nn.candidate_scores import candidate_scores
+from dinrec.nn.packed import can_pack, scores_if_sparse
 
 #: The reference's padding score for invalid positions.
 PADDING_SCORE: float = -(2.0**32) + 1
@@ -196,14 +206,39 @@ def _mask_softmax(scores: Tensor, valid: Tensor | None, softmax: bool) -> Tensor
     return scores
 
 
+class _WeightedSum(torch.autograd.Function):
+    """``bmm(scores (N, 1, T), facts (N, T, D)) -> (N, 1, D)`` whose backward computes the
+    facts' gradient ``scores^T g`` as a broadcast product: as a batched matmul with an
+    inner size of 1 it is ~5x slower on CPU."""
+
+    @staticmethod
+    def forward(ctx, scores, facts):
+        ctx.save_for_backward(scores, facts)
+        return torch.bmm(scores, facts)  # (N, 1, D)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        scores, facts = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_scores = torch.bmm(g, facts.transpose(1, 2)) if need[0] else None  # (N, 1, T)
+        g_facts = scores.transpose(1, 2) * g if need[1] else None  # (N, T, 1) * (N, 1, D)
+        return g_scores, g_facts
+
+
 def _weighted_output(
-    scores: Tensor, facts: Tensor, mode: str, return_alphas: bool
+    scores: Tensor, facts: Tensor, mode: str, return_alphas: bool, fast: bool = False
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Step 9. scores (N, 1, T), facts (N, T, D) or (T, D) shared by all N rows."""
+    """Step 9. scores (N, 1, T), facts (N, T, D) or (T, D) shared by all N rows. ``fast``:
+    the SUM of batched facts through :class:`_WeightedSum` where no autocast or tracer
+    needs to see the plain ``bmm``."""
     n, _, t = scores.shape
     if mode == "SUM":
         if facts.dim() == 2:  # one history for every row
             output = torch.matmul(scores.reshape(n, t), facts).unsqueeze(1)  # (N, 1, D)
+        elif (fast and scores.dtype == facts.dtype and not tracing()
+              and not _autocast_enabled(facts.device.type)):
+            output = _WeightedSum.apply(scores, facts)  # (N, 1, D)
         else:
             output = torch.bmm(scores.to(facts.dtype), facts)  # (N, 1, D)
         alphas = scores  # (N, 1, T)
@@ -282,15 +317,24 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def _scores_fast(q: Tensor, facts: Tensor, w: AttentionWeights) -> Tensor:
-    """Steps 5-6 without the (B, T, 4D) tensor. q (B, D), facts (B, T, D) -> (B, 1, T)."""
+def _scores_fast(q: Tensor, facts: Tensor, w: AttentionWeights, valid: Tensor | None = None) -> Tensor:
+    """Steps 5-6 without the (B, T, 4D) tensor. q (B, D), facts (B, T, D), valid (B, T) bool
+    or None -> (B, 1, T). With ``valid``, the scores at invalid positions are arbitrary
+    (the caller masks them); the packed path (:mod:`dinrec.nn.packed`) gives them the padding
+    value and computes only the valid ones."""
     w_query, w_key, w_prod = _split_first_layer(w, facts.shape[-1])  # (A, D) each
     q_part = F.linear(q, w_query, w.att1_bias)  # (B, A): once per row
+    upper = (w.att2_weight, w.att2_bias, w.att3_weight, w.att3_bias)
+    same_dtype = all(x.dtype == facts.dtype for x in (q, q_part, w_key, *upper))
+    fused = same_dtype and not _autocast_enabled(facts.device.type)
+    if fused and valid is not None and can_pack(facts):
+        scores = scores_if_sparse(q_part, q, facts, valid, w_key, w_prod, upper,
+                                  _padding_value(facts.dtype))
+        if scores is not None:
+            return scores
     # Per-row key matrix M_b = (W_k - W_d)^T + diag(q_b) W_p^T folds the key and q*k terms.
     m = torch.addcmul(w_key.t().unsqueeze(0), q.unsqueeze(2), w_prod.t().unsqueeze(0))  # (B, D, A)
-    upper = (w.att2_weight, w.att2_bias, w.att3_weight, w.att3_bias)
-    same_dtype = all(x.dtype == facts.dtype for x in (q_part, m, *upper))
-    if same_dtype and not _autocast_enabled(facts.device.type):
+    if fused:
         return _FastScores.apply(q_part, facts, m, *upper)
     # Autocast or mixed dtypes: the same algebra through autograd, so autocast picks the precisions.
     h1_pre = torch.baddbmm(q_part.unsqueeze(1), facts, m)  # (B, T, A)
@@ -338,16 +382,20 @@ def din_fcn_attention(
     _check_inputs(query, facts, mask, for_cnn)
     _check_weights(weights, query.shape[1], facts.shape[2])
     q = _project_query(query, weights)  # (B, D)
-    scores = _row_scores(q, facts, weights, resolve(impl))  # (B, 1, T)
-    valid = None if (mask is None or for_cnn) else _valid(mask).unsqueeze(1)  # (B, 1, T)
-    scores = _mask_softmax(scores, valid, softmax)
-    return _weighted_output(scores, facts, mode, return_alphas)
+    valid = None if (mask is None or for_cnn) else _valid(mask)  # (B, T)
+    kind = resolve(impl)
+    scores = _row_scores(q, facts, weights, kind, valid)  # (B, 1, T)
+    scores = _mask_softmax(scores, None if valid is None else valid.unsqueeze(1), softmax)
+    return _weighted_output(scores, facts, mode, return_alphas, fast=kind == "fast")
 
 
-def _row_scores(q: Tensor, facts: Tensor, w: AttentionWeights, impl: str) -> Tensor:
-    """Steps 5-6 by the chosen implementation. q (B, D), facts (B, T, D) -> (B, 1, T)."""
+def _row_scores(
+    q: Tensor, facts: Tensor, w: AttentionWeights, impl: str, valid: Tensor | None = None
+) -> Tensor:
+    """Steps 5-6 by the chosen implementation. q (B, D), facts (B, T, D) -> (B, 1, T);
+    ``valid`` (B, T) lets the fast path skip invalid positions (their scores are masked)."""
     if impl == "fast":
-        return _scores_fast(q, facts, w)
+        return _scores_fast(q, facts, w, valid)
     return _scores_reference(q, facts, w)
 
 
