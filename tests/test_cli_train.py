@@ -187,11 +187,40 @@ def test_train_options_are_generated_from_the_config_fields():
     add_config_options(p, TrainConfig)
     assert config_from_args(TrainConfig, p.parse_args([])) == TrainConfig()
     cfg = config_from_args(TrainConfig, p.parse_args(
-        ["--hidden", "7,5", "--grad-clip", "0.5", "--no-bucket", "--quiet", "--amp",
-         "--option", "attention_size=16", "--option", "attention=din", "--lr-schedule", "cosine"]))
-    assert cfg == TrainConfig(hidden=(7, 5), grad_clip=0.5, bucket=False, progress=False, amp=True,
-                              model_options={"attention_size": 16, "attention": "din"},
+        ["--hidden", "7,5", "--grad-clip", "0.5", "--bucket", "--quiet", "--amp",
+         "--option", "attention_size=16", "--option", "attention=fcn", "--lr-schedule", "cosine"]))
+    assert cfg == TrainConfig(hidden=(7, 5), grad_clip=0.5, bucket=True, progress=False, amp=True,
+                              model_options={"attention_size": 16, "attention": "fcn"},
                               lr_schedule="cosine")
+    assert config_from_args(TrainConfig, p.parse_args(["--bucket", "--no-bucket"])).bucket is False
+
+
+def test_the_defaults_are_accurate_and_reference_is_one_flag_away():
+    from dinrec.cli import build_parser, train_config
+    from dinrec.train.config import TrainConfig
+
+    def cfg(*argv):
+        return train_config(build_parser(["train"]).parse_args(["train", "S", "R", *argv]))
+
+    # The default: shuffled batches, Dice, DIN's plain din_attention (the model's default).
+    assert cfg() == TrainConfig() and (cfg().bucket, cfg().activation) == (False, "dice")
+    from dinrec.models.din import DINConfig
+
+    assert DINConfig().attention == "din"
+    # --reference: the DIEN reference configuration of the model given.
+    ref = cfg("--reference")
+    assert ref == TrainConfig.reference("din")
+    assert (ref.bucket, ref.activation, ref.model_options) == (True, "prelu", {"attention": "fcn"})
+    assert cfg("--reference", "--model", "dien").model_options == {}  # DIEN's attention: unchanged
+    assert cfg("--model", "dien", "--reference").bucket is True
+    # Options given with it win, also when they equal the usual default.
+    mixed = cfg("--reference", "--no-bucket", "--activation", "dice", "--option", "attention_size=16")
+    assert (mixed.bucket, mixed.activation) == (False, "dice")
+    assert mixed.model_options == {"attention": "fcn", "attention_size": 16}
+    assert cfg("--reference", "--option", "attention=din").model_options == {"attention": "din"}
+    assert cfg("--reference", "--epochs", "3").epochs == 3
+    assert TrainConfig.reference("base", lr=0.01) == TrainConfig(model="base", lr=0.01, bucket=True,
+                                                                 activation="prelu")
 
 
 def test_nproc_runs_through_the_elastic_launcher(monkeypatch, tmp_path):
