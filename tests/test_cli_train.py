@@ -134,6 +134,19 @@ def test_demo_on_tiny_data_writes_pictures_and_checks_truth(tmp_path):
     assert len(summary["recommendation"]["ranked"]) == 5
 
 
+def test_demo_trains_the_default_configuration_or_the_reference(tmp_path):
+    for reference in (False, True):
+        out = tmp_path / f"demo-{reference}"
+        run_demo(DemoConfig(out=out, preset="tiny", epochs=1, progress=False, threads=1,
+                            reference=reference), echo=lambda line: None)
+        for name in ("din", "base"):
+            saved = json.loads((out / name / "config.json").read_text())
+            assert saved["train"]["bucket"] is reference
+            assert saved["train"]["activation"] == ("prelu" if reference else "dice")
+        attention = json.loads((out / "din" / "config.json").read_text())["model"]["config"]["attention"]
+        assert attention == ("fcn" if reference else "din")
+
+
 @pytest.mark.slow
 def test_demo_main_job_din_beats_base_and_attention_finds_the_planted_truth(tmp_path):
     """The README's main job, as a user runs it: `dinrec demo` (small preset, default epochs)."""

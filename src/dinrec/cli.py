@@ -120,6 +120,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--reference", action="store_true",
+                   help="train in the DIEN reference configuration (docs/training.md)")
     p.set_defaults(func=_run_demo)
 
 
@@ -133,7 +135,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig(
         out=Path(args.out), preset=args.preset, epochs=args.epochs, seed=args.seed,
-        threads=args.threads, progress=not args.quiet,
+        threads=args.threads, progress=not args.quiet, reference=args.reference,
     )
     run_demo(cfg, echo=lambda line: print(line, flush=True))
     return 0
