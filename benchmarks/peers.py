@@ -90,16 +90,22 @@ def export_store(store_dir: Path, out: Path) -> None:
         return
     store = SampleStore.open(store_dir)
     main = store.schema.main_sequence.name  # the default schema: "hist" (item ++ cat)
-    seqs, item_cat = store.sequences[main], np.asarray(store.item_cat)
+    # Rows and histories hold side-table *keys*; the ids are the side tables' columns (a key
+    # unseen in training has the OOV id 1, and still its category).
+    item_id, cat_id = (np.asarray(store.items.features[k]) for k in ("item", "cat"))
+    user_id = np.asarray(store.users.features["user"])
+    seqs = store.sequences[main]
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "sequences.npz", items=seqs.items, cats=item_cat[seqs.items], item_cat=item_cat)
+    np.savez(out / "sequences.npz", items=item_id[seqs.items], cats=cat_id[seqs.items],
+             item_cat=np.asarray(store.item_cat))
     for split in ("train", "valid", "test"):
         tab = pq.read_table(store.files(split), columns=["label", "user", "item", "seq", f"end.{main}"])
         col = {k: tab.column(k).to_numpy() for k in tab.column_names}
         start, length = seqs.windows(col["seq"].astype(np.int64), col[f"end.{main}"].astype(np.int64),
                                      store.max_len)
-        np.savez(out / f"{split}.npz", user=col["user"], item=col["item"], cat=item_cat[col["item"]],
-                 label=col["label"], start=start, len=length)
+        np.savez(out / f"{split}.npz", user=user_id[col["user"]], item=item_id[col["item"]],
+                 cat=cat_id[col["item"]], label=col["label"], start=start, len=length,
+                 group=col["user"])
     sizes = store.table_sizes()
     meta = {"n_users": sizes["user"], "n_items": sizes["item"], "n_cats": sizes["cat"],
             "max_len": store.max_len, "rows": {s: store.num_rows(s) for s in ("train", "valid", "test")}}
