@@ -217,14 +217,15 @@ def test_the_defaults_are_accurate_and_reference_is_one_flag_away():
         return train_config(build_parser(["train"]).parse_args(["train", "S", "R", *argv]))
 
     # The default: shuffled batches, Dice, DIN's plain din_attention (the model's default).
-    assert cfg() == TrainConfig() and (cfg().bucket, cfg().activation) == (False, "dice")
+    assert cfg() == TrainConfig() and (cfg().bucket, cfg().activation, cfg().lr) == (False, "dice", 2e-3)
     from dinrec.models.din import DINConfig
 
     assert DINConfig().attention == "din"
     # --reference: the DIEN reference configuration of the model given.
     ref = cfg("--reference")
     assert ref == TrainConfig.reference("din")
-    assert (ref.bucket, ref.activation, ref.model_options) == (True, "prelu", {"attention": "fcn"})
+    assert (ref.bucket, ref.activation, ref.lr) == (True, "prelu", 1e-3)
+    assert ref.model_options == {"attention": "fcn"}
     assert cfg("--reference", "--model", "dien").model_options == {}  # DIEN's attention: unchanged
     assert cfg("--model", "dien", "--reference").bucket is True
     # Options given with it win, also when they equal the usual default.
@@ -233,8 +234,11 @@ def test_the_defaults_are_accurate_and_reference_is_one_flag_away():
     assert mixed.model_options == {"attention": "fcn", "attention_size": 16}
     assert cfg("--reference", "--option", "attention=din").model_options == {"attention": "din"}
     assert cfg("--reference", "--epochs", "3").epochs == 3
+    assert cfg("--reference", "--lr", "2e-3").lr == 2e-3
     assert TrainConfig.reference("base", lr=0.01) == TrainConfig(model="base", lr=0.01, bucket=True,
                                                                  activation="prelu")
+    assert TrainConfig.reference("base") == TrainConfig(model="base", lr=1e-3, bucket=True,
+                                                        activation="prelu")
 
 
 def test_nproc_runs_through_the_elastic_launcher(monkeypatch, tmp_path):
