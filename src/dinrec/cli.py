@@ -21,6 +21,9 @@ from typing import Any, TypeVar
 from dinrec import __version__
 from dinrec.errors import DinrecError
 
+if typing.TYPE_CHECKING:
+    from dinrec.train.config import TrainConfig
+
 T = TypeVar("T")
 
 
@@ -150,7 +153,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     add_config_options(p.add_argument_group("training (TrainConfig)"), TrainConfig)
     p.add_argument("--reference", action="store_true",
                    help="start from the DIEN reference configuration (length-sorted batches, "
-                   "PReLU MLP, DIN's din_fcn_attention) instead of the accurate defaults; "
+                   "PReLU MLP, Adam 1e-3, DIN's din_fcn_attention) instead of the accurate "
+                   "defaults; "
                    "options given with it win (docs/training.md)")
     p.add_argument("--nproc", type=int, default=1,
                    help="data-parallel worker processes on this machine, started with "
@@ -163,7 +167,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_run_train)
 
 
-def train_config(args: argparse.Namespace) -> Any:
+def train_config(args: argparse.Namespace) -> TrainConfig:
     """``dinrec train``'s TrainConfig: the options given, over the defaults or, with
     ``--reference``, over ``TrainConfig.reference(model)``."""
     from dinrec.train.config import TrainConfig
