@@ -6,7 +6,8 @@ peer), so it must not import dinrec. The export folder (written by ``peers.py``)
     meta.json                  vocabulary sizes (ids are dinrec's: 0 padding, 1 OOV)
     sequences.npz              items, cats: every behaviour sequence, flat (oldest first)
     {train,valid,test}.npz     user, item, cat, label, start, len: a row's history is
-                               items[start : start + len] (at most max_len, most recent)
+                               items[start : start + len] (at most max_len, most recent);
+                               group: the raw user (GAUC's groups, also for OOV users)
 
 Every peer sees dinrec's ids, rows and histories unchanged; batches are built here with
 NumPy (history padded to the batch's longest row, after the items, as FuxiCTR's LongCTR
@@ -40,6 +41,8 @@ class Split:
         z = np.load(folder / f"{name}.npz")
         self.user, self.item, self.cat = z["user"], z["item"], z["cat"]
         self.label, self.start, self.len = z["label"].astype(np.float32), z["start"], z["len"]
+        # GAUC's group: the raw user (distinct also where the user id is OOV), as dinrec's
+        self.group = z["group"] if "group" in z else self.user
 
     def __len__(self) -> int:
         return len(self.label)
@@ -336,7 +339,7 @@ def main() -> None:
     res = train(peer, data, a)
     test = data.splits["test"]
     probs = predict(peer, data, "test")
-    np.savez(a.preds, labels=test.label, probs=probs.astype(np.float32), users=test.user)
+    np.savez(a.preds, labels=test.label, probs=probs.astype(np.float32), users=test.group)
     res.update(peer=a.peer, model=a.model, seed=a.seed, threads=a.threads)
     Path(a.out).write_text(json.dumps(res, indent=1))
 

@@ -7,7 +7,8 @@ For every data set it prepares a dinrec sample store once (the commands of
 benchmarks/results.py for the real sets; ``synthetic``: the ``small`` preset split by
 user, ~154k train / ~19k valid / ~19k test rows, histories <= 94), exports it for the
 peers (ids, rows and histories unchanged: see benchmarks/peer_driver.py), and then, for
-every (model, seed), trains dinrec (``dinrec train``) and each peer *interleaved* (dinrec,
+every (model, seed), trains dinrec (``dinrec train``: its default configuration;
+``--reference`` adds ``dinrec train --reference``) and each peer *interleaved* (dinrec,
 peer, dinrec, peer ...) so that both see the same machine load. Each peer runs in its own
 virtual environment under ``.peers/<peer>`` (created on first use, torch pinned to
 2.13.0). Test metrics of every run (dinrec's and the peers') are computed by
@@ -88,32 +89,30 @@ def export_store(store_dir: Path, out: Path) -> None:
     if (out / "meta.json").exists():
         return
     store = SampleStore.open(store_dir)
-    seqs = store.sequences
+    main = store.schema.main_sequence.name  # the default schema: "hist" (item ++ cat)
+    # Rows and histories hold side-table *keys*; the ids are the side tables' columns (a key
+    # unseen in training has the OOV id 1, and still its category).
+    item_id, cat_id = (np.asarray(store.items.features[k]) for k in ("item", "cat"))
+    user_id = np.asarray(store.users.features["user"])
+    seqs = store.sequences[main]
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "sequences.npz", items=np.asarray(seqs.items), cats=np.asarray(seqs.cats),
+    np.savez(out / "sequences.npz", items=item_id[seqs.items], cats=cat_id[seqs.items],
              item_cat=np.asarray(store.item_cat))
     for split in ("train", "valid", "test"):
-        tab = pq.read_table(store.files(split), columns=["label", "user", "item", "cat", "seq", "hist_end"])
+        tab = pq.read_table(store.files(split), columns=["label", "user", "item", "seq", f"end.{main}"])
         col = {k: tab.column(k).to_numpy() for k in tab.column_names}
-        start, length = seqs.windows(col["seq"].astype(np.int64), col["hist_end"].astype(np.int64),
+        start, length = seqs.windows(col["seq"].astype(np.int64), col[f"end.{main}"].astype(np.int64),
                                      store.max_len)
-        np.savez(out / f"{split}.npz", user=col["user"], item=col["item"], cat=col["cat"],
-                 label=col["label"], start=start, len=length)
-    v = store.vocabs
-    meta = {"n_users": len(v.user), "n_items": len(v.item), "n_cats": len(v.cat),
+        np.savez(out / f"{split}.npz", user=user_id[col["user"]], item=item_id[col["item"]],
+                 cat=cat_id[col["item"]], label=col["label"], start=start, len=length,
+                 group=col["user"])
+    sizes = store.table_sizes()
+    meta = {"n_users": sizes["user"], "n_items": sizes["item"], "n_cats": sizes["cat"],
             "max_len": store.max_len, "rows": {s: store.num_rows(s) for s in ("train", "valid", "test")}}
     (out / "meta.json").write_text(json.dumps(meta))
 
 
 # --------------------------------------------------------------------------- runs
-#: The accurate configuration found by the ablation in docs/results.md ("Peers"): shuffled
-#: batches, Dice in the MLP, and for DIN the plain ``din_attention``. dinrec's defaults are
-#: still the DIEN reference configuration (``--reference`` runs those), so the accurate
-#: one is spelled out here.
-ACCURATE_ARGS = {"din": "--activation dice --no-bucket --option attention=din",
-                 "*": "--activation dice --no-bucket"}
-
-
 def dinrec_run(store: Path, run: Path, model: str, seed: int, budget: dict, a, log: Path,
                reference: bool = False) -> dict:
     mfile = run / "metrics.json"
@@ -127,8 +126,7 @@ def dinrec_run(store: Path, run: Path, model: str, seed: int, budget: dict, a, l
             cmd += ["--max-steps", str(budget["max_steps"])]
         if "eval_every" in budget:
             cmd += ["--eval-every", str(budget["eval_every"])]
-        accurate = "" if reference else ACCURATE_ARGS.get(model, ACCURATE_ARGS["*"])
-        _run(cmd + shlex.split(accurate) + shlex.split(a.dinrec_args), log)
+        _run(cmd + (["--reference"] if reference else []) + shlex.split(a.dinrec_args), log)
     m = json.loads(mfile.read_text())
     return {"speed": m["train_samples_per_s"], **{k: m["test"][k] for k in ("auc", "gauc", "logloss")}}
 
@@ -186,10 +184,10 @@ def main() -> None:
     p.add_argument("--data", default=str(HERE.parents[1] / "shared" / "data"))
     p.add_argument("--root", default="runs/peers")
     p.add_argument("--venvs", default=".peers", help="folder of the peers' virtual environments")
-    p.add_argument("--dinrec-args", default="", help="more `dinrec train` options (after ACCURATE_ARGS), e.g. '--threads 2'")
+    p.add_argument("--dinrec-args", default="", help="more `dinrec train` options, e.g. '--threads 2'")
     p.add_argument("--tag", default="", help="suffix of dinrec's run folders (to compare options)")
     p.add_argument("--reference", action="store_true",
-                   help="also run dinrec with its defaults (the DIEN reference configuration), interleaved")
+                   help="also run dinrec's DIEN reference configuration (`dinrec train --reference`), interleaved")
     a = p.parse_args()
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)

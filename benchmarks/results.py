@@ -32,7 +32,10 @@ DATASETS: dict[str, list[str]] = {
     "beauty": ["sequences", "{data}/amazon-beauty-5core-s3rec/Beauty.txt",
                "{data}/amazon-beauty-5core-s3rec/Beauty_item2attributes.json"],
 }
-TRAIN_ARGS = ["--max-steps", "3000", "--eval-every", "500", "--patience", "3", "--threads", "1", "--quiet"]
+# The tables of docs/results.md were made in the DIEN reference configuration (dinrec's
+# defaults then): pinned, so that they reproduce; `-- --no-bucket ...` adds options after it.
+TRAIN_ARGS = ["--reference", "--max-steps", "3000", "--eval-every", "500", "--patience", "3",
+              "--threads", "1", "--quiet"]
 
 
 def _sh(cmd: list[str], log: Path, fatal: bool = True) -> None:

@@ -16,6 +16,7 @@ from dinrec.data.schema import Feature, Schema, SequenceSpec
 from dinrec.errors import DinrecError
 from dinrec.models import MODELS, create_model
 from dinrec.models.din import DIN, DINCandidateScorer
+from dinrec.train.config import REFERENCE_MODEL_OPTIONS
 from model_inputs import (
     DEFAULT_SIZES,
     RICH,
@@ -55,7 +56,9 @@ def test_default_schema_reproduces_the_pre_schema_models(case):
     sizes = {"user": _fixture["sizes"]["n_users"], "item": _fixture["sizes"]["n_items"],
              "cat": _fixture["sizes"]["n_cats"]}
     torch.manual_seed(0)
-    model = create_model(c["name"], Schema.default(), sizes, **c["config"])
+    # recorded with the model defaults of then: the DIEN reference's (DIN: din_fcn_attention)
+    config = {**REFERENCE_MODEL_OPTIONS.get(c["name"], {}), **c["config"]}
+    model = create_model(c["name"], Schema.default(), sizes, **config)
     params = [p.detach().double() for p in model.parameters()]
     assert [tuple(p.shape) for p in params] == c["param_shapes"]
     torch.testing.assert_close(torch.stack([p.sum() for p in params]), c["param_sums"])
@@ -192,11 +195,42 @@ def test_din_alphas_and_attention_variants():
     assert _model("din", attention="din").attention.query_proj is None
     with pytest.raises(DinrecError, match="attention"):
         _model("din", attention="bogus")
-    with pytest.raises(DinrecError, match="per-event features: use attention='fcn'"):
-        _model("din", "rich", attention="din")
     plain = Schema(item=[Feature("item"), Feature("genres", kind="multi")], sequences=[SequenceSpec("a"), SequenceSpec("b")])
     model = create_model("din", plain, {"user": 5, "item": 9, "genres": 4}, attention="din")
     assert model.attentions["b"].query_proj is None
+
+
+def test_plain_attention_pads_the_target_to_the_events_width():
+    """attention="din" (the default) with per-event features: the query is the target
+    zero-padded to the events' width, so the per-event values move the weights."""
+    torch.manual_seed(0)
+    model = _model("din", "rich").eval()
+    assert model.config.attention == "din"
+    d, ds = model.behaviour_dim, model.sequence_dim("liked")
+    unit = model.unit("liked")
+    assert ds > d and unit.query_size == ds and unit.query_proj is None
+    target = torch.randn(3, d)
+    q = model.query("liked", target)  # (3, D_s)
+    assert q.shape == (3, ds) and (q[:, d:] == 0).all()
+    torch.testing.assert_close(q[:, :d], target)
+    assert model.query("disliked", target) is target  # events as wide as the target
+    assert _model("din", "rich", attention="fcn").query("liked", target) is target  # fcn projects
+    batch = _batch("rich", seed=3)
+    with torch.no_grad():
+        out = model(batch, return_alphas=True)
+        e = model.embedding(batch)
+        seq = e.sequences["liked"]
+        _, a = unit(F.pad(e.target, (0, ds - d)), seq.history, seq.mask, return_alphas=True)
+    torch.testing.assert_close(out.alphas["liked"], a.squeeze(1))
+    # a per-event feature (the rating) changes the weights, the candidate's part unchanged
+    other = batch.apply(lambda t: t.clone())
+    liked = other.sequences["liked"]
+    liked.events["rating"] = torch.where(liked.mask, (liked.events["rating"] + 1) % 5 + 2, 0)
+    with torch.no_grad():
+        out2 = model(other, return_alphas=True)
+    several = liked.mask.sum(1) > 1
+    assert not torch.allclose(out2.alphas["liked"][several], out.alphas["liked"][several])
+    torch.testing.assert_close(out2.alphas["disliked"], out.alphas["disliked"])
 
 
 # --------------------------------------------------------------------------- candidates
@@ -234,9 +268,9 @@ def test_score_candidates_equals_forward_on_the_same_rows(name, schema):
 
 
 @pytest.mark.parametrize("schema", ["default", "rich"])
-def test_din_candidates_in_training_mode_and_with_the_plain_attention(schema):
+def test_din_candidates_in_training_mode_and_with_either_attention(schema):
     """The autograd path (training mode; BatchNorm on batch statistics over the N rows
-    on both sides) and the plain din_attention's prepared scorer."""
+    on both sides) of the default (plain) attention, and din_fcn_attention's prepared scorer."""
     torch.manual_seed(2)
     s, sizes = SCHEMAS[schema]
     model = _model("din", schema).train()
@@ -249,8 +283,7 @@ def test_din_candidates_in_training_mode_and_with_the_plain_attention(schema):
         torch.testing.assert_close(out.alphas[k], want.alphas[k])
     out.logits.sum().backward()
     assert model.attention.att1.weight.grad.abs().sum() > 0
-    if schema == "default":
-        _check_candidates(_model("din", attention="din").eval(), s, sizes)
+    _check_candidates(_model("din", schema, attention="fcn").eval(), s, sizes)
 
 
 @pytest.mark.parametrize("name", ["din", "dien"])
@@ -519,3 +552,30 @@ def test_train_and_reload_a_rich_schema_run(rich_store, tmp_path):
     model, saved = load_run_model(tmp_path / "run")
     assert Schema.load(tmp_path / "run") == model.schema and model.schema.sequences[1].name == "disliked"
     assert saved["vocab_sizes"] == model.table_sizes and model.extractor.input_size == model.sequence_dim("liked")
+
+
+def test_the_default_config_trains_ranks_and_explains_a_rich_schema_run(rich_store, tmp_path, capsys):
+    """The default training configuration (shuffled, Dice, DIN's plain attention) on a
+    schema with per-event features: it trains, reloads, and `recommend --explain` works."""
+    import json
+
+    from dinrec.cli import main
+    from dinrec.data.vocab import Vocabularies
+    from dinrec.run import load_run_model
+    from dinrec.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(model="din", max_steps=6, batch_size=64, max_len=20, progress=False, threads=1)
+    assert (cfg.bucket, cfg.activation, cfg.model_options) == (False, "dice", {})
+    train(cfg, rich_store, tmp_path / "run")
+    model, saved = load_run_model(tmp_path / "run")
+    assert saved["model"]["config"]["attention"] == "din" and saved["train"]["bucket"] is False
+    assert model.unit("liked").query_proj is None and model.unit("liked").query_size > model.behaviour_dim
+    user = Vocabularies.load(tmp_path / "run" / "vocab").user.tokens.to_pylist()[2]
+    assert main(["recommend", str(tmp_path / "run"), "--user", user, "--sample", "12", "-k", "4",
+                 "--explain", "3", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert len(rec["ranked"]) == 4
+    for r in rec["ranked"]:
+        weights = [e["weight"] for e in r["explanation"]]
+        assert r["explanation"] and weights == sorted(weights, reverse=True)
+        assert {e["sequence"] for e in r["explanation"]} <= {"liked", "disliked"}

@@ -79,6 +79,34 @@ def test_resume_reproduces_the_uninterrupted_run(store, tmp_path):
     assert full.metrics["validations"] == resumed.metrics["validations"]
 
 
+def test_a_reference_run_loads_and_resumes_under_the_new_defaults(store, tmp_path):
+    """A run made with the DIEN reference configuration (the defaults before the switch:
+    length-sorted batches, PReLU, din_fcn_attention) keeps it: config.json records every
+    option, so `dinrec train --resume` without options continues it as it was, bit for bit,
+    and the run folder loads the model it trained."""
+    from dinrec.cli import main
+
+    cfg = TrainConfig.reference("din", batch_size=32, progress=False, log_every=5, threads=1,
+                                embedding_dim=8, hidden=(32, 16), max_steps=12, eval_every=6,
+                                checkpoint_every=3)
+    full = train(cfg, store, tmp_path / "full")
+    train(TrainConfig(**{**cfg.__dict__, "stop_after": 5}), store, tmp_path / "part")
+    saved = json.loads((tmp_path / "part" / "config.json").read_text())
+    assert saved["train"]["bucket"] is True and saved["train"]["activation"] == "prelu"
+    assert saved["model"]["config"]["attention"] == "fcn"
+    assert main(["train", str(store), str(tmp_path / "part"), "--resume", "--quiet"]) == 0
+    assert json.loads((tmp_path / "part" / "config.json").read_text())["train"] == saved["train"]
+    a = load_checkpoint(tmp_path / "full" / "checkpoints/last.pt")["model"]
+    b = load_checkpoint(tmp_path / "part" / "checkpoints/last.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model, _ = load_run_model(tmp_path / "part")
+    assert model.config.attention == "fcn" and model.attention.query_proj is not None
+    assert model.config.activation == "prelu"
+    got = json.loads((tmp_path / "part" / "metrics.json").read_text())["test"]
+    assert {k: got[k] for k in ("auc", "gauc", "logloss")} == {
+        k: full.metrics["test"][k] for k in ("auc", "gauc", "logloss")}
+
+
 def test_early_stopping(store, tmp_path, monkeypatch):
     import dinrec.train.trainer as trainer_module
 

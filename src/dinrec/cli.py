@@ -21,6 +21,9 @@ from typing import Any, TypeVar
 from dinrec import __version__
 from dinrec.errors import DinrecError
 
+if typing.TYPE_CHECKING:
+    from dinrec.train.config import TrainConfig
+
 T = TypeVar("T")
 
 
@@ -29,11 +32,16 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(h) for h in text.split(",") if h.strip())
 
 
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def add_config_options(p: argparse._ActionsContainer, cls: type) -> None:
     """One option per field of the config dataclass ``cls``: ``--field-name`` (or the
     field's ``metadata["flag"]``), typed from its annotation, help and choices from its
-    metadata (see :mod:`dinrec.train.config`). Values are read back by
-    :func:`config_from_args`."""
+    metadata (see :mod:`dinrec.train.config`). An option not given is absent from the
+    parsed namespace, so :func:`config_from_args` can tell it from one given with the
+    default's value."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
@@ -42,45 +50,49 @@ def add_config_options(p: argparse._ActionsContainer, cls: type) -> None:
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         text = argparse.SUPPRESS if meta.get("hidden") else meta.get("help", "")
         tp = hints[f.name]
+        common: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         if tp is bool:
+            if meta.get("negatable"):
+                text = f"{text} (default: --{'' if f.default else 'no-'}{flag.lstrip('-')})"
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text, **common)
+                continue
             action = "store_false" if meta.get("invert") else "store_true"
-            p.add_argument(flag, dest=f.name, action=action, help=text)
+            p.add_argument(flag, action=action, help=text, **common)
             continue
         if typing.get_origin(tp) is dict:  # KEY=VALUE, repeatable
-            p.add_argument(flag, dest=f.name, action="append", default=[], metavar="KEY=VALUE",
-                           help=text)
+            p.add_argument(flag, action="append", metavar="KEY=VALUE", help=text, **common)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else None
+        if text is not argparse.SUPPRESS and "(default" not in text:
+            text = f"{text} (default: {_shown(f.default)})"
         if typing.get_origin(tp) is tuple:
-            p.add_argument(flag, dest=f.name, default=",".join(map(str, default or ())),
-                           metavar="N,N,...", help=f"{text} (default: %(default)s)")
+            p.add_argument(flag, metavar="N,N,...", help=text, **common)
             continue
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         kind = args[0] if args else tp  # X | None -> X
-        if text is not argparse.SUPPRESS:
-            text = f"{text} (default: %(default)s)"
-        p.add_argument(flag, dest=f.name, type=kind, default=default, choices=meta.get("choices"),
-                       help=text)
+        p.add_argument(flag, type=kind, choices=meta.get("choices"), help=text, **common)
 
 
-def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """The config dataclass ``cls`` from options added by :func:`add_config_options`."""
+def config_from_args(cls: type[T], args: argparse.Namespace, base: T | None = None) -> T:
+    """The config dataclass ``cls`` from options added by :func:`add_config_options`: the
+    options given, over ``base`` (default: ``cls()``); a dict option is merged key by key
+    into the base's."""
     hints = typing.get_type_hints(cls)
     values = {}
+    start = cls() if base is None else base
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.metadata.get("cli") is False:
+        if f.metadata.get("cli") is False or not hasattr(args, f.name):
             continue
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         value = getattr(args, f.name)
         if typing.get_origin(hints[f.name]) is dict:
-            value = _parse_key_values(value, flag)
+            value = {**getattr(start, f.name), **_parse_key_values(value, flag)}
         elif typing.get_origin(hints[f.name]) is tuple:
             try:
                 value = _int_tuple(value)
             except ValueError:
                 raise DinrecError(f"{flag}: expected comma-separated integers, got {value!r}") from None
         values[f.name] = value
-    return cls(**values)
+    return dataclasses.replace(start, **values)  # type: ignore[type-var]
 
 
 def _parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
@@ -111,6 +123,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--reference", action="store_true",
+                   help="train in the DIEN reference configuration (docs/training.md)")
     p.set_defaults(func=_run_demo)
 
 
@@ -124,7 +138,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig(
         out=Path(args.out), preset=args.preset, epochs=args.epochs, seed=args.seed,
-        threads=args.threads, progress=not args.quiet,
+        threads=args.threads, progress=not args.quiet, reference=args.reference,
     )
     run_demo(cfg, echo=lambda line: print(line, flush=True))
     return 0
@@ -137,6 +151,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="sample store folder (from `dinrec prepare`)")
     p.add_argument("run", help="run folder to create (or continue with --resume)")
     add_config_options(p.add_argument_group("training (TrainConfig)"), TrainConfig)
+    p.add_argument("--reference", action="store_true",
+                   help="start from the DIEN reference configuration (length-sorted batches, "
+                   "PReLU MLP, Adam 1e-3, DIN's din_fcn_attention) instead of the accurate "
+                   "defaults; "
+                   "options given with it win (docs/training.md)")
     p.add_argument("--nproc", type=int, default=1,
                    help="data-parallel worker processes on this machine, started with "
                    "torch.distributed.run (gloo on CPU, NCCL on GPU); --batch-size is per "
@@ -148,13 +167,20 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_run_train)
 
 
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """``dinrec train``'s TrainConfig: the options given, over the defaults or, with
+    ``--reference``, over ``TrainConfig.reference(model)``."""
+    from dinrec.train.config import TrainConfig
+
+    base = TrainConfig.reference(getattr(args, "model", TrainConfig.model)) if args.reference else None
+    return config_from_args(TrainConfig, args, base)
+
+
 def _run_train(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from dinrec.train.config import TrainConfig
-
-    cfg = config_from_args(TrainConfig, args)
+    cfg = train_config(args)
     if args.nproc < 1:
         raise DinrecError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE") or 1) <= 1:

@@ -3,7 +3,10 @@
 On the embedded synthetic data (whose ground truth is known) it
 
 1. generates the ``small`` preset and prepares a sample store;
-2. trains DIN and BaseModel with the same data, seed and budget;
+2. trains DIN and BaseModel with the same data, seed and budget, in dinrec's default
+   training configuration (shuffled batches, Dice, DIN's plain attention; with
+   ``reference=True`` / ``dinrec demo --reference``: the DIEN reference configuration,
+   see docs/training.md);
 3. evaluates both on test (AUC, GAUC, logloss);
 4. ranks candidates for one test user with DIN and explains the ranking;
 5. checks the planted truth: the attention should put more weight on history items of
@@ -40,6 +43,7 @@ class DemoConfig:
     threads: int | None = None
     progress: bool = True
     eval_every: int = 400  # steps between validations (the curves' points)
+    reference: bool = False  # the DIEN reference configuration instead of the default
 
 
 def attention_truth_check(run_dir: Path, store: SampleStore, max_rows: int = 20_000) -> dict[str, float]:
@@ -111,7 +115,8 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict[str, Any]:
 
     results = {}
     for name in ("din", "base"):
-        tcfg = TrainConfig(
+        make = TrainConfig.reference if cfg.reference else TrainConfig
+        tcfg = make(
             model=name, epochs=cfg.epochs, seed=cfg.seed, threads=cfg.threads,
             progress=cfg.progress, eval_every=cfg.eval_every,
         )

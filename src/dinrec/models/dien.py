@@ -33,6 +33,11 @@ The family (registry names), to read the DIEN paper's comparison off our own num
 - ``augru``: attention scales its update gate (no auxiliary loss);
 - ``dien``: AUGRU + the auxiliary loss (weight ``aux_weight`` in the trainer).
 
+The attention of the family is the reference's ``din_fcn_attention`` in every training
+configuration; dinrec's default training (``TrainConfig()``) trains it on shuffled batches
+with Dice in the MLP, ``TrainConfig.reference()`` (``dinrec train --reference``) on the
+reference's length-sorted batches with PReLU (docs/training.md).
+
 ``gate`` picks the AUGRU convention: ``"reference"`` (the reference code's
 ``u' = (1 - a) * u`` on the keep gate, default) or ``"paper"`` (``u' = a * u`` on the
 update gate); see :mod:`dinrec.nn.rnn`.

@@ -7,15 +7,28 @@ Reading top to bottom, for a batch of (user, context, candidate, sequences):
     for each sequence s:
         H_s = [item ++ per-event features, per event] # (B, T_s, D_s)
         h_s = sum of H_s over valid positions         # (B, D_s)
-        a_s = din_fcn_attention(i, H_s, mask_s, "SUM")# (B, D_s)  interest w.r.t. the target
+        q_s = i ++ zeros(D_s - D)                     # (B, D_s)  the target at the events' width
+        a_s = din_attention(q_s, H_s, mask_s, "SUM")  # (B, D_s)  interest w.r.t. the target
     logit = MLP([u, i, (h_s, i*h_s, a_s) for s])      # (B,)      i*h_s: the item part of h_s
 
 one attention unit per sequence, each with its own mask. With the default schema
 (user; item ++ cat; one sequence) this is the DIEN reference's DIN model:
-``MLP([u, i, h, i*h, a])``. ``attention="fcn"`` (default) uses `din_fcn_attention`
-(query projection + PReLU, then A -> 40 -> 1); ``attention="din"`` the reference's plain
-`din_attention` (raw target, 80 -> 40 -> 1; it needs events as wide as the target, so no
-per-event features).
+``MLP([u, i, h, i*h, a])``.
+
+The attention unit (``attention``):
+
+* ``"din"`` (default): the reference's plain ``din_attention``: the raw target goes into
+  the attention MLP ``[q, k, q-k, q*k] -> 80 -> 40 -> 1`` (sigmoids, softmax over the
+  valid events). It is the more accurate one (docs/results.md, "Peers"). A sequence with
+  per-event features (behaviour type, rating, time gap) has events wider than the
+  target; the target, which has no per-event values, is zero-padded to the events' width
+  for the attention (``q_s`` above): the per-event features then enter through ``k`` and
+  ``q - k`` only (``q * k`` is 0 there), and the unit can weigh events by them, but not
+  match them against the candidate. With events as wide as the target (the default
+  schema) nothing is padded.
+* ``"fcn"``: the reference's ``din_fcn_attention`` (the DIEN reference configuration,
+  ``TrainConfig.reference()``): the target is projected to the events' width by a dense
+  layer + PReLU, then ``A -> 40 -> 1`` with ``A = attention_size``.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinrec.data.batch import Batch, Features
@@ -36,8 +50,8 @@ from dinrec.nn.attention import DinFcnAttention
 
 @dataclass
 class DINConfig(ModelConfig):
-    attention: str = "fcn"  # "fcn": din_fcn_attention; "din": the reference's din_attention
-    attention_size: int = 36  # the DIEN reference's ATTENTION_SIZE (18 * 2); "din" uses 80
+    attention: str = "din"  # "din": the reference's din_attention; "fcn": din_fcn_attention
+    attention_size: int = 36  # "fcn": the DIEN reference's ATTENTION_SIZE (18 * 2); "din" uses 80
 
 
 class DIN(CTRModel):
@@ -55,14 +69,15 @@ class DIN(CTRModel):
 
     def _attention(self, seq: str) -> DinFcnAttention:
         d, ds = self.behaviour_dim, self.sequence_dim(seq)
-        plain = self.config.attention == "din"
-        if plain and ds != d:
-            raise DinrecError(
-                f"attention='din' needs events as wide as the candidate; sequence {seq!r} has "
-                "per-event features: use attention='fcn'"
-            )
-        size = 80 if plain else self.config.attention_size
-        return DinFcnAttention(d, ds, size, mode="SUM", query_projection=not plain)
+        if self.config.attention == "din":  # the target, zero-padded to the events' width
+            return DinFcnAttention(ds, ds, 80, mode="SUM", query_projection=False)
+        return DinFcnAttention(d, ds, self.config.attention_size, mode="SUM")
+
+    def query(self, seq: str, target: Tensor) -> Tensor:
+        """The attention query of sequence ``seq`` for targets (N, D): with ``attention="din"``
+        the target zero-padded to the events' width (N, D_s), else the target."""
+        width = self.unit(seq).query_size
+        return target if width == target.shape[-1] else F.pad(target, (0, width - target.shape[-1]))
 
     def unit(self, seq: str) -> DinFcnAttention:
         """The attention unit of sequence ``seq``."""
@@ -96,7 +111,8 @@ class DIN(CTRModel):
         attended, alphas = {}, {}
         for s in self.sequence_names:
             seq = e.sequences[s]
-            att, a = self.unit(s)(e.target, seq.history, seq.mask, return_alphas=True)  # (B,1,D_s), (B,1,T)
+            q = self.query(s, e.target)  # (B, D) or (B, D_s)
+            att, a = self.unit(s)(q, seq.history, seq.mask, return_alphas=True)  # (B,1,D_s), (B,1,T)
             attended[s], alphas[s] = att.squeeze(1), a.squeeze(1)
         logits = self._head(e, attended)
         return ModelOutput(logits=logits, alphas=alphas if return_alphas else None)
@@ -126,7 +142,8 @@ class DIN(CTRModel):
         for s in self.sequence_names:
             seq = emb.sequence(s, history.sequences[s])  # (1, T, D_s)
             att, a = self.unit(s).score_candidates(
-                targets, seq.history[0], seq.mask[0], return_alphas=True, compute_dtype=compute_dtype
+                self.query(s, targets), seq.history[0], seq.mask[0], return_alphas=True,
+                compute_dtype=compute_dtype,
             )  # (N, 1, D_s), (N, 1, T)
             attended[s], alphas[s] = att.squeeze(1), a.squeeze(1)
             seqs[s] = EmbeddedSequence(seq.history, seq.mask, seq.history_sum.expand(n, -1))
@@ -159,6 +176,7 @@ class DINCandidateScorer:
         self.embedding = model.embedding
         self.names = list(model.sequence_names)
         self.item_dim = model.behaviour_dim
+        self.query = model.query  # weight-free: the target padded to the events' width
         with torch.no_grad():
             self.attentions = {s: model.unit(s).candidate_attention() for s in self.names}
             w, self.bias = (x.detach() for x in model.mlp.input_layer())  # (H1, F), (H1,)
@@ -185,7 +203,7 @@ class DINCandidateScorer:
             seq = emb.sequence(s, history.sequences[s])
             h, mask, h_sum = seq.history[0], seq.mask[0], seq.history_sum[0]  # (T, D_s), (T,), (D_s,)
             att, a = self.attentions[s](
-                targets, h, mask, return_alphas=True, compute_dtype=compute_dtype
+                self.query(s, targets), h, mask, return_alphas=True, compute_dtype=compute_dtype
             )  # (N, 1, D_s), (N, 1, T)
             shared = torch.addmv(shared, self.w[f"sum:{s}"], h_sum)  # (H1,)
             w_target = w_target + self.w[f"prod:{s}"] * h_sum[: self.item_dim]  # (H1, D)
