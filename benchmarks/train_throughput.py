@@ -183,8 +183,8 @@ def ddp_throughput(store: Path, model: str, args: argparse.Namespace) -> dict:
 
 #: Training configurations by name: (length bucketing, MLP activation, DIN's model options).
 CONFIGS: dict[str, tuple[bool, str, dict]] = {
-    "reference": (True, "prelu", {}),
-    "shuffled": (False, "prelu", {}),
+    "reference": (True, "prelu", {"attention": "fcn"}),
+    "shuffled": (False, "prelu", {"attention": "fcn"}),
     "accurate": (False, "dice", {"attention": "din"}),
 }
 
