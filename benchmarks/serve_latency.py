@@ -75,7 +75,10 @@ from dinrec.serve.ranker import _TorchBackend
 sizes = {sizes}
 for name in {models}:
     torch.manual_seed(0)
-    model = create_model(name, Schema.default({t}), sizes).eval()
+    # DIN as the previous release built it by default (din_fcn_attention, A = 36); the
+    # default is now the plain din_attention (A = 80): same units on both sides.
+    options = {{"attention": "fcn"}} if name == "din" else {{}}
+    model = create_model(name, Schema.default({t}), sizes, **options).eval()
     backend = _TorchBackend(model, None)
     g = torch.Generator().manual_seed(0)
     hist = torch.randint(2, sizes["item"], (1, {t}), generator=g)
