@@ -1,6 +1,7 @@
 """Building blocks, each usable alone in any PyTorch model."""
 
 from dinrec.nn._backend import Backend, backend, get_backend
+from dinrec.nn._ops import fast_paths
 from dinrec.nn.activations import Dice, PReLU
 from dinrec.nn.attention import (
     AttentionWeights,
@@ -20,5 +21,6 @@ __all__ = [
     "backend",
     "din_fcn_attention",
     "din_fcn_attention_candidates",
+    "fast_paths",
     "get_backend",
 ]
