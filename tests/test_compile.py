@@ -11,33 +11,20 @@ import torch.nn.functional as F
 from dinrec.data.batches import Batch
 from dinrec.data.schema import Schema
 from dinrec.models import create_model
+from model_inputs import DEFAULT_SIZES, random_batch
 
 pytestmark = pytest.mark.slow  # inductor compiles for a minute or two on a small CPU
 
-SIZES = {"user": 30, "item": 50, "cat": 8}
+SIZES = DEFAULT_SIZES
 
 
 def _model_and_batches(name: str, steps: int = 3, b: int = 16, t: int = 9) -> tuple[torch.nn.Module, list]:
     """A float64 model in train mode and ``steps`` batches (the one place models are built)."""
     torch.manual_seed(0)
     model = create_model(name, Schema.default(), SIZES).double().train()
-    batches = []
-    for seed in range(steps):
-        g = torch.Generator().manual_seed(seed)
-        lengths = torch.randint(1, t + 1, (b,), generator=g)
-        lengths[0] = t
-        mask = torch.arange(t)[None, :] < lengths[:, None]  # (B, T)
-        batches.append(Batch.from_ids(
-            user=torch.randint(2, SIZES["user"], (b,), generator=g),
-            item=torch.randint(2, SIZES["item"], (b,), generator=g),
-            cat=torch.randint(2, SIZES["cat"], (b,), generator=g),
-            hist_items=torch.randint(2, SIZES["item"], (b, t), generator=g) * mask,
-            hist_cats=torch.randint(2, SIZES["cat"], (b, t), generator=g) * mask,
-            mask=mask,
-            label=torch.randint(0, 2, (b,), generator=g).double(),
-            neg_items=torch.randint(2, SIZES["item"], (b, t, 1), generator=g) * mask[..., None],
-            neg_cats=torch.randint(2, SIZES["cat"], (b, t, 1), generator=g) * mask[..., None],
-        ))  # fmt: skip
+    batches = [random_batch(Schema.default(t), SIZES, b=b, seed=seed) for seed in range(steps)]
+    for batch in batches:
+        batch.label = batch.label.double()
     return model, batches
 
 

@@ -235,31 +235,18 @@ def test_only_needed_gradients_and_no_double_backward(calls):
 @pytest.mark.parametrize(("name", "options"), [("din", {"attention": "din"}), ("din", {}), ("dien", {})])
 def test_models_train_the_same_packed_or_dense(monkeypatch, name, options):
     """One float64 training step of DIN / DIEN: loss and every gradient, packed == dense."""
-    from dinrec.data.batches import Batch
     from dinrec.data.schema import Schema
     from dinrec.models import create_model
+    from model_inputs import DEFAULT_SIZES, random_batch
 
-    sizes = {"user": 30, "item": 50, "cat": 8}
-    b, t = 16, 11
-    g = torch.Generator().manual_seed(0)
-    mask = torch.arange(t)[None, :] < torch.randint(0, t + 1, (b,), generator=g)[:, None]  # (B, T)
-    mask[0] = True
-    batch = Batch.from_ids(
-        user=torch.randint(2, sizes["user"], (b,), generator=g),
-        item=torch.randint(2, sizes["item"], (b,), generator=g),
-        cat=torch.randint(2, sizes["cat"], (b,), generator=g),
-        hist_items=torch.randint(2, sizes["item"], (b, t), generator=g) * mask,
-        hist_cats=torch.randint(2, sizes["cat"], (b, t), generator=g) * mask,
-        mask=mask,
-        label=torch.randint(0, 2, (b,), generator=g).double(),
-        neg_items=torch.randint(2, sizes["item"], (b, t, 1), generator=g) * mask[..., None],
-        neg_cats=torch.randint(2, sizes["cat"], (b, t, 1), generator=g) * mask[..., None],
-    )
+    schema = Schema.default(11)
+    batch = random_batch(schema, DEFAULT_SIZES, b=16, seed=0, empty_rows=True)  # row 0 full, row 1 empty
+    batch.label = batch.label.double()
     results = {}
     for side, below in (("dense", 0.0), ("packed", 1.01)):
         _pack_below(monkeypatch, below)
         torch.manual_seed(0)
-        model = create_model(name, Schema.default(), sizes, activation="dice", **options).double().train()
+        model = create_model(name, schema, DEFAULT_SIZES, activation="dice", **options).double().train()
         out = model(batch)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, batch.label)
         if out.aux_loss is not None:
