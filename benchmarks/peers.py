@@ -17,7 +17,8 @@ virtual environment under ``.peers/<peer>`` (created on first use, torch pinned 
 Prints, per data set and model: train samples/s of dinrec and of each peer, the ratio
 (median over seeds), and test AUC / GAUC / logloss, mean +- std over seeds. Results are
 kept under ``--root`` (default ``runs/peers``): a run whose result exists is not run
-again (``--fresh`` reruns).
+again (delete its folder to rerun it). ``--no-dinrec`` runs only the peers, e.g. ahead of
+a change to dinrec; their results are then reused by the next full run.
 """
 
 from __future__ import annotations
@@ -186,6 +187,8 @@ def main() -> None:
     p.add_argument("--venvs", default=".peers", help="folder of the peers' virtual environments")
     p.add_argument("--dinrec-args", default="", help="more `dinrec train` options, e.g. '--threads 2'")
     p.add_argument("--tag", default="", help="suffix of dinrec's run folders (to compare options)")
+    p.add_argument("--no-dinrec", action="store_true",
+                   help="run only the peers (their results are kept and reused by a later full run)")
     p.add_argument("--reference", action="store_true",
                    help="also run dinrec's DIEN reference configuration (`dinrec train --reference`), interleaved")
     a = p.parse_args()
@@ -206,13 +209,15 @@ def main() -> None:
         if a.max_steps:
             budget, q = {"max_steps": a.max_steps, "eval_every": min(500, a.max_steps)}, f"-{a.max_steps}"
         for model in a.models.split(","):
-            res: dict[str, list[dict]] = {"dinrec": [], **({"dinrec-reference": []} if a.reference else {}),
-                                          **{peer: [] for peer in peers}}
+            res: dict[str, list[dict]] = {
+                **({} if a.no_dinrec else {"dinrec": [], **({"dinrec-reference": []} if a.reference else {})}),
+                **{peer: [] for peer in peers}}
             for seed in map(int, a.seeds.split(",")):
                 t0 = time.time()
-                res["dinrec"].append(dinrec_run(store, root / ds / f"dinrec-{model}{a.tag}{q}-seed{seed}",
-                                                model, seed, budget, a, log))
-                if a.reference:
+                if not a.no_dinrec:
+                    res["dinrec"].append(dinrec_run(store, root / ds / f"dinrec-{model}{a.tag}{q}-seed{seed}",
+                                                    model, seed, budget, a, log))
+                if a.reference and not a.no_dinrec:
                     res["dinrec-reference"].append(dinrec_run(
                         store, root / ds / f"dinrec-{model}{a.tag}-ref{q}-seed{seed}", model, seed, budget, a,
                         log, reference=True))
