@@ -236,10 +236,13 @@ def test_the_defaults_are_accurate_and_reference_is_one_flag_away():
     assert cfg("--reference", "--option", "attention=din").model_options == {"attention": "din"}
     assert cfg("--reference", "--epochs", "3").epochs == 3
     assert cfg("--reference", "--lr", "2e-3").lr == 2e-3
-    assert TrainConfig.reference("base", lr=0.01) == TrainConfig(model="base", lr=0.01, bucket=True,
-                                                                 activation="prelu")
+    assert TrainConfig.reference("base", lr=0.01) == TrainConfig(
+        model="base", lr=0.01, bucket=True, activation="prelu", embedding_init_std=0.05)
     assert TrainConfig.reference("base") == TrainConfig(model="base", lr=1e-3, bucket=True,
-                                                        activation="prelu")
+                                                        activation="prelu", embedding_init_std=0.05)
+    # The embedding initialisation: FuxiCTR's by default, the reference's with --reference.
+    assert (cfg().embedding_init_std, ref.embedding_init_std) == (1e-4, 0.05)
+    assert cfg("--reference", "--embedding-init-std", "0.01").embedding_init_std == 0.01
 
 
 def test_nproc_runs_through_the_elastic_launcher(monkeypatch, tmp_path):

@@ -52,6 +52,11 @@ def test_init_and_padding_row():
         assert table.padding_idx == 0
     big = FeatureEmbedding(Schema.default(), {"user": 4000, "item": 4000, "cat": 4000})
     assert abs(float(big.tables["item"].weight[1:].detach().std()) - INIT_STD) < 0.002
+    small = FeatureEmbedding(Schema.default(), {"user": 4000, "item": 4000, "cat": 4000}, init_std=1e-4)
+    assert abs(float(small.tables["item"].weight[1:].detach().std()) - 1e-4) < 4e-6
+    assert (small.tables["cat"].weight[0] == 0).all()
+    with pytest.raises(DinrecError, match="embedding_init_std"):
+        FeatureEmbedding(Schema.default(), {"user": 4, "item": 4, "cat": 4}, init_std=0.0)
 
 
 def test_tables_widths_and_sharing():

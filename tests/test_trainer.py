@@ -107,6 +107,29 @@ def test_a_reference_run_loads_and_resumes_under_the_new_defaults(store, tmp_pat
         k: full.metrics["test"][k] for k in ("auc", "gauc", "logloss")}
 
 
+def test_embedding_init_follows_the_configuration(store):
+    """The default configuration starts the tables at N(0, 1e-4) (FuxiCTR's), the reference
+    at N(0, 0.05); a config.json recorded before the option existed reads as 0.05, the
+    value those runs were initialised with."""
+    from dinrec.run import build_model
+    from dinrec.train.parts import model_options
+
+    def table_std(cfg: TrainConfig) -> float:
+        torch.manual_seed(0)
+        model = build_model(cfg.model, model_options(cfg), SampleStore(store))
+        return float(model.embedding.tables["item"].weight[1:].detach().std())
+
+    default, reference = TrainConfig(), TrainConfig.reference("din")
+    assert default.embedding_init_std == 1e-4 and reference.embedding_init_std == 0.05
+    assert table_std(default) == pytest.approx(1e-4, rel=0.2)
+    assert table_std(reference) == pytest.approx(0.05, rel=0.2)
+    assert table_std(TrainConfig(embedding_init_std=0.01)) == pytest.approx(0.01, rel=0.2)
+    old = default.to_dict()
+    del old["embedding_init_std"]
+    assert TrainConfig.from_dict(old).embedding_init_std == 0.05
+    assert TrainConfig.from_dict(default.to_dict()).embedding_init_std == 1e-4
+
+
 def test_early_stopping(store, tmp_path, monkeypatch):
     import dinrec.train.trainer as trainer_module
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from dinrec.data.batch import Batch, Features
 from dinrec.data.schema import Schema
 from dinrec.errors import DinrecError
-from dinrec.models.embedding import Embedded, FeatureEmbedding
+from dinrec.models.embedding import INIT_STD, Embedded, FeatureEmbedding
 from dinrec.nn.mlp import MLP, ActivationName
 
 
@@ -41,6 +41,7 @@ class ModelConfig:
     activation: str = "prelu"  # or "dice"
     dropout: float = 0.0
     use_user: bool = True  # the reference feeds the user embedding to the MLP
+    embedding_init_std: float = INIT_STD  # std of the initial embedding values (the reference's)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -80,7 +81,7 @@ class CTRModel(nn.Module):
         self.config = config
         self.schema = schema
         self.table_sizes = {k: int(v) for k, v in table_sizes.items()}
-        self.embedding = FeatureEmbedding(schema, table_sizes, config.embedding_dim)
+        self.embedding = FeatureEmbedding(schema, table_sizes, config.embedding_dim, config.embedding_init_std)
         self.sequence_names = [s.name for s in schema.sequences]
 
     # ------------------------------------------------------------------ widths

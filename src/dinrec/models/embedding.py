@@ -19,7 +19,9 @@ and the roles concatenate them:
 
 With the default schema this is the former ``BehaviourEmbedding`` exactly: tables user,
 item, cat created and initialised in that order (normal, std 0.05, row 0 zeroed), and a
-behaviour is ``item ++ cat``.
+behaviour is ``item ++ cat``. The std is the model config's ``embedding_init_std``
+(0.05 by default, the reference's; ``dinrec train``'s default configuration uses 1e-4,
+FuxiCTR's: docs/training.md).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dinrec.data.batch import Batch, Features, SequenceBatch
 from dinrec.data.schema import Feature, Schema
 from dinrec.errors import DinrecError
 
-#: Standard deviation of the initial embedding values (the former fixed tables').
+#: Standard deviation of the initial embedding values by default (the former fixed tables').
 INIT_STD = 0.05
 
 
@@ -64,11 +66,16 @@ class FeatureEmbedding(nn.Module):
         table_sizes: rows of each table (``SampleStore.table_sizes()``), by table name.
         embedding_dim: default width of a table (``None``: the schema's); a feature's own
             ``embedding_dim`` wins.
+        init_std: standard deviation of the tables' initial values.
     """
 
-    def __init__(self, schema: Schema, table_sizes: dict[str, int], embedding_dim: int | None = None) -> None:
+    def __init__(self, schema: Schema, table_sizes: dict[str, int], embedding_dim: int | None = None,
+                 init_std: float = INIT_STD) -> None:
         super().__init__()
+        if not init_std > 0:
+            raise DinrecError(f"embedding_init_std: expected a positive number, got {init_std!r}")
         self.schema = schema
+        self.init_std = init_std
         default = embedding_dim or schema.embedding_dim
         self.dims: dict[str, int] = {}  # table -> width
         tables: dict[str, nn.Embedding] = {}
@@ -90,10 +97,10 @@ class FeatureEmbedding(nn.Module):
         self._events = {s.name: list(s.event_features) for s in schema.sequences}
 
     def reset_parameters(self) -> None:
-        """Normal values (std :data:`INIT_STD`), the padding row zero; table by table."""
+        """Normal values (std ``init_std``), the padding row zero; table by table."""
         for name in self.tables:
             weight = self.table(name).weight  # (rows, d)
-            nn.init.normal_(weight, std=INIT_STD)
+            nn.init.normal_(weight, std=self.init_std)
             with torch.no_grad():
                 weight[0].zero_()
 

@@ -48,7 +48,8 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 def model_options(cfg: TrainConfig) -> dict[str, Any]:
     """The model's configuration fields a TrainConfig sets (sizes come from the store)."""
     return {"embedding_dim": cfg.embedding_dim, "hidden": list(cfg.hidden),
-            "activation": cfg.activation, **cfg.model_options}
+            "activation": cfg.activation, "embedding_init_std": cfg.embedding_init_std,
+            **cfg.model_options}
 
 
 def train_loader(cfg: TrainConfig, store: SampleStore, ctx: D.DistContext) -> BatchLoader:
