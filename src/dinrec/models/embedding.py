@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from dinrec.data.batch import Batch, Features, SequenceBatch
 from dinrec.data.schema import Feature, Schema
 from dinrec.errors import DinrecError
+from dinrec.nn.lookup import lookup
 
 #: Standard deviation of the initial embedding values by default (the former fixed tables').
 INIT_STD = 0.05
@@ -158,7 +159,7 @@ class FeatureEmbedding(nn.Module):
         """One feature's vectors: categorical (...,) / multi (..., M) / numeric (...,) -> (..., d)."""
         if f.is_numeric:
             return x.to(self._dtype()).unsqueeze(-1)  # (..., 1)
-        e = self.table(f.table_name)(x)  # (..., d) or (..., M, d)
+        e = lookup(self.table(f.table_name), x)  # (..., d) or (..., M, d)
         if f.kind != "multi":
             return e
         valid = (x != 0).to(e.dtype)  # (..., M)
