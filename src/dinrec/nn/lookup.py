@@ -38,7 +38,8 @@ class _Lookup(torch.autograd.Function):
     def backward(ctx, g):
         (ids,) = ctx.saved_tensors
         d = g.shape[-1]
-        g_w = g.new_zeros(ctx.rows, d).index_add_(0, ids.reshape(-1), g.reshape(-1, d))  # (V, D)
+        g = g.contiguous().view(-1, d)  # (n, D): index_add_ is ~2x slower from a strided source
+        g_w = g.new_zeros(ctx.rows, d).index_add_(0, ids.reshape(-1), g)  # (V, D)
         if ctx.padding_idx is not None:
             g_w[ctx.padding_idx] = 0
         return g_w, None, None
