@@ -140,7 +140,7 @@ class DIN(CTRModel):
     def packs(self, batch: Batch) -> bool:
         """Whether :meth:`forward` looks up and attends to the valid events only: eager CPU
         runs without autocast, every unit on the fast backend, and few enough valid
-        positions (:func:`dinrec.nn.packed.packs`, by the main unit's width)."""
+        positions (:func:`dinrec.nn.packed.packs` with ``inputs``, by the main unit's width)."""
         units = [self.unit(s) for s in self.sequence_names]
         masks = [batch.sequences[s].mask for s in self.sequence_names]
         if not (masks and can_pack(masks[0]) and not torch.is_autocast_enabled("cpu")):
@@ -149,7 +149,7 @@ class DIN(CTRModel):
         if not all(u.packable and resolve(u.impl) == "fast" and u.att1.weight.dtype == dtype for u in units):
             return False
         valid = sum(int(m.count_nonzero()) if m.dtype == torch.bool else int((m == 1).sum()) for m in masks)
-        return packs(valid, sum(m.numel() for m in masks), units[0].attention_size)
+        return packs(valid, sum(m.numel() for m in masks), units[0].attention_size, inputs=True)
 
     def score_candidates(
         self,

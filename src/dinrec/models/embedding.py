@@ -259,7 +259,8 @@ class FeatureEmbedding(nn.Module):
         joined: Features = {}
         for f in self._item_features:
             try:
-                parts = [batch.item[f.name], *(_take(s.items[f.name], i) for s, i in zip(seqs, index))]
+                parts = [batch.item[f.name],
+                         *(_take(s.items[f.name], i) for s, i in zip(seqs, index, strict=True))]
             except KeyError as e:
                 raise DinrecError(f"item: missing feature {e.args[0]!r}") from None
             joined[f.name] = torch.cat(parts, dim=0)  # (B + sum N_s, ...)

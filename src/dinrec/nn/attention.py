@@ -430,7 +430,7 @@ def din_fcn_attention_packed(
     Returns:
         ``output`` ``(B, 1, D)``, and with ``return_alphas`` the weights ``(B, 1, T)``.
     """
-    b, (n, d) = query.shape[0], facts.shape
+    b, d = query.shape[0], facts.shape[1]
     _check_weights(weights, query.shape[1], d)
     q = _project_query(query, weights)  # (B, D)
     w_query, w_key, w_prod = _split_first_layer(weights, d)  # (A, D) each
