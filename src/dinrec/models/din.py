@@ -11,7 +11,11 @@ Reading top to bottom, for a batch of (user, context, candidate, sequences):
         a_s = din_attention(q_s, H_s, mask_s, "SUM")  # (B, D_s)  interest w.r.t. the target
     logit = MLP([u, i, (h_s, i*h_s, a_s) for s])      # (B,)      i*h_s: the item part of h_s
 
-one attention unit per sequence, each with its own mask. With the default schema
+one attention unit per sequence, each with its own mask. On eager CPU runs with padded
+batches (:meth:`DIN.packs`: a shuffled batch is mostly padding) the same is computed on
+the valid events only: ``H_s`` is never padded, the lookups, the attention MLP and the
+sums run over the N valid events (``FeatureEmbedding.packed``,
+``DinFcnAttention.forward_packed``); values and gradients are the same. With the default schema
 (user; item ++ cat; one sequence) this is the DIEN reference's DIN model:
 ``MLP([u, i, h, i*h, a])``.
 

@@ -18,6 +18,14 @@ gradient, which is what not computing it gives.
 
 :func:`packed_scores` is called by the ``"fast"`` backend of
 :func:`dinrec.nn.attention.din_fcn_attention` when :func:`use_packed` says so.
+
+A model can go further and never build the padded facts: DIN looks up only the valid
+events (``FeatureEmbedding.packed``) and calls
+:func:`dinrec.nn.attention.din_fcn_attention_packed`, which scores the ``(N, D)`` facts
+with :func:`fact_scores` (the same MLP, its facts' gradient ``(N, D)`` with no scatter),
+scatters only the N scores into ``(B, 1, T)`` for the softmax and sums the weighted facts
+per row. :func:`packs` with ``inputs=True`` is its rule (eager CPU runs, as
+:func:`can_pack`).
 """
 
 from __future__ import annotations
