@@ -58,7 +58,8 @@ WIDE: int = 64
 #: The same rule for a model whose embeddings are packed too (DIN: ``FeatureEmbedding.packed``
 #: looks up only the valid events, so no (B, T, D) tensor, concatenation or scatter exists
 #: at all). Measured (AMD EPYC Zen 4, 1 thread, B = 128, D = 36, Dice MLP, whole training
-#: step in one process, the two paths alternating batch by batch): A = 80 gains 1.14-1.25x
+#: step in one process, the two paths alternating batch by batch: ``benchmarks/packed_model.py``,
+#: on a loaded machine): A = 80 gains 1.14-1.25x
 #: at a 0.37 share, 1.14x at 0.52, 1.08x at 0.74 and loses (0.95x) at 0.84, 0.92x at 0.96;
 #: A = 36 gains 1.25x at 0.37 and 0.52, loses (0.96x) at 0.74 and 0.83x at 0.96.
 PACKED_INPUTS_BELOW: float = 0.65
