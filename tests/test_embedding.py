@@ -157,3 +157,67 @@ def test_errors_name_the_table_or_feature():
     b.sequences["s"].events = {}
     with pytest.raises(DinrecError, match=r"sequences\.s\.events: missing feature 'rating'"):
         emb(b)
+
+
+# --------------------------------------------------------------------------- packed lookups
+@pytest.mark.parametrize("schema", ["default", "rich"])
+def test_packed_lookups_equal_the_padded_ones(schema):
+    """``packed``: the valid rows of every padded history, the same sums, target, user and
+    context, and the same table gradients, whatever the padded positions hold."""
+    from model_inputs import with_garbage
+
+    s, sizes = (Schema.default(9), DEFAULT_SIZES) if schema == "default" else (RICH, RICH_SIZES)
+    torch.manual_seed(0)
+    emb = FeatureEmbedding(s, sizes).double()
+    batch = random_batch(s, sizes, b=12, seed=3, empty_rows=True)
+    noisy = with_garbage(batch, s, sizes)
+    dense, packed = emb(batch), emb.packed(noisy)
+    for key in ("user", "context", "target"):
+        torch.testing.assert_close(getattr(packed, key), getattr(dense, key))
+    loss = {"dense": 0.0, "packed": 0.0}
+    for name, seq in dense.sequences.items():
+        p = packed.sequences[name]
+        assert torch.equal(p.mask, seq.mask) and torch.equal(p.index, seq.mask.reshape(-1).nonzero()[:, 0])
+        assert torch.equal(p.rows, p.index // seq.mask.shape[1])
+        torch.testing.assert_close(p.facts, seq.history[seq.mask])
+        torch.testing.assert_close(p.history_sum, seq.history_sum)
+        w = torch.randn(p.facts.shape, dtype=p.facts.dtype)
+        v = torch.randn(p.history_sum.shape, dtype=p.facts.dtype)
+        loss["packed"] = loss["packed"] + (p.facts * w).sum() + (p.history_sum * v).sum()
+        loss["dense"] = loss["dense"] + (seq.history[seq.mask] * w).sum() + (seq.history_sum * v).sum()
+    for side in ("dense", "packed"):
+        emb.zero_grad()
+        e = packed if side == "packed" else dense
+        (loss[side] + e.target.sum() + e.user.sum() + e.context.sum()).backward(retain_graph=True)
+        grads = {n: p.grad.clone() for n, p in emb.named_parameters()}
+        if side == "dense":
+            want = grads
+    for n, g in grads.items():
+        torch.testing.assert_close(g, want[n], msg=n)
+        assert (g[0] == 0).all(), n
+
+
+def test_lookup_gradient_is_the_embedding_gradient():
+    """``lookup``'s index_add backward: the gradient of F.embedding (repeated ids, the
+    padding row kept at zero, any id shape); the module itself where it cannot run."""
+    from dinrec.nn.lookup import lookup
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.nn.Embedding(11, 5, padding_idx=0).double()
+    ids = torch.randint(0, 11, (6, 7, 3), generator=g)
+    ids[0, 0] = 0
+    w = torch.randn(6, 7, 3, 5, generator=g, dtype=torch.float64)
+    out = lookup(table, ids)
+    assert out.grad_fn is not None and "Lookup" in type(out.grad_fn).__name__
+    (out * w).sum().backward()
+    got = table.weight.grad.clone()
+    table.zero_grad()
+    (table(ids) * w).sum().backward()
+    torch.testing.assert_close(got, table.weight.grad)
+    assert (got[0] == 0).all() and got.abs().sum() > 0
+    torch.testing.assert_close(lookup(table, ids), table(ids))
+    for kw in ({"max_norm": 1.0}, {"scale_grad_by_freq": True}, {"sparse": True}):
+        other = torch.nn.Embedding(11, 5, padding_idx=0, **kw)
+        assert "Lookup" not in type(lookup(other, ids).grad_fn).__name__
+    with torch.no_grad():
+        assert lookup(table, ids).grad_fn is None

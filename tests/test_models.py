@@ -579,3 +579,70 @@ def test_the_default_config_trains_ranks_and_explains_a_rich_schema_run(rich_sto
         weights = [e["weight"] for e in r["explanation"]]
         assert r["explanation"] and weights == sorted(weights, reverse=True)
         assert {e["sequence"] for e in r["explanation"]} <= {"liked", "disliked"}
+
+
+# --------------------------------------------------------------------------- DIN's packed path
+def _din_step(model: DIN, batch: Batch, packed: bool, monkeypatch) -> tuple[list, list]:
+    """Logits, alphas and the gradients of every parameter and float input, one side forced."""
+    monkeypatch.setattr(DIN, "packs", lambda self, b: packed)
+    calls = []
+    original = model.embedding.packed
+    monkeypatch.setattr(model.embedding, "packed", lambda b: calls.append(1) or original(b))
+    model.zero_grad()
+    b = batch.apply(lambda t: t.clone().requires_grad_() if t.is_floating_point() else t.clone())
+    out = model(b, return_alphas=True)
+    w = torch.linspace(-1, 2, out.logits.numel(), dtype=out.logits.dtype)
+    alphas = [out.alphas[s] for s in model.sequence_names]
+    (F.binary_cross_entropy_with_logits(out.logits, b.label) + (out.logits * w).sum()
+     + sum((a * torch.linspace(-1, 1, a.numel(), dtype=a.dtype).view(a.shape)).sum() for a in alphas)
+     ).backward()
+    assert calls == ([1] if packed else [])
+    floats = [v for r in (b.user, b.item, b.context) for v in r.values() if v.requires_grad]
+    floats += [v for s in b.sequences.values() for d in (s.items, s.events) for v in d.values() if v.requires_grad]
+    grads = [p.grad for p in model.parameters()] + [v.grad for v in floats]
+    return [out.logits.detach(), *(a.detach() for a in alphas)], grads
+
+
+@pytest.mark.parametrize("schema", ["default", "rich"])
+@pytest.mark.parametrize("attention", ["din", "fcn"])
+@pytest.mark.parametrize("garbage", [False, True])
+def test_din_packed_forward_equals_the_dense_one(schema, attention, garbage, monkeypatch):
+    """Only the valid events looked up and attended: logits, alphas and every gradient
+    (parameters, numeric inputs) equal the dense path's, with empty, length-1 and full rows,
+    two sequences and per-event features, whatever padded positions hold."""
+    s, sizes = SCHEMAS[schema]
+    torch.manual_seed(0)
+    model = _model("din", schema, activation="dice", attention=attention).double().train()
+    batch = random_batch(s, sizes, b=24, seed=4, empty_rows=True)  # row 0 full, row 1 empty
+    for seq in batch.sequences.values():  # and a length-1 row
+        seq.mask[2] = False
+        seq.mask[2, 0] = True
+    if garbage:
+        batch = with_garbage(batch, s, sizes)
+    batch = batch.apply(lambda t: t.double() if t.is_floating_point() else t)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    dense = _din_step(model, batch, False, monkeypatch)
+    model.load_state_dict(state)  # the batch statistics moved once
+    packed = _din_step(model, batch, True, monkeypatch)
+    for a, b in zip(packed[0], dense[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert len(packed[1]) == len(dense[1]) > 10
+    for a, b in zip(packed[1], dense[1], strict=True):
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_din_packs_only_sparse_eager_fast_cpu_batches():
+    from dinrec.nn import backend
+
+    torch.manual_seed(0)
+    model = _model("din", "default", activation="dice").train()
+    batch = _batch("default", b=32, seed=2)  # lengths 1..9 of 9: ~55% valid
+    full = batch.apply(lambda t: t.clone())
+    full.sequences["hist"].mask[:] = True
+    assert model.packs(batch) and not model.packs(full)
+    with backend("reference"):
+        assert not model.packs(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not model.packs(batch)
+    assert not model.packs(batch.to("meta"))

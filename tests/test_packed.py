@@ -32,6 +32,8 @@ def _pack_below(monkeypatch, share: float) -> None:
     """Pack below ``share`` for every attention width."""
     monkeypatch.setattr(packed, "PACKED_BELOW", share)
     monkeypatch.setattr(packed, "PACKED_BELOW_WIDE", share)
+    monkeypatch.setattr(packed, "PACKED_INPUTS_BELOW", share)  # DIN's packed embeddings
+    monkeypatch.setattr(packed, "PACKED_INPUTS_BELOW_WIDE", share)
 
 
 def _unit(query_projection: bool = True, dtype=torch.float64, seed: int = 0, **kw) -> DinFcnAttention:
@@ -256,3 +258,58 @@ def test_models_train_the_same_packed_or_dense(monkeypatch, name, options):
     assert len(results["packed"]) == len(results["dense"]) > 10
     for a, c in zip(results["packed"], results["dense"], strict=True):
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- packed facts
+@pytest.mark.parametrize("softmax", [True, False])
+@pytest.mark.parametrize("query_projection", [True, False])
+@pytest.mark.parametrize("fill", ["random", "prefix", "empty", "full", "ones"])
+def test_attention_on_packed_facts_equals_the_padded_unit(softmax, query_projection, fill):
+    """``forward_packed`` (only the N valid facts, (N, D)) == the unit on the padded facts
+    (zero at padded positions, as embedded padding): output, alphas and the gradients of
+    the query, the valid facts and every parameter; the reference and the fast path alike."""
+    b, t = 6, 7
+    unit = _unit(query_projection, softmax=softmax)
+    query, facts = _inputs(b, t, Q if query_projection else D, seed=5)
+    mask = {"random": _mask(b, t, seed=2, prefix=False), "prefix": _mask(b, t, seed=2, prefix=True),
+            "empty": torch.zeros(b, t, dtype=torch.bool), "full": torch.ones(b, t, dtype=torch.bool),
+            "ones": torch.arange(t)[None, :] < torch.tensor([1, 1, 0, 1, 2, 1])[:, None]}[fill]
+    facts = facts * mask.unsqueeze(-1)  # padding embeds as zeros
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    rows = index // t
+
+    def run(packed_side: bool, impl: str):
+        unit.zero_grad()
+        unit.impl = impl
+        q, f = query.clone().requires_grad_(), facts.clone().requires_grad_()
+        if packed_side:
+            valid = f.reshape(b * t, D)[index]  # (N, D), the packed leaf's gradient = f's rows
+            out, alphas = unit.forward_packed(q, valid, index, rows, t, return_alphas=True)
+        else:
+            out, alphas = unit(q, f, mask, return_alphas=True)
+        w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        keep = alphas.abs() < 1e6  # skip softmax=False's huge padded weights
+        wa = torch.linspace(-1, 2, alphas.numel(), dtype=out.dtype).reshape(alphas.shape)
+        ((out * w).sum() + (alphas * wa * keep).sum()).backward()
+        grads = [q.grad, f.grad.reshape(b * t, D)[index]] + [p.grad for p in unit.parameters()]
+        return [out.detach(), alphas.detach()], grads
+
+    for impl in ("reference", "fast"):
+        want = run(False, impl)
+        got = run(True, "fast")
+        for a, c in zip(got[0], want[0], strict=True):
+            torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+        for a, c in zip(got[1], want[1], strict=True):
+            assert a is not None and c is not None
+            torch.testing.assert_close(a, c, rtol=1e-8, atol=1e-10)
+
+
+def test_packed_facts_need_a_sum_unit_over_a_mask():
+    from dinrec.errors import ShapeError
+
+    for kw in ({"mode": "LIST"}, {"for_cnn": True}):
+        unit = _unit(query_projection=False, **kw)
+        assert not unit.packable
+        with pytest.raises(ShapeError):
+            unit.forward_packed(torch.zeros(2, D, dtype=torch.float64), torch.zeros(1, D, dtype=torch.float64),
+                                torch.tensor([0]), torch.tensor([0]), 3)

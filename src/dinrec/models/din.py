@@ -11,7 +11,11 @@ Reading top to bottom, for a batch of (user, context, candidate, sequences):
         a_s = din_attention(q_s, H_s, mask_s, "SUM")  # (B, D_s)  interest w.r.t. the target
     logit = MLP([u, i, (h_s, i*h_s, a_s) for s])      # (B,)      i*h_s: the item part of h_s
 
-one attention unit per sequence, each with its own mask. With the default schema
+one attention unit per sequence, each with its own mask. On eager CPU runs with padded
+batches (:meth:`DIN.packs`: a shuffled batch is mostly padding) the same is computed on
+the valid events only: ``H_s`` is never padded, the lookups, the attention MLP and the
+sums run over the N valid events (``FeatureEmbedding.packed``,
+``DinFcnAttention.forward_packed``); values and gradients are the same. With the default schema
 (user; item ++ cat; one sequence) this is the DIEN reference's DIN model:
 ``MLP([u, i, h, i*h, a])``.
 
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +49,10 @@ from dinrec.data.batch import Batch, Features
 from dinrec.data.schema import Schema
 from dinrec.errors import DinrecError
 from dinrec.models.base import CTRModel, ModelConfig, ModelOutput, check_history
-from dinrec.models.embedding import Embedded, EmbeddedSequence
+from dinrec.models.embedding import Embedded, EmbeddedSequence, PackedEmbedded
+from dinrec.nn._backend import resolve
 from dinrec.nn.attention import DinFcnAttention
+from dinrec.nn.packed import can_pack, packs
 
 
 @dataclass
@@ -98,15 +105,17 @@ class DIN(CTRModel):
             out += [(f"sum:{s}", ds), (f"prod:{s}", d), (f"att:{s}", ds)]
         return out
 
-    def _head(self, e: Embedded, attended: dict[str, Tensor]) -> Tensor:
+    def _head(self, e: Embedded | PackedEmbedded, attended: dict[str, Tensor]) -> Tensor:
         """MLP over the blocks of :meth:`mlp_layout` -> logits (N,)."""
-        parts = [*self._profile(e), e.target]  # (N, .) each
+        parts = [*self._profile(cast(Embedded, e)), e.target]  # (N, .) each; reads user, context
         for s in self.sequence_names:
             h = e.sequences[s].history_sum  # (N, D_s)
             parts += [h, self._product(e.target, h), attended[s]]
         return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (N,)
 
     def forward(self, batch: Batch, return_alphas: bool = False) -> ModelOutput:
+        if self.packs(batch):
+            return self._forward_packed(batch, return_alphas)
         e = self.embedding(batch)
         attended, alphas = {}, {}
         for s in self.sequence_names:
@@ -116,6 +125,35 @@ class DIN(CTRModel):
             attended[s], alphas[s] = att.squeeze(1), a.squeeze(1)
         logits = self._head(e, attended)
         return ModelOutput(logits=logits, alphas=alphas if return_alphas else None)
+
+    def _forward_packed(self, batch: Batch, return_alphas: bool) -> ModelOutput:
+        """:meth:`forward` on the valid events only (:meth:`FeatureEmbedding.packed`,
+        :meth:`DinFcnAttention.forward_packed`): the same values and gradients."""
+        e = self.embedding.packed(batch)
+        attended, alphas = {}, {}
+        for s in self.sequence_names:
+            seq = e.sequences[s]
+            q = self.query(s, e.target)  # (B, D) or (B, D_s)
+            att, a = self.unit(s).forward_packed(
+                q, seq.facts, seq.index, seq.rows, seq.mask.shape[1], return_alphas=True
+            )  # (B, 1, D_s), (B, 1, T)
+            attended[s], alphas[s] = att.squeeze(1), a.squeeze(1)
+        logits = self._head(e, attended)
+        return ModelOutput(logits=logits, alphas=alphas if return_alphas else None)
+
+    def packs(self, batch: Batch) -> bool:
+        """Whether :meth:`forward` looks up and attends to the valid events only: eager CPU
+        runs without autocast, every unit on the fast backend, and few enough valid
+        positions (:func:`dinrec.nn.packed.packs` with ``inputs``, by the main unit's width)."""
+        units = [self.unit(s) for s in self.sequence_names]
+        masks = [batch.sequences[s].mask for s in self.sequence_names]
+        if not (masks and can_pack(masks[0]) and not torch.is_autocast_enabled("cpu")):
+            return False
+        dtype = self.embedding.table(next(iter(self.embedding.tables))).weight.dtype
+        if not all(u.packable and resolve(u.impl) == "fast" and u.att1.weight.dtype == dtype for u in units):
+            return False
+        valid = sum(int(m.count_nonzero()) if m.dtype == torch.bool else int((m == 1).sum()) for m in masks)
+        return packs(valid, sum(m.numel() for m in masks), units[0].attention_size, inputs=True)
 
     def score_candidates(
         self,

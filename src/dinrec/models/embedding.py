@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from dinrec.data.batch import Batch, Features, SequenceBatch
 from dinrec.data.schema import Feature, Schema
 from dinrec.errors import DinrecError
+from dinrec.nn.lookup import lookup
 
 #: Standard deviation of the initial embedding values by default (the former fixed tables').
 INIT_STD = 0.05
@@ -46,6 +47,27 @@ class EmbeddedSequence:
     history: Tensor  # (B, T, D_s) item ++ per-event features; padded positions are not to be trusted
     mask: Tensor  # (B, T) bool, True = valid
     history_sum: Tensor  # (B, D_s) sum over valid positions
+
+
+@dataclass
+class PackedSequence:
+    """One behaviour sequence with only its valid events looked up, in row-major order."""
+
+    facts: Tensor  # (N, D_s) item ++ per-event features of the N valid events
+    index: Tensor  # (N,) int64 flat position b * T + t of each
+    rows: Tensor  # (N,) int64 row b of each
+    mask: Tensor  # (B, T) bool, True = valid
+    history_sum: Tensor  # (B, D_s) sum over valid positions
+
+
+@dataclass
+class PackedEmbedded:
+    """A batch after the lookups of :meth:`FeatureEmbedding.packed`."""
+
+    user: Tensor  # (B, D_user)
+    context: Tensor  # (B, D_ctx); (B, 0) without context features
+    target: Tensor  # (B, D_item)
+    sequences: dict[str, PackedSequence]
 
 
 @dataclass
@@ -137,7 +159,7 @@ class FeatureEmbedding(nn.Module):
         """One feature's vectors: categorical (...,) / multi (..., M) / numeric (...,) -> (..., d)."""
         if f.is_numeric:
             return x.to(self._dtype()).unsqueeze(-1)  # (..., 1)
-        e = self.table(f.table_name)(x)  # (..., d) or (..., M, d)
+        e = lookup(self.table(f.table_name), x)  # (..., d) or (..., M, d)
         if f.kind != "multi":
             return e
         valid = (x != 0).to(e.dtype)  # (..., M)
@@ -221,6 +243,44 @@ class FeatureEmbedding(nn.Module):
             sequences={n: self.sequence(n, s, h) for n, s, h in zip(names, seqs, histories, strict=True)},
         )
 
+    def packed(self, batch: Batch) -> PackedEmbedded:
+        """:meth:`forward` with only the valid events of each sequence looked up.
+
+        Equal to :meth:`forward` (``facts`` are the rows of ``history`` at the valid
+        positions, ``history_sum`` the same sums), without the padded ``(B, T, D_s)``
+        tensors: the lookups, the concatenations and the tables' gradients cover the
+        ``N`` valid events only. One lookup per item feature for the candidates and the
+        valid events of every sequence together. Eager mode (N is data).
+        """
+        names = [s.name for s in self.schema.sequences]
+        seqs = [batch.sequences[n] for n in names]
+        masks = [_bool(s.mask) for s in seqs]  # (B, T) each
+        index = [m.reshape(-1).nonzero().squeeze(1) for m in masks]  # (N_s,) each
+        joined: Features = {}
+        for f in self._item_features:
+            try:
+                parts = [batch.item[f.name],
+                         *(_take(s.items[f.name], i) for s, i in zip(seqs, index, strict=True))]
+            except KeyError as e:
+                raise DinrecError(f"item: missing feature {e.args[0]!r}") from None
+            joined[f.name] = torch.cat(parts, dim=0)  # (B + sum N_s, ...)
+        b = len(batch)
+        target, *items = self.behaviours(joined).split([b, *(int(i.numel()) for i in index)], dim=0)
+        user, context = self.roles(batch)
+        sequences = {}
+        for name, seq, mask, idx, facts in zip(names, seqs, masks, index, items, strict=True):
+            if self._events[name]:
+                where = f"sequences.{name}.events"
+                try:
+                    valid = {f.name: _take(seq.events[f.name], idx) for f in self._events[name]}
+                except KeyError as e:
+                    raise DinrecError(f"{where}: missing feature {e.args[0]!r}") from None
+                facts = torch.cat([facts, self.concat(self._events[name], valid, where)], dim=1)  # (N, D_s)
+            rows = torch.div(idx, mask.shape[1], rounding_mode="floor")  # (N,)
+            history_sum = facts.new_zeros(b, facts.shape[1]).index_add(0, rows, facts)  # (B, D_s)
+            sequences[name] = PackedSequence(facts, idx, rows, mask, history_sum)
+        return PackedEmbedded(user=user, context=context, target=target, sequences=sequences)
+
     def _dtype(self) -> torch.dtype:
         return self.table(next(iter(self.tables))).weight.dtype
 
@@ -229,10 +289,15 @@ def _bool(mask: Tensor) -> Tensor:
     return mask if mask.dtype == torch.bool else mask == 1
 
 
+def _take(x: Tensor, index: Tensor) -> Tensor:
+    """The values of x (B, T, ...) at the flat positions index (N,): (N, ...)."""
+    return x.reshape(-1, *x.shape[2:]).index_select(0, index)
+
+
 def _valid_only(x: Tensor, mask: Tensor) -> Tensor:
     """x (B, T, ...) with 0 (padding) wherever mask (B, T) is False."""
     m = mask.reshape(*mask.shape, *([1] * (x.dim() - mask.dim())))
     return torch.where(m, x, 0)
 
 
-__all__ = ["INIT_STD", "Embedded", "EmbeddedSequence", "FeatureEmbedding"]
+__all__ = ["INIT_STD", "Embedded", "EmbeddedSequence", "FeatureEmbedding", "PackedEmbedded", "PackedSequence"]

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from dinrec.errors import ShapeError
 from dinrec.nn._backend import resolve, tracing
 from dinrec.nn.candidate_scores import candidate_scores
-from dinrec.nn.packed import can_pack, scores_if_sparse
+from dinrec.nn.packed import can_pack, fact_scores, scores_if_sparse
 
 #: The reference's padding score for invalid positions.
 PADDING_SCORE: float = -(2.0**32) + 1
@@ -399,6 +399,59 @@ def _row_scores(
     return _scores_reference(q, facts, w)
 
 
+def din_fcn_attention_packed(
+    query: Tensor,
+    facts: Tensor,
+    index: Tensor,
+    rows: Tensor,
+    length: int,
+    weights: AttentionWeights,
+    *,
+    softmax: bool = True,
+    return_alphas: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`din_fcn_attention` in ``"SUM"`` mode on packed facts: only the valid events.
+
+    Equal to ``din_fcn_attention(query, padded, mask, weights, mode="SUM")`` where
+    ``padded`` (B, T, D) holds ``facts[i]`` at flat position ``index[i]`` and zero
+    everywhere else (padding embeds as zero vectors) and ``mask`` is True exactly at
+    ``index``. The attention MLP runs on the N facts only (:func:`dinrec.nn.packed.fact_scores`),
+    the scores are scattered into ``(B, 1, T)`` with the padding score for the softmax,
+    and the output is a segment sum over the N facts; no ``(B, T, D)`` tensor exists,
+    and the facts' gradient is ``(N, D)``. Eager mode (the number of facts is data).
+
+    Args:
+        query: ``(B, Q)``.
+        facts: ``(N, D)`` the valid facts of every row, in row-major order.
+        index: ``(N,)`` int64 flat position ``b * T + t`` of each fact.
+        rows: ``(N,)`` int64 row ``b`` of each fact (``index // T``).
+        length: T, the padded length the alphas are laid out in.
+
+    Returns:
+        ``output`` ``(B, 1, D)``, and with ``return_alphas`` the weights ``(B, 1, T)``.
+    """
+    b, d = query.shape[0], facts.shape[1]
+    _check_weights(weights, query.shape[1], d)
+    q = _project_query(query, weights)  # (B, D)
+    w_query, w_key, w_prod = _split_first_layer(weights, d)  # (A, D) each
+    q_part = F.linear(q, w_query, weights.att1_bias)  # (B, A)
+    upper = (weights.att2_weight, weights.att2_bias, weights.att3_weight, weights.att3_bias)
+    s = fact_scores(q_part, q, facts, rows, torch.cat([w_key, w_prod], dim=1), upper)  # (N,)
+    scores = s.new_full((b * length,), _padding_value(s.dtype)).index_copy(0, index, s)  # (B*T,)
+    scores = scores.view(b, 1, length)  # (B, 1, T)
+    if softmax:
+        scores = torch.softmax(scores, dim=-1)
+    p = scores.view(b * length).index_select(0, index)  # (N,) the valid facts' weights
+    output = segment_sum(facts * p.unsqueeze(1), rows, b).unsqueeze(1)  # (B, 1, D)
+    return (output, scores) if return_alphas else output
+
+
+def segment_sum(x: Tensor, rows: Tensor, b: int) -> Tensor:
+    """Row sums of packed values: x (N, D), rows (N,) in [0, B) -> (B, D), 0 for a row
+    without values."""
+    return x.new_zeros(b, x.shape[1]).index_add(0, rows, x)  # (B, D)
+
+
 def din_fcn_attention_candidates(
     candidates: Tensor,
     history: Tensor,
@@ -616,6 +669,25 @@ class DinFcnAttention(nn.Module):
             return_alphas=self.return_alphas if return_alphas is None else return_alphas,
             for_cnn=self.for_cnn,
             impl=self.impl,
+        )
+
+    @property
+    def packable(self) -> bool:
+        """Whether :meth:`forward_packed` can compute this unit: SUM mode over a mask."""
+        return self.mode == "SUM" and not (self.for_cnn or self.bi_rnn or self.time_major)
+
+    def forward_packed(
+        self, query: Tensor, facts: Tensor, index: Tensor, rows: Tensor, length: int,
+        return_alphas: bool | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """query (B, Q); the valid facts (N, D) at flat positions ``index`` (N,) of rows
+        ``rows`` (N,) of a (B, T = ``length``) layout: see :func:`din_fcn_attention_packed`."""
+        if not self.packable:
+            raise ShapeError("facts: packed facts need a SUM unit with a mask (no for_cnn, "
+                             "bi_rnn or time_major)")
+        return din_fcn_attention_packed(
+            query, facts, index, rows, length, self.weights(), softmax=self.softmax,
+            return_alphas=self.return_alphas if return_alphas is None else return_alphas,
         )
 
     def score_candidates(

@@ -18,6 +18,14 @@ gradient, which is what not computing it gives.
 
 :func:`packed_scores` is called by the ``"fast"`` backend of
 :func:`dinrec.nn.attention.din_fcn_attention` when :func:`use_packed` says so.
+
+A model can go further and never build the padded facts: DIN looks up only the valid
+events (``FeatureEmbedding.packed``) and calls
+:func:`dinrec.nn.attention.din_fcn_attention_packed`, which scores the ``(N, D)`` facts
+with :func:`fact_scores` (the same MLP, its facts' gradient ``(N, D)`` with no scatter),
+scatters only the N scores into ``(B, 1, T)`` for the softmax and sums the weighted facts
+per row. :func:`packs` with ``inputs=True`` is its rule (eager CPU runs, as
+:func:`can_pack`).
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from torch import Tensor
 
 from dinrec.nn._backend import tracing
 
-__all__ = ["PACKED_BELOW", "PACKED_BELOW_WIDE", "WIDE", "can_pack", "packed_scores", "scores_if_sparse", "use_packed", "valid_index"]
+__all__ = ["PACKED_BELOW", "PACKED_BELOW_WIDE", "PACKED_INPUTS_BELOW", "PACKED_INPUTS_BELOW_WIDE", "WIDE", "can_pack", "fact_scores", "packed_scores", "packs", "scores_if_sparse",
+           "use_packed", "valid_index"]
 
 #: Pack when less than this share of the (B, T) positions is valid, for an attention
 #: MLP narrower than :data:`WIDE` (``din_fcn_attention``, A = 36) and at least that wide
@@ -46,6 +55,15 @@ PACKED_BELOW: float = 0.45
 PACKED_BELOW_WIDE: float = 0.65
 #: The attention width from which :data:`PACKED_BELOW_WIDE` applies.
 WIDE: int = 64
+#: The same rule for a model whose embeddings are packed too (DIN: ``FeatureEmbedding.packed``
+#: looks up only the valid events, so no (B, T, D) tensor, concatenation or scatter exists
+#: at all). Measured (AMD EPYC Zen 4, 1 thread, B = 128, D = 36, Dice MLP, whole training
+#: step in one process, the two paths alternating batch by batch: ``benchmarks/packed_model.py``,
+#: on a loaded machine): A = 80 gains 1.14-1.25x
+#: at a 0.37 share, 1.14x at 0.52, 1.08x at 0.74 and loses (0.95x) at 0.84, 0.92x at 0.96;
+#: A = 36 gains 1.25x at 0.37 and 0.52, loses (0.96x) at 0.74 and 0.83x at 0.96.
+PACKED_INPUTS_BELOW: float = 0.65
+PACKED_INPUTS_BELOW_WIDE: float = 0.8
 
 _sigmoid_backward_ = torch.ops.aten.sigmoid_backward.grad_input  # out= variant, in place
 
@@ -60,8 +78,18 @@ def use_packed(facts: Tensor, index: Tensor, attention_size: int) -> bool:
     share is below :data:`PACKED_BELOW` (:data:`PACKED_BELOW_WIDE` for a first layer of
     at least :data:`WIDE` units)."""
     b, t, _ = facts.shape
-    below = PACKED_BELOW_WIDE if attention_size >= WIDE else PACKED_BELOW
-    return index.numel() < below * b * t
+    return packs(index.numel(), b * t, attention_size)
+
+
+def packs(valid: int, positions: int, attention_size: int, inputs: bool = False) -> bool:
+    """Whether ``valid`` of ``positions`` padded positions are few enough for packing to pay
+    with an attention MLP ``attention_size`` wide: the rule of :func:`use_packed`, or with
+    ``inputs`` the one for packed embeddings (:data:`PACKED_INPUTS_BELOW`)."""
+    if inputs:
+        below = PACKED_INPUTS_BELOW_WIDE if attention_size >= WIDE else PACKED_INPUTS_BELOW
+    else:
+        below = PACKED_BELOW_WIDE if attention_size >= WIDE else PACKED_BELOW
+    return valid < below * positions
 
 
 def can_pack(facts: Tensor) -> bool:
@@ -80,6 +108,45 @@ def _is_fake(x: Tensor) -> bool:
     return bool(is_fake(x))
 
 
+def _mlp_forward(q_part: Tensor, q: Tensor, f: Tensor, rows: Tensor, w1: Tensor, w2: Tensor,
+                 b2: Tensor, w3: Tensor, b3: Tensor) -> tuple[Tensor, ...]:
+    """The attention MLP on N gathered facts f (N, D) of rows ``rows`` (N,) -> scores (N, 1)
+    and what the backward needs: (scores, qv (N, D), x (N, 2D), h1 (N, A), h2 (N, 40))."""
+    qv = q.index_select(0, rows)  # (N, D)
+    x = torch.cat([f, f * qv], dim=1)  # (N, 2D)
+    h1 = torch.addmm(q_part.index_select(0, rows), x, w1.t()).sigmoid_()  # (N, A)
+    h2 = torch.addmm(b2, h1, w2.t()).sigmoid_()  # (N, 40)
+    s = torch.addmm(b3, h2, w3.t())  # (N, 1)
+    return s, qv, x, h1, h2
+
+
+def _mlp_backward(g: Tensor, b: int, need: tuple[bool, ...], saved: tuple[Tensor, ...]) -> tuple:
+    """Backward of :func:`_mlp_forward` for the score gradient g (N, 1): the gradients of
+    q_part (B, A), q (B, D) (if ``need[1]``), the facts (N, D) (if ``need[2]``), w1, w2,
+    b2, w3, b3. ``saved`` = (rows, qv, x, w1, w2, w3, h1, h2); g is not kept."""
+    rows, qv, x, w1, w2, w3, h1, h2 = saved
+    d = qv.shape[1]
+    g_w3 = g.t() @ h2  # (1, 40)
+    g_b3 = g.sum(0)  # (1,)
+    g_h2 = g * w3  # (N, 40)
+    _sigmoid_backward_(g_h2, h2, grad_input=g_h2)
+    g_w2 = g_h2.t() @ h1  # (40, A)
+    g_b2 = g_h2.sum(0)  # (40,)
+    g_h1 = g_h2 @ w2  # (N, A)
+    _sigmoid_backward_(g_h1, h1, grad_input=g_h1)
+    g_w1 = g_h1.t() @ x  # (A, 2D)
+    g_q_part = g_h1.new_zeros(b, g_h1.shape[1]).index_add_(0, rows, g_h1)  # (B, A)
+    g_q = g_f = None
+    if need[1] or need[2]:
+        g_x = g_h1 @ w1  # (N, 2D): [g_k, g_(q*k)]
+        g_key, g_prod = g_x[:, :d], g_x[:, d:]  # (N, D) each
+        if need[1]:
+            g_q = g_prod.new_zeros(b, d).index_add_(0, rows, g_prod * x[:, :d])  # (B, D)
+        if need[2]:
+            g_f = torch.addcmul(g_key, g_prod, qv)  # (N, D)
+    return g_q_part, g_q, g_f, g_w1, g_w2, g_b2, g_w3, g_b3
+
+
 class _PackedScores(torch.autograd.Function):
     """The attention MLP on the valid positions, with a hand-written, in-place backward.
 
@@ -93,11 +160,7 @@ class _PackedScores(torch.autograd.Function):
     def forward(ctx, q_part, q, facts, index, rows, w1, w2, b2, w3, b3, pad):
         b, t, d = facts.shape
         f = facts.reshape(b * t, d).index_select(0, index)  # (N, D)
-        qv = q.index_select(0, rows)  # (N, D)
-        x = torch.cat([f, f * qv], dim=1)  # (N, 2D)
-        h1 = torch.addmm(q_part.index_select(0, rows), x, w1.t()).sigmoid_()  # (N, A)
-        h2 = torch.addmm(b2, h1, w2.t()).sigmoid_()  # (N, 40)
-        s = torch.addmm(b3, h2, w3.t())  # (N, 1)
+        s, qv, x, h1, h2 = _mlp_forward(q_part, q, f, rows, w1, w2, b2, w3, b3)
         out = s.new_full((b * t,), pad).index_copy_(0, index, s.view(-1))  # (B*T,)
         ctx.save_for_backward(index, rows, qv, x, w1, w2, w3, h1, h2)
         ctx.shapes = (b, t, d)
@@ -106,31 +169,57 @@ class _PackedScores(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_out):
-        index, rows, qv, x, w1, w2, w3, h1, h2 = ctx.saved_tensors
+        index, *saved = ctx.saved_tensors
         b, t, d = ctx.shapes
         g = g_out.reshape(b * t).index_select(0, index).unsqueeze(1)  # (N, 1)
-        g_w3 = g.t() @ h2  # (1, 40)
-        g_b3 = g.sum(0)  # (1,)
-        g_h2 = g * w3  # (N, 40)
-        _sigmoid_backward_(g_h2, h2, grad_input=g_h2)
-        g_w2 = g_h2.t() @ h1  # (40, A)
-        g_b2 = g_h2.sum(0)  # (40,)
-        g_h1 = g_h2 @ w2  # (N, A)
-        _sigmoid_backward_(g_h1, h1, grad_input=g_h1)
-        g_w1 = g_h1.t() @ x  # (A, 2D)
-        g_q_part = g_h1.new_zeros(b, g_h1.shape[1]).index_add_(0, rows, g_h1)  # (B, A)
-        need = ctx.needs_input_grad
-        g_q = g_facts = None
-        if need[1] or need[2]:
-            g_x = g_h1 @ w1  # (N, 2D): [g_k, g_(q*k)]
-            g_key, g_prod = g_x[:, :d], g_x[:, d:]  # (N, D) each
-            f = x[:, :d]  # (N, D)
-            if need[1]:
-                g_q = g_prod.new_zeros(b, d).index_add_(0, rows, g_prod * f)  # (B, D)
-            if need[2]:
-                g_f = torch.addcmul(g_key, g_prod, qv)  # (N, D)
-                g_facts = g_f.new_zeros(b * t, d).index_copy_(0, index, g_f).view(b, t, d)
-        return g_q_part, g_q, g_facts, None, None, g_w1, g_w2, g_b2, g_w3, g_b3, None
+        g_q_part, g_q, g_f, *g_w = _mlp_backward(g, b, ctx.needs_input_grad, tuple(saved))
+        g_facts = None
+        if g_f is not None:
+            g_facts = g_f.new_zeros(b * t, d).index_copy_(0, index, g_f).view(b, t, d)
+        return g_q_part, g_q, g_facts, None, None, *g_w, None
+
+
+class _FactScores(torch.autograd.Function):
+    """:class:`_PackedScores` on facts already packed: forward(q_part (B, A), q (B, D),
+    facts (N, D), rows (N,), w1, w2, b2, w3, b3) -> scores (N,), the facts' gradient
+    (N, D) without any scatter. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, q_part, q, facts, rows, w1, w2, b2, w3, b3):
+        s, qv, x, h1, h2 = _mlp_forward(q_part, q, facts, rows, w1, w2, b2, w3, b3)
+        ctx.save_for_backward(rows, qv, x, w1, w2, w3, h1, h2)
+        ctx.b = q_part.shape[0]
+        return s.view(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_s):
+        g = g_s.reshape(-1, 1).contiguous()  # (N, 1)
+        g_q_part, g_q, g_f, *g_w = _mlp_backward(g, ctx.b, ctx.needs_input_grad, tuple(ctx.saved_tensors))
+        return g_q_part, g_q, g_f, None, *g_w
+
+
+def fact_scores(
+    q_part: Tensor,
+    q: Tensor,
+    facts: Tensor,
+    rows: Tensor,
+    w1: Tensor,
+    upper: tuple[Tensor, Tensor, Tensor, Tensor],
+) -> Tensor:
+    """The attention MLP's scores of packed facts.
+
+    Args:
+        q_part: ``(B, A)`` the query part of the first layer, ``(W_q + W_d) q + b_1``.
+        q: ``(B, D)`` the (projected) query.
+        facts: ``(N, D)`` the valid facts, in any order.
+        rows: ``(N,)`` the batch row of each fact.
+        w1, upper: as :func:`packed_scores`.
+
+    Returns:
+        ``(N,)`` scores.
+    """
+    return _FactScores.apply(q_part, q, facts, rows, w1, *upper)
 
 
 def packed_scores(
