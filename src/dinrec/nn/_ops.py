@@ -289,6 +289,7 @@ def _(g_hs: Tensor, gates: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, h0: Ten
 def _packed_setup(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
     _, c0, c1, w_hh, _, h0, batch_sizes = inputs
     ctx.save_for_backward(output[1], c0, c1, w_hh, h0, batch_sizes)
+    ctx.set_materialize_grads(False)  # the gates get no gradient: no (N, 5H) zeros for them
 
 
 def _packed_backward(

@@ -201,7 +201,8 @@ class _PairMLP(torch.autograd.Function):
         rest: list[Tensor] = []
         for i in reversed(range(layers)):
             rest[:0] = [g.t().mm(acts[i]), g.sum(0)]  # d W, d b of layer i + 2
-            g = g.mm(weights[i])  # (M N, D_{i+1})
+            # (M N, D_{i+1}); an outer product as a broadcast (a K = 1 mm is slow in BLAS)
+            g = g * weights[i] if g.shape[1] == 1 else g.mm(weights[i])
             _sigmoid_backward_(g, acts[i], grad_input=g)  # in place: d pre-activation
         need = ctx.needs_input_grad
         g_items = g.mm(w_e).view(m, n, -1) if need[1] else None  # (M, N, E)

@@ -417,7 +417,8 @@ def _packed_scan(
     hs, _ = _ops.gru_scan_packed(
         xi, c0, c1, weights.weight_hh, weights.bias_hh, h0.index_select(0, p.rows), p.sizes
     )  # (N, H)
-    outputs = hs.new_zeros(b * t, hid).index_copy(0, p.positions, hs).view(b, t, hid)  # zero at padding
+    # In place into fresh zeros (no copy of them); autograd still records the scatter.
+    outputs = hs.new_zeros(b * t, hid).index_copy_(0, p.positions, hs).view(b, t, hid)  # zero at padding
     final = h0.index_copy(0, p.rows, hs.index_select(0, p.last))  # (B, H); empty rows keep h0
     return outputs, final
 
