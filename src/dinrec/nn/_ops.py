@@ -203,6 +203,7 @@ def _gru_setup(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tenso
     _, c0, c1, w_hh, _, h0 = inputs
     hs, gates = output
     ctx.save_for_backward(hs, gates, c0, c1, w_hh, h0)
+    ctx.set_materialize_grads(False)  # the gates get no gradient: no (T, B, 4H) zeros for them
 
 
 def _gru_backward(
