@@ -456,3 +456,20 @@ def test_packing_layout():
     assert p.rows.tolist() == [2, 0, 3]
     assert p.positions.tolist() == [8, 0, 12, 9, 1, 13, 10]
     assert p.last.tolist() == [6, 4, 5]
+
+
+@pytest.mark.skipif(not _ops.available(), reason="no C++ build of the kernels")
+def test_packing_only_when_padded_enough(monkeypatch):
+    """A batch with padding below PACKED_BELOW runs the dense scan, one above it the packed."""
+    if not _ops.use("gru_scan"):
+        pytest.skip("the C++ operator does not run here")
+    calls = []
+    for name in ("gru_scan", "gru_scan_packed"):
+        real = getattr(_ops, name)
+        monkeypatch.setattr(_ops, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
+    unit = InterestExtractor(E, H)
+    for lengths, want in (([20] * 9 + [19], "gru_scan"), ([20, 10, 5], "gru_scan_packed")):
+        lengths = torch.tensor(lengths)
+        mask = torch.arange(20)[None] < lengths[:, None]
+        unit(torch.randn(len(lengths), 20, E), mask)
+        assert calls[-1] == want
