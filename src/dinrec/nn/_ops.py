@@ -4,6 +4,9 @@ Two operations have a C++ kernel (CPU, float32 and float64):
 
 * ``dinrec::gru_scan`` -- the GRU recurrence of DIEN's layers given the input projections
   of all steps (:func:`gru_scan`); its backward is ``dinrec::gru_scan_backward``;
+  ``dinrec::gru_scan_packed`` is the same over the valid steps of a padded batch only
+  (``PackedSequence`` layout, :func:`gru_scan_packed`; eager runs), under the same
+  measured choice (``"gru_scan"``);
 * ``dinrec::candidate_scores`` -- the attention scores of N candidates against one
   history, for ranking without autograd.
 
