@@ -6,7 +6,8 @@ machine load:
 
 * ``nn.GRU``: the fused PyTorch GRU on the whole padded batch (no masking at all);
 * the masked interest extractor, reference (``nn.GRU`` cut at the longest length) and
-  fast (the ``dinrec::gru_scan`` C++ operator);
+  fast (the C++ operators: ``dinrec::gru_scan_packed`` over the valid steps only, the
+  default on padded batches, and ``dinrec::gru_scan`` over the whole padded batch);
 * a naive per-step ``nn.GRUCell`` Python loop with masking;
 * AUGRU: reference (literal eager cell) and fast, and ``torch.compile`` of the
   reference and of the fast path (``--compile``);
@@ -28,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dinrec.nn import _ops
+from dinrec.nn import _ops, rnn
 from dinrec.nn.attention import DinFcnAttention
 from dinrec.nn.auxiliary import AuxiliaryNet, auxiliary_loss
 from dinrec.nn.rnn import AttentionGRU, AttentionGRUConfig, InterestExtractor
@@ -83,6 +84,17 @@ def main() -> None:
             outs.append(torch.where(valid, state, torch.zeros_like(state)))
         return torch.stack(outs, 1).sum() + state.sum()
 
+    def dense(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """fn with the dense scan (no packing of the valid steps)."""
+        def run() -> torch.Tensor:
+            default, rnn.PACKED_BELOW = rnn.PACKED_BELOW, 0.0
+            try:
+                return fn()
+            finally:
+                rnn.PACKED_BELOW = default
+
+        return run
+
     def extractor_fn(impl: str) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
             extractor.impl = impl
@@ -119,14 +131,17 @@ def main() -> None:
         "nn.GRU (whole padded batch, no mask)": lambda: gru(x)[0].sum(),
         "extractor reference (nn.GRU)": extractor_fn("reference"),
         "extractor fast": extractor_fn("fast"),
+        "extractor fast, dense scan": dense(extractor_fn("fast")),
         "naive GRUCell loop": naive_cell_loop,
         "AUGRU reference (eager cell)": agru_fn("augru", "reference"),
         "AUGRU fast (default)": agru_fn("augru", "fast"),
+        "AUGRU fast, dense scan": dense(agru_fn("augru", "fast")),
         "AUGRU paper gate, fast": agru_fn("augru", "fast", "paper"),
         "AGRU fast": agru_fn("agru", "fast"),
         "AIGRU fast": agru_fn("aigru", "fast"),
         "auxiliary loss": aux_fn,
         "extractor+attention+AUGRU+aux": dien_block,
+        "extractor+attention+AUGRU+aux, dense scan": dense(dien_block),
     }
     if args.compile:
         for impl in ("reference", "fast"):

@@ -61,6 +61,76 @@ def test_gru_scan_equals_its_reference(dtype):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+def _packed_args(lengths=(5, 5, 4, 2, 2, 1), h=7, dtype=torch.float64, seed=0):
+    """gru_scan_packed's arguments for rows of ``lengths`` (sorted, longest first)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lengths)
+    sizes = (torch.arange(int(lens[0]))[:, None] < lens).sum(1)  # (S,)
+    n = int(lens.sum())
+    xi, w, bias, h0 = (torch.randn(*s, generator=g, dtype=dtype) for s in ((n, 3 * h), (3 * h, h), (3 * h,), (len(lengths), h)))
+    c0 = torch.rand(n, generator=g, dtype=dtype)
+    c1 = -c0 * torch.rand(n, generator=g, dtype=dtype)
+    return xi, c0, c1, w * 0.5, bias, h0, sizes
+
+
+@needs_build
+def test_opcheck_gru_scan_packed():
+    *args, sizes = _packed_args()
+    args = [x.requires_grad_() for x in args]
+    torch.library.opcheck(_ops.gru_scan_packed, [*args, sizes])
+    torch.library.opcheck(_ops.gru_scan_packed, [*(x.detach() for x in args), sizes])
+
+
+@needs_build
+def test_gru_scan_packed_gradcheck_against_finite_differences():
+    *args, sizes = _packed_args(lengths=(4, 2, 2, 1), h=5)
+    args = [x.requires_grad_() for x in args]
+    assert torch.autograd.gradcheck(lambda *a: _ops.gru_scan_packed(*a, sizes)[0], args, eps=1e-6, atol=1e-6)
+
+
+@needs_build
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gru_scan_packed_equals_its_reference_and_the_dense_scan(dtype, threads):
+    """Values and every gradient against the packed reference loop; the states also against
+    the dense scan with the padded steps' fraction 0 (rows ending inside each thread's block)."""
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    g = torch.Generator().manual_seed(3)
+    lengths = sorted(torch.randint(1, 30, (70,), generator=g).tolist(), reverse=True)
+    *args, sizes = _packed_args(lengths=lengths, h=36, dtype=dtype)
+    leaves = [x.clone().requires_grad_() for x in args]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _ops.gru_scan_packed(*leaves, sizes)
+        g_hs = torch.randn(got[0].shape, generator=g, dtype=dtype)
+        got_grads = torch.autograd.grad(got[0], leaves, g_hs)
+    finally:
+        torch.set_num_threads(previous)
+    ref_leaves = [x.clone().requires_grad_() for x in args]
+    want = _ops.gru_scan_packed_reference(*ref_leaves, sizes)
+    want_grads = torch.autograd.grad(want[0], ref_leaves, g_hs)
+    for a, b in zip([*got, *got_grads], [*want, *want_grads], strict=True):
+        torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol * 10)
+    # the dense scan over (S, B): packed position (t, i) <-> dense (t, i), f = 0 where i >= sizes[t]
+    xi, c0, c1, w, bias, h0 = args
+    steps, b = len(sizes), len(lengths)
+    running = torch.arange(b)[None] < sizes[:, None]  # (S, B)
+    dense = [torch.zeros(steps, b, *x.shape[1:], dtype=dtype) for x in (xi, c0, c1)]
+    for d, x in zip(dense, (xi, c0, c1), strict=True):
+        d[running] = x
+    hs, _ = _ops.gru_scan(*dense, w, bias, h0)
+    torch.testing.assert_close(got[0], hs[running], rtol=tol, atol=tol)
+
+
+@needs_build
+def test_gru_scan_packed_rejects_a_bad_layout():
+    *args, sizes = _packed_args()
+    for bad in (sizes.flip(0), sizes + 1, sizes.int()):
+        with pytest.raises(RuntimeError, match="batch_sizes"):
+            _ops.gru_scan_packed(*args, bad)
+
+
 def test_fake_tensors_give_shapes_without_running_a_kernel():
     with FakeTensorMode():
         xi, c0, c1, w, b, h0 = (torch.empty(s) for s in ((4, 3, 15), (4, 3), (4, 3), (15, 5), (15,), (3, 5)))
@@ -68,6 +138,10 @@ def test_fake_tensors_give_shapes_without_running_a_kernel():
         assert hs.shape == (4, 3, 5) and gates.shape == (4, 3, 20)
         d = _ops.gru_scan_backward(hs, hs, gates, c0, c1, w, h0)
         assert [x.shape for x in d] == [(4, 3, 20), (4, 3), (4, 3), (3, 5)]
+        hs, gates = _ops.gru_scan_packed(xi[0], c0[0], c0[0], w, b, h0, torch.ones(1, dtype=torch.int64) * 3)
+        assert hs.shape == (3, 5) and gates.shape == (3, 25)
+        d = _ops.gru_scan_packed_backward(hs, gates, c0[0], c0[0], w, h0, torch.ones(1, dtype=torch.int64) * 3)
+        assert [x.shape for x in d] == [(3, 20), (3,), (3,), (3, 5)]
         s = _ops.candidate_scores(*(torch.empty(x.shape) for x in _cand_args(n=11, t=13)))
         assert s.shape == (11, 13)
 
@@ -117,6 +191,10 @@ BREAKS = {
     "gru float64": ("gru_forward", lambda hs: hs if hs.dtype == torch.float64 else hs[:0]),
     "gru backward tail": ("gru_backward", lambda d: d[..., 35:36] if d.shape[-1] == 144 else d[..., :0]),
     "gru backward float32": ("gru_backward", lambda d: d if d.dtype == torch.float32 else d[:0]),
+    # packed GRU: the last step's rows, the tail columns, the backward's d x_n block
+    "gru packed last step": ("gru_packed_forward", lambda hs: hs[-1:]),
+    "gru packed tail": ("gru_packed_forward", lambda hs: hs[:, 32:] if hs.shape[-1] == 36 else hs[:, :0]),
+    "gru packed backward d_xn": ("gru_packed_backward", lambda d: d[:, 2 * d.shape[1] // 4 : 3 * d.shape[1] // 4]),
     # candidates: only the threaded split (large N), only its second half, only the last positions
     "candidates split": ("candidate_scores", lambda s: s if s.shape[0] >= 1000 else s[:0]),
     "candidates second half": ("candidate_scores", lambda s: s[s.shape[0] // 2 + 1 :]),
@@ -210,10 +288,12 @@ def _timings(cpp_s: float, torch_s: float, calls: list | None = None):
 
 
 def _spy_op(monkeypatch, name):
-    """Count calls of ``_ops.<name>`` (the C++ operator's Python entry)."""
+    """Count calls of ``_ops.<name>`` (the C++ operator's Python entry); for ``gru_scan``
+    also of its packed form (the layers run it on padded batches)."""
     ran = []
-    real = getattr(_ops, name)
-    monkeypatch.setattr(_ops, name, lambda *a: ran.append(1) or real(*a))
+    for each in (name, "gru_scan_packed") if name == "gru_scan" else (name,):
+        real = getattr(_ops, each)
+        monkeypatch.setattr(_ops, each, lambda *a, real=real: ran.append(1) or real(*a))
     return ran
 
 

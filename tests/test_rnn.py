@@ -301,13 +301,14 @@ def test_fast_equals_reference_at_realistic_sizes(kind, gate, h, dtype, tol):
 
 
 def test_the_fast_path_runs_the_operator(monkeypatch):
-    """Under the fast backend on CPU the recurrence is ``dinrec::gru_scan``; under
-    ``backend("reference")`` it is not called."""
+    """Under the fast backend on CPU the recurrence is ``dinrec::gru_scan`` (or its packed
+    form); under ``backend("reference")`` neither is called."""
     if not _ops.use("gru_scan"):
         pytest.skip("no C++ build, or measured no faster here")
     calls = []
-    real = _ops.gru_scan
-    monkeypatch.setattr(_ops, "gru_scan", lambda *a: calls.append(1) or real(*a))
+    for name in ("gru_scan", "gru_scan_packed"):  # dense or packed, as the batch's padding says
+        real = getattr(_ops, name)
+        monkeypatch.setattr(_ops, name, lambda *a, real=real: calls.append(1) or real(*a))
     x, mask, a = _data(9)
     unit = _unit("augru", "reference", "fast")
     fast = unit(x, a, mask)
@@ -383,3 +384,92 @@ def test_attention_gru_checks():
         attention_gru(x[..., :3], a, mask, w)
     with pytest.raises(ValueError, match="gate"):
         attention_gru(x, a, mask, w, gate="tf")
+
+
+# --------------------------------------------------------------------------- packed fast path
+def _run_layer(layer: str, kind: str, gate: str, x, a, mask, h0, packed: bool, monkeypatch):
+    """Outputs, final state and every gradient of one fast layer, packed or dense scan."""
+    monkeypatch.setattr(rnn, "PACKED_BELOW", 2.0 if packed else 0.0)
+    calls = []
+    for name in ("gru_scan", "gru_scan_packed"):
+        real = getattr(_ops, name)
+        monkeypatch.setattr(_ops, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
+    torch.manual_seed(0)
+    if layer == "extractor":
+        unit = InterestExtractor(x.shape[2], H, impl="fast").to(x.dtype)
+    else:
+        unit = AttentionGRU(AttentionGRUConfig(x.shape[2], H, kind=kind, gate=gate)).to(x.dtype)  # type: ignore[arg-type]
+    with torch.no_grad():
+        for p in unit.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    xx, aa, hh = (v.clone().requires_grad_() for v in (x, a, h0))
+    if layer == "extractor":
+        out, final = unit(xx, mask, hh)
+    else:
+        out, final = unit(xx, aa if kind != "gru" else None, mask, hh)
+    g = torch.Generator().manual_seed(1)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=x.dtype)).sum() + final.sin().sum()
+    leaves = [xx, hh, *unit.parameters()] + ([aa] if layer != "extractor" and kind != "gru" else [])
+    grads = torch.autograd.grad(loss, leaves)
+    assert calls == (["gru_scan_packed"] if packed else ["gru_scan"]), calls
+    return [out, final, *(torch.where(v.isnan(), 0.0, v) for v in grads)]
+
+
+PACKED_CASES = {  # lengths of each case's rows, T = the longest + 2 (padding after every row)
+    "mixed": [0, 7, 3, 1, 5, 7],
+    "empty rows and length 1": [1, 0, 0, 1],
+    "all full": [6, 6, 6],
+    "one row": [4],
+    "long batch": torch.randint(0, 40, (70,), generator=torch.Generator().manual_seed(0)).tolist(),
+}
+
+
+@pytest.mark.skipif(not _ops.available(), reason="no C++ build of the kernels")
+@pytest.mark.parametrize("case", list(PACKED_CASES))
+@pytest.mark.parametrize("layer,kind,gate", [("extractor", "gru", "reference")] + [("attention", k, g) for k, g in KINDS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_packed_scan_equals_the_dense_scan(monkeypatch, case, layer, kind, gate, dtype):
+    """Scanning only the valid steps gives the dense scan's outputs (zero at padding), final
+    states (h0 for empty rows) and gradients, whatever the padding holds (NaN here)."""
+    if not _ops.use("gru_scan"):
+        pytest.skip("the C++ operator does not run here")
+    lengths = torch.tensor(PACKED_CASES[case])
+    b, t = len(lengths), int(lengths.max()) + 2
+    g = torch.Generator().manual_seed(2)
+    mask = torch.arange(t)[None] < lengths[:, None]
+    x = torch.randn(b, t, E, generator=g, dtype=dtype).masked_fill(~mask[..., None], float("nan"))
+    a = torch.rand(b, t, generator=g, dtype=dtype).masked_fill(~mask, float("nan"))
+    h0 = torch.randn(b, H, generator=g, dtype=dtype)
+    packed = _run_layer(layer, kind, gate, x, a, mask, h0, True, monkeypatch)
+    dense = _run_layer(layer, kind, gate, x, a, mask, h0, False, monkeypatch)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for p, d in zip(packed, dense, strict=True):
+        torch.testing.assert_close(p, d, rtol=tol, atol=tol)
+    assert not packed[0][~mask].any()  # zero at padding
+
+
+@pytest.mark.skipif(not _ops.available(), reason="no C++ build of the kernels")
+def test_packing_layout():
+    """Rows sorted by length (ties in batch order), step-major positions, each row's last step."""
+    p = rnn._packing(torch.tensor([2, 0, 3, 2]), 4)
+    assert p.sizes.tolist() == [3, 3, 1]
+    assert p.rows.tolist() == [2, 0, 3]
+    assert p.positions.tolist() == [8, 0, 12, 9, 1, 13, 10]
+    assert p.last.tolist() == [6, 4, 5]
+
+
+@pytest.mark.skipif(not _ops.available(), reason="no C++ build of the kernels")
+def test_packing_only_when_padded_enough(monkeypatch):
+    """A batch with padding below PACKED_BELOW runs the dense scan, one above it the packed."""
+    if not _ops.use("gru_scan"):
+        pytest.skip("the C++ operator does not run here")
+    calls = []
+    for name in ("gru_scan", "gru_scan_packed"):
+        real = getattr(_ops, name)
+        monkeypatch.setattr(_ops, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
+    unit = InterestExtractor(E, H)
+    for lengths, want in (([20] * 9 + [19], "gru_scan"), ([20, 10, 5], "gru_scan_packed")):
+        lengths = torch.tensor(lengths)
+        mask = torch.arange(20)[None] < lengths[:, None]
+        unit(torch.randn(len(lengths), 20, E), mask)
+        assert calls[-1] == want

@@ -45,7 +45,7 @@ update gate); see :mod:`dinrec.nn.rnn`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, cast
 
 import torch
@@ -57,7 +57,7 @@ from dinrec.errors import DinrecError
 from dinrec.models.base import CTRModel, ModelConfig, ModelOutput, check_history
 from dinrec.models.embedding import Embedded, EmbeddedSequence
 from dinrec.nn.attention import DinFcnAttention
-from dinrec.nn.auxiliary import AuxiliaryNet
+from dinrec.nn.auxiliary import AuxiliaryNet, pair_loss, pair_positions
 from dinrec.nn.rnn import AttentionGRU, AttentionGRUConfig, Gate, InterestExtractor, Kind
 
 EVOLUTIONS = ("gru_att", "aigru", "agru", "augru")
@@ -111,16 +111,27 @@ class DIEN(CTRModel):
         return self.attentions[seq]  # type: ignore[return-value]
 
     def _auxiliary(self, batch: Batch, states: Tensor, main: EmbeddedSequence) -> Tensor:
-        """The auxiliary loss of the main sequence's states: ()."""
-        negatives = self.embedding.negatives(self.main, batch.sequences[self.main])  # (B, T, K, D)
-        if negatives is None:
+        """The auxiliary loss of the main sequence's states: ().
+
+        Only the valid ``(t, t + 1)`` pairs are gathered, and only their negatives are
+        looked up (N of the B * T positions): :func:`dinrec.nn.auxiliary.auxiliary_loss`
+        over the whole batch, without embedding the padding's negatives."""
+        seq = batch.sequences[self.main]
+        if seq.neg is None:
             raise DinrecError(
                 f"{self.name}: the auxiliary loss needs negative history items "
                 "(train with --neg-history 1)"
             )
+        b, t = main.mask.shape
+        flat, nxt = pair_positions(main.mask)  # (N,) each
+        neg_ids = {k: None if v is None else v.flatten(0, 1).index_select(0, nxt).unsqueeze(0)
+                   for k, v in seq.neg.items()}  # (1, N, K[, M]): the (B, T, K) layout, B = 1
+        negatives = self.embedding.negatives(self.main, replace(seq, neg=neg_ids))  # (1, N, K, D)
+        assert negatives is not None and self.aux_net is not None
         clicked = main.history[..., : self.behaviour_dim]  # (B, T, D) item part of each event
-        assert self.aux_net is not None
-        return self.aux_net.loss(states, clicked, negatives, main.mask)  # ()
+        h = states.reshape(b * t, -1).index_select(0, flat)  # (N, Hd)
+        pos = clicked.reshape(b * t, -1).index_select(0, nxt)  # (N, D)
+        return pair_loss(self.aux_net, h, pos, negatives[0])  # ()
 
     def _evolve(self, target: Tensor, states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """target (N, D), states (N, T, Hd), mask (N, T) -> interest (N, Hd), alphas (N, T)."""

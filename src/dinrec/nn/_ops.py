@@ -4,6 +4,9 @@ Two operations have a C++ kernel (CPU, float32 and float64):
 
 * ``dinrec::gru_scan`` -- the GRU recurrence of DIEN's layers given the input projections
   of all steps (:func:`gru_scan`); its backward is ``dinrec::gru_scan_backward``;
+  ``dinrec::gru_scan_packed`` is the same over the valid steps of a padded batch only
+  (``PackedSequence`` layout, :func:`gru_scan_packed`; eager runs), under the same
+  measured choice (``"gru_scan"``);
 * ``dinrec::candidate_scores`` -- the attention scores of N candidates against one
   history, for ranking without autograd.
 
@@ -56,7 +59,7 @@ from torch import Tensor
 
 __all__ = [
     "Choice", "available", "candidate_scores", "choice", "choices", "fast_paths", "forget", "gru_scan",
-    "gru_scan_reference", "measure", "self_check", "use",
+    "gru_scan_packed", "gru_scan_packed_reference", "gru_scan_reference", "measure", "self_check", "use",
 ]
 
 logger = logging.getLogger(__name__)
@@ -203,6 +206,7 @@ def _gru_setup(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tenso
     _, c0, c1, w_hh, _, h0 = inputs
     hs, gates = output
     ctx.save_for_backward(hs, gates, c0, c1, w_hh, h0)
+    ctx.set_materialize_grads(False)  # the gates get no gradient: no (T, B, 4H) zeros for them
 
 
 def _gru_backward(
@@ -245,6 +249,96 @@ def gru_scan_reference(
     return torch.stack(hs), torch.stack(gates)
 
 
+
+# --------------------------------------------------------------------------- gru_scan_packed
+@torch.library.custom_op("dinrec::gru_scan_packed", mutates_args=(), device_types="cpu")
+def gru_scan_packed(
+    xi: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, b_hh: Tensor, h0: Tensor, batch_sizes: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`gru_scan` over the valid steps only, in ``PackedSequence`` layout.
+
+    Rows sorted by length, longest first; step ``t`` holds the ``batch_sizes[t]`` rows still
+    running (non-increasing, int64 on the CPU), stored one step after the other: xi (N, 3H),
+    c0, c1 (N,) with N = ``batch_sizes.sum()``; h0 (batch_sizes[0], H) the initial states of
+    the non-empty rows. Returns hs (N, H), the state after each step in the same layout, and
+    gates (N, 5H) ``[r, z, n, W_hn h + b_hn, h_prev]`` (saved for the backward).
+    :func:`gru_scan_packed_reference` is the same in plain PyTorch.
+    """
+    return torch.ops.dinrec_cpp.gru_scan_packed_forward(xi, c0, c1, w_hh, b_hh, h0, batch_sizes)
+
+
+@gru_scan_packed.register_fake
+def _(xi: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, b_hh: Tensor, h0: Tensor,
+      batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
+    hid = w_hh.shape[1]
+    return xi.new_empty(xi.shape[0], hid), xi.new_empty(xi.shape[0], 5 * hid)
+
+
+@torch.library.custom_op("dinrec::gru_scan_packed_backward", mutates_args=(), device_types="cpu")
+def gru_scan_packed_backward(
+    g_hs: Tensor, gates: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dL/dhs (N, H) -> d (N, 4H) ``[d gh_r, d gh_z, d x_n, d gh_n]`` (its first 3H columns
+    are dL/dxi), d_c0, d_c1 (N,), dL/dh0 (batch_sizes[0], H)."""
+    return torch.ops.dinrec_cpp.gru_scan_packed_backward(g_hs, gates, c0, c1, w_hh, h0, batch_sizes)
+
+
+@gru_scan_packed_backward.register_fake
+def _(g_hs: Tensor, gates: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, h0: Tensor,
+      batch_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n, hid = g_hs.shape
+    return g_hs.new_empty(n, 4 * hid), g_hs.new_empty(n), g_hs.new_empty(n), torch.empty_like(h0)
+
+
+def _packed_setup(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
+    _, c0, c1, w_hh, _, h0, batch_sizes = inputs
+    ctx.save_for_backward(output[1], c0, c1, w_hh, h0, batch_sizes)
+    ctx.set_materialize_grads(False)  # the gates get no gradient: no (N, 5H) zeros for them
+
+
+def _packed_backward(
+    ctx: Any, g_hs: Tensor | None, g_gates: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, None]:
+    gates, c0, c1, w_hh, h0, batch_sizes = ctx.saved_tensors
+    hid = w_hh.shape[1]
+    if g_hs is None:
+        g_hs = gates.new_zeros(gates.shape[0], hid)
+    d, d_c0, d_c1, d_h0 = gru_scan_packed_backward(g_hs.contiguous(), gates, c0, c1, w_hh, h0, batch_sizes)
+    h_prev = gates[:, 4 * hid :]  # (N, H) the state before each step
+    d_w = w_hh.new_empty(3 * hid, hid)
+    torch.mm(d[:, : 2 * hid].t(), h_prev, out=d_w[: 2 * hid])  # (2H, H): r, z
+    torch.mm(d[:, 3 * hid :].t(), h_prev, out=d_w[2 * hid :])  # (H, H): n
+    sums = d.sum(0)  # (4H,)
+    d_bias = torch.cat([sums[: 2 * hid], sums[3 * hid :]])  # (3H,)
+    return d[:, : 3 * hid], d_c0, d_c1, d_w, d_bias, d_h0, None
+
+
+gru_scan_packed.register_autograd(_packed_backward, setup_context=_packed_setup)
+
+
+def gru_scan_packed_reference(
+    xi: Tensor, c0: Tensor, c1: Tensor, w_hh: Tensor, b_hh: Tensor, h0: Tensor, batch_sizes: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`gru_scan_packed` step by step in PyTorch ops (autograd): the yardstick."""
+    hid = w_hh.shape[1]
+    h, hs, gates, start = h0, [], [], 0
+    for n in batch_sizes.tolist():
+        h = h[:n]  # (n, H) the rows still running
+        x_r, x_z, x_n = xi[start : start + n].split(hid, 1)  # (n, H) each
+        h_r, h_z, h_n = F.linear(h, w_hh, b_hh).split(hid, 1)
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        cand = torch.tanh(x_n + r * h_n)
+        f = c0[start : start + n, None] + c1[start : start + n, None] * z  # (n, H)
+        gates.append(torch.cat([r, z, cand, h_n, h], 1))
+        h = h + f * (cand - h)
+        hs.append(h)
+        start += n
+    if not hs:
+        return xi.new_empty(0, hid), xi.new_empty(0, 5 * hid)
+    return torch.cat(hs), torch.cat(gates)
+
+
 # --------------------------------------------------------------------------- candidate_scores
 @torch.library.custom_op("dinrec::candidate_scores", mutates_args=(), device_types="cpu")
 def candidate_scores(
@@ -270,6 +364,8 @@ def _(
 CHECKED: dict[str, Callable[..., object]] = {
     "gru_forward": lambda *a: torch.ops.dinrec_cpp.gru_scan_forward(*a),
     "gru_backward": lambda *a: torch.ops.dinrec_cpp.gru_scan_backward(*a),
+    "gru_packed_forward": lambda *a: torch.ops.dinrec_cpp.gru_scan_packed_forward(*a),
+    "gru_packed_backward": lambda *a: torch.ops.dinrec_cpp.gru_scan_packed_backward(*a),
     "candidate_scores": lambda *a: torch.ops.dinrec_cpp.candidate_scores(*a),
 }
 
@@ -288,6 +384,9 @@ def self_check() -> None:
                             (torch.float32, 2e-5, (1000, 100, 36, 80))):
         for steps, b, hid in ((8, 40, 36), (3, 3, 5)):
             _check_gru(gen, steps, b, hid, dtype, tol)
+        for lengths in ((9, 9, 8, 5, 5, 5, 3, 2, 2, 1) * 4, (3, 1, 1)):  # 40 rows: two threads
+            for hid in (36, 5):
+                _check_gru_packed(gen, lengths, hid, dtype, tol)
         for n, t, d, a in (big, (3, 7, 5, 6)):
             _check_candidates(gen, n, t, d, a, dtype, tol)
 
@@ -321,6 +420,34 @@ def _check_gru(gen: torch.Generator, steps: int, b: int, hid: int, dtype: torch.
     for name, g, r in zip(("xi", "c0", "c1", "w_hh", "h0"), (d_xi, d_c0, d_c1, d_w, d_h0),
                           (want[0], want[1], want[2], want[3], want[5]), strict=True):
         _close(f"gru_scan backward d_{name} ({dtype}, H={hid})", g, r, tol * 10)
+
+
+def _check_gru_packed(gen: torch.Generator, lengths: tuple[int, ...], hid: int, dtype: torch.dtype,
+                      tol: float) -> None:
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    lens = torch.tensor(sorted(lengths, reverse=True))
+    sizes = (torch.arange(int(lens[0]))[:, None] < lens).sum(1)  # (S,) rows running per step
+    n, b = int(lens.sum()), len(lengths)
+    xi, w, bias, h0 = rand(n, 3 * hid), rand(3 * hid, hid) * 0.3, rand(3 * hid), rand(b, hid)
+    c0 = torch.rand(n, generator=gen, dtype=dtype)
+    c1 = -c0 * torch.rand(n, generator=gen, dtype=dtype)
+    g_hs = rand(n, hid)
+    leaves = [x.clone().requires_grad_() for x in (xi, c0, c1, w, bias, h0)]
+    l_xi, l_c0, l_c1, l_w, l_bias, l_h0 = leaves
+    hs_ref, gates_ref = gru_scan_packed_reference(l_xi, l_c0, l_c1, l_w, l_bias, l_h0, sizes)
+    want = torch.autograd.grad(hs_ref, leaves, g_hs)
+    hs, gates = cast("tuple[Tensor, Tensor]", CHECKED["gru_packed_forward"](xi, c0, c1, w, bias, h0, sizes))
+    _close(f"gru_scan_packed forward ({dtype}, H={hid})", hs, hs_ref.detach(), tol)
+    _close(f"gru_scan_packed gates ({dtype}, H={hid})", gates, gates_ref.detach(), tol)
+    d, d_c0, d_c1, d_h0 = cast("tuple[Tensor, Tensor, Tensor, Tensor]",
+                               CHECKED["gru_packed_backward"](g_hs, gates, c0, c1, w, h0, sizes))
+    h_prev = gates[:, 4 * hid :]
+    d_w = torch.cat([d[:, : 2 * hid], d[:, 3 * hid :]], 1).t() @ h_prev
+    for name, g, r in zip(("xi", "c0", "c1", "w_hh", "h0"), (d[:, : 3 * hid], d_c0, d_c1, d_w, d_h0),
+                          (want[0], want[1], want[2], want[3], want[5]), strict=True):
+        _close(f"gru_scan_packed backward d_{name} ({dtype}, H={hid})", g, r, tol * 10)
 
 
 def _check_candidates(gen: torch.Generator, n: int, t: int, d: int, a: int, dtype: torch.dtype,

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from dinrec.errors import ShapeError
 
-__all__ = ["AuxiliaryNet", "auxiliary_loss"]
+__all__ = ["AuxiliaryNet", "auxiliary_loss", "pair_loss", "pair_positions"]
 
 NormName = Literal["reference", "batch", "none"]
 _REDUCTIONS = ("mean", "reference", "sum")
@@ -201,7 +201,8 @@ class _PairMLP(torch.autograd.Function):
         rest: list[Tensor] = []
         for i in reversed(range(layers)):
             rest[:0] = [g.t().mm(acts[i]), g.sum(0)]  # d W, d b of layer i + 2
-            g = g.mm(weights[i])  # (M N, D_{i+1})
+            # (M N, D_{i+1}); an outer product as a broadcast (a K = 1 mm is slow in BLAS)
+            g = g * weights[i] if g.shape[1] == 1 else g.mm(weights[i])
             _sigmoid_backward_(g, acts[i], grad_input=g)  # in place: d pre-activation
         need = ctx.needs_input_grad
         g_items = g.mm(w_e).view(m, n, -1) if need[1] else None  # (M, N, E)
@@ -272,18 +273,44 @@ def auxiliary_loss(
     non_clicked = _check(states, clicked, non_clicked, mask)
     b, t = mask.shape
     k = non_clicked.shape[2]
-    valid = mask if mask.dtype == torch.bool else mask == 1  # (B, T)
-    pairs = valid[:, 1:] & valid[:, :-1]  # (B, T-1): state t, target t + 1
-    at = pairs.nonzero()  # (N, 2): (row, t) of each valid pair
-    n = at.shape[0]
-    if n == 0:
+    flat, nxt = pair_positions(mask)  # (N,) each
+    if flat.shape[0] == 0:
         return states[:, :0].sum()  # 0, still attached to the graph
-    flat = at[:, 0] * t + at[:, 1]  # (N,) position of h_t in (B * T)
-    nxt = flat + 1  # position of e_{t+1}
     # Gathering only the valid pairs drops every padded value (NaN included).
     h = states.reshape(b * t, -1).index_select(0, flat)  # (N, H)
     pos = clicked.reshape(b * t, -1).index_select(0, nxt)  # (N, E)
     neg = non_clicked.reshape(b * t, k, -1).index_select(0, nxt)  # (N, K, E)
+    return pair_loss(net, h, pos, neg, reduction=reduction, all_pairs=b * (t - 1))
+
+
+def pair_positions(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The valid ``(t, t + 1)`` pairs of a left-aligned mask ``(B, T)``, row-major: the
+    flat ``(B * T)`` positions of each pair's state ``h_t`` and of its target ``t + 1``,
+    ``(N,)`` each."""
+    t = mask.shape[1]
+    valid = mask if mask.dtype == torch.bool else mask == 1  # (B, T)
+    at = (valid[:, 1:] & valid[:, :-1]).nonzero()  # (N, 2): (row, t) of each valid pair
+    flat = at[:, 0] * t + at[:, 1]  # (N,)
+    return flat, flat + 1
+
+
+def pair_loss(
+    net: nn.Module, h: Tensor, pos: Tensor, neg: Tensor, *, reduction: str = "mean", all_pairs: int = 0
+) -> Tensor:
+    """The auxiliary loss of N gathered pairs (see :func:`auxiliary_loss`, which gathers them).
+
+    Args:
+        net: the classifier (an :class:`AuxiliaryNet`, or any ``(N, H + E) -> (N,)``).
+        h: ``(N, H)`` the states ``h_t``; pos: ``(N, E)`` the clicked ``e_{t+1}``;
+            neg: ``(N, K, E)`` the negatives of position ``t + 1``.
+        reduction: ``"mean"`` over the N pairs (0 when N = 0), ``"sum"``, or
+            ``"reference"``: the sum over ``all_pairs`` (``B * (T - 1)``, padded pairs included).
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
+    n, k = neg.shape[0], neg.shape[1]
+    if n == 0:
+        return h.sum() * 0.0  # 0, still attached to the graph
     items = torch.cat([pos.unsqueeze(0), neg.transpose(0, 1)], 0)  # (1 + K, N, E)
     if isinstance(net, AuxiliaryNet):
         logits = net.pair_logits(h, items)  # (1 + K, N)
@@ -296,5 +323,5 @@ def auxiliary_loss(
     if reduction == "sum":
         return total
     if reduction == "reference":
-        return total / max(b * (t - 1), 1)
+        return total / max(all_pairs, 1)
     return total / n

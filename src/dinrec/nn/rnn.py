@@ -59,6 +59,12 @@ Implementations (chosen by :func:`dinrec.nn.backend`, see :mod:`dinrec.nn._backe
   float64, with a hand-written backward; :mod:`dinrec.nn._ops`). It runs only up to the
   longest valid length. Elsewhere (CUDA, other dtypes, no C++ build, or a CPU where it was
   measured no faster than the reference at first use) the reference runs.
+  On a padded batch (less than :data:`PACKED_BELOW` of the positions valid) in an eager
+  CPU run, the valid steps alone are scanned, in ``PackedSequence`` layout (rows sorted by
+  length, the rows still running at step t a prefix): the input product covers N valid
+  rows instead of B * T and the recurrence ``dinrec::gru_scan_packed`` only the running
+  rows of each step. Outputs, final states and gradients are the dense scan's (up to
+  float rounding); tracers and compilers keep the dense scan (the layout is data-dependent).
 """
 
 from __future__ import annotations
@@ -315,6 +321,8 @@ def _scan_gru(
     steps = _steps(lengths, t)
     if steps == 0:
         return inputs.new_zeros(b, t, hid, dtype=dtype), h0
+    if _use_packed(inputs, lengths, steps):
+        return _packed_scan(inputs, scores, lengths, weights, kind=kind, gate=gate, h0=h0)
     # Time-major from here on: each step's rows are contiguous for the loop.
     valid = torch.arange(steps, device=inputs.device)[:, None] < lengths  # (S, B)
     x = inputs[:, :steps].transpose(0, 1).masked_fill(~valid[..., None], 0.0)  # (S, B, E)
@@ -330,6 +338,98 @@ def _scan_gru(
     outputs = (hs * valid[..., None].to(dtype)).transpose(0, 1)  # (B, S, H), zero at padding
     if steps < t:
         outputs = F.pad(outputs, (0, 0, 0, t - steps))  # (B, T, H)
+    return outputs, final
+
+
+
+# --------------------------------------------------------------------------- packed fast path
+#: Scan only the valid steps (``PackedSequence`` layout) when less than this share of the
+#: ``(B, steps)`` positions up to the longest row is valid (:func:`_use_packed`). Measured
+#: (AMD EPYC Zen 4, 1 thread, B 128, H 36, the extractor + AUGRU forward and backward,
+#: CPU time, packed / dense): 1.06 at a 0.98 share, 0.92 at 0.90, 0.88 at 0.80, 0.68 at
+#: 0.61, 0.60 at 0.53. Packing costs a gather and a scatter; the dense scan pays for
+#: every padded step.
+PACKED_BELOW: float = 0.95
+
+
+class _Packing(NamedTuple):
+    """Where the valid steps of a left-aligned batch go in ``PackedSequence`` layout: rows
+    sorted by length (longest first, ties in batch order), one step after the other."""
+
+    positions: Tensor  # (N,) flat (B * T) position of each packed step
+    sizes: Tensor  # (S,) int64: rows still running at each step (non-increasing)
+    rows: Tensor  # (R,) the batch row of each sorted non-empty row
+    last: Tensor  # (R,) packed position of each sorted row's last step
+
+
+def _packing(lengths: Tensor, t: int) -> _Packing:
+    """The packed layout of rows with ``lengths (B,)`` in a batch of ``T`` steps."""
+    order = torch.argsort(lengths, descending=True, stable=True)  # (B,)
+    ordered = lengths.index_select(0, order)  # (B,) non-increasing
+    r = int((ordered > 0).sum())
+    rows, ordered = order[:r], ordered[:r]  # (R,)
+    steps = int(ordered[0]) if r else 0
+    running = torch.arange(steps, device=lengths.device)[:, None] < ordered  # (S, R)
+    sizes = running.sum(1)  # (S,)
+    step, row = running.nonzero(as_tuple=True)  # (N,) each, step-major
+    index = rows.index_select(0, row) * t + step  # (N,)
+    starts = torch.cumsum(sizes, 0) - sizes  # (S,) first packed position of each step
+    last = starts.index_select(0, ordered - 1) + torch.arange(r, device=lengths.device)  # (R,)
+    return _Packing(index, sizes.cpu(), rows, last)
+
+
+def _use_packed(inputs: Tensor, lengths: Tensor, steps: int) -> bool:
+    """Pack in eager CPU runs on batches padded enough (:data:`PACKED_BELOW`): the layout
+    is data-dependent, so tracers and compilers keep the dense scan."""
+    if inputs.device.type != "cpu" or tracing() or inputs.device.type == "meta":
+        return False
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - the API moved
+        return False
+    if is_fake(inputs):
+        return False
+    return int(lengths.sum()) < PACKED_BELOW * steps * lengths.shape[0]
+
+
+def _gather_steps(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, T, ...) -> (N, ...) at the flat positions ``index``."""
+    b, t = x.shape[:2]
+    if x.is_contiguous():
+        return x.reshape(b * t, *x.shape[2:]).index_select(0, index)
+    return x[torch.div(index, t, rounding_mode="floor"), index % t]  # an expanded x stays unexpanded
+
+
+def _packed_scan(
+    inputs: Tensor,
+    scores: Tensor | None,
+    lengths: Tensor,
+    weights: GRUWeights,
+    *,
+    kind: str,
+    gate: str,
+    h0: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The fast path over the valid steps only: gather them (N of B * T), one input
+    product over N rows, ``dinrec::gru_scan_packed``, scatter back with zeros at padding."""
+    b, t, _ = inputs.shape
+    hid = weights.weight_hh.shape[1]
+    dtype = h0.dtype
+    p = _packing(lengths, t)
+    x = _gather_steps(inputs, p.positions)  # (N, E)
+    a = None
+    if scores is not None:
+        a = _gather_steps(scores, p.positions).to(dtype)  # (N,)
+        if kind == "aigru":
+            x = x * a.unsqueeze(-1).to(x.dtype)  # i'_t = a_t * i_t
+    xi = F.linear(x, weights.weight_ih, weights.bias_ih).to(dtype)  # (N, 3H)
+    c0, c1 = _coefficients(kind, gate, a, xi.new_ones(xi.shape[0]))  # (N,) each
+    hs, _ = _ops.gru_scan_packed(
+        xi, c0, c1, weights.weight_hh, weights.bias_hh, h0.index_select(0, p.rows), p.sizes
+    )  # (N, H)
+    # In place into fresh zeros (no copy of them); autograd still records the scatter.
+    outputs = hs.new_zeros(b * t, hid).index_copy_(0, p.positions, hs).view(b, t, hid)  # zero at padding
+    final = h0.index_copy(0, p.rows, hs.index_select(0, p.last))  # (B, H); empty rows keep h0
     return outputs, final
 
 
