@@ -200,6 +200,11 @@ BREAKS = {
     "candidates second half": ("candidate_scores", lambda s: s[s.shape[0] // 2 + 1 :]),
     "candidates float64": ("candidate_scores", lambda s: s if s.dtype == torch.float64 else s[:0]),
     "candidates last position": ("candidate_scores", lambda s: s[:, -1:]),
+    # offset MLP: the last (short) tile, float64 only, the backward's input gradient of the last tile
+    "offset mlp last tile": ("offset_mlp_forward", lambda s: s[1024:]),
+    "offset mlp float64": ("offset_mlp_forward", lambda s: s if s.dtype == torch.float64 else s[:0]),
+    "offset mlp one tile": ("offset_mlp_forward", lambda s: s if s.shape[0] < 10 else s[:0]),
+    "offset mlp backward last tile": ("offset_mlp_backward", lambda g_x: g_x[1024:]),
 }
 
 
@@ -488,4 +493,6 @@ def test_the_real_measurement_runs_both_paths_at_the_production_size(monkeypatch
             cpp_s, torch_s = _ops._timer(op)
             assert cpp_s > 0 and torch_s > 0
     assert ran_cs and ran_gru and ran_ref
-    assert sorted(_ops.BENCHMARKS) == ["candidate_scores", "gru_scan"]
+    assert sorted(_ops.BENCHMARKS) == ["candidate_scores", "gru_scan", "offset_mlp"]
+    cpp_s, torch_s = _ops._timer("offset_mlp")
+    assert cpp_s > 0 and torch_s > 0

@@ -8,7 +8,10 @@ Two operations have a C++ kernel (CPU, float32 and float64):
   (``PackedSequence`` layout, :func:`gru_scan_packed`; eager runs), under the same
   measured choice (``"gru_scan"``);
 * ``dinrec::candidate_scores`` -- the attention scores of N candidates against one
-  history, for ranking without autograd.
+  history, for ranking without autograd;
+* ``dinrec::offset_mlp`` -- a two-hidden-layer sigmoid MLP whose first layer has a
+  per-row offset, fused per tile of rows (:func:`offset_mlp`): DIN's attention MLP on the
+  packed events and DIEN's auxiliary MLP; its backward is ``dinrec::offset_mlp_backward``.
 
 Build: :func:`torch.utils.cpp_extension.load` compiles the sources on first use (g++,
 ninja; a file lock makes concurrent processes, e.g. DDP ranks, build once) into torch's
@@ -59,19 +62,20 @@ from torch import Tensor
 
 __all__ = [
     "Choice", "available", "candidate_scores", "choice", "choices", "fast_paths", "forget", "gru_scan",
-    "gru_scan_packed", "gru_scan_packed_reference", "gru_scan_reference", "measure", "self_check", "use",
+    "gru_scan_packed", "gru_scan_packed_reference", "gru_scan_reference", "measure", "offset_mlp",
+    "offset_mlp_backward", "offset_mlp_reference", "offset_mlp_runs", "self_check", "use",
 ]
 
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("gru_scan.cpp", "candidate_scores.cpp")
+SOURCES = ("gru_scan.cpp", "candidate_scores.cpp", "offset_mlp.cpp")
 #: ``-ffp-contract=fast``: the polynomials as fused multiply-adds; ``-fopenmp``: ATen's
 #: ``parallel_for`` is an OpenMP region compiled into the caller.
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
 FALLBACK = (
     "the pure-PyTorch paths run instead (GRU layers: their reference loop; candidate "
-    "scores: torch ops)"
+    "scores and the attention / auxiliary MLPs: torch ops)"
 )
 
 
@@ -359,6 +363,95 @@ def _(
     return q.new_empty(q.shape[0], keys.shape[0])
 
 
+# --------------------------------------------------------------------------- offset_mlp
+@torch.library.custom_op("dinrec::offset_mlp", mutates_args=(), device_types="cpu")
+def offset_mlp(
+    x: Tensor, offset: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A two-hidden-layer sigmoid MLP whose first layer adds a per-row offset.
+
+    x (N, K); offset (R, A); idx (N,) int64 in [0, R), the offset row of each row of x;
+    w1 (A, K); w2 (A2, A); b2 (A2,); w3 (1, A2); b3 (1,) ->
+    s (N,) ``= sigmoid(sigmoid(offset[idx] + x w1^T) w2^T + b2) w3^T + b3``, and the hidden
+    layers h1 (N, A), h2 (N, A2) (saved for the backward; they get no gradient).
+    Rows run in fixed tiles with the elementwise work fused (``csrc/offset_mlp.cpp``);
+    :func:`offset_mlp_reference` is the same in plain PyTorch.
+    """
+    return torch.ops.dinrec_cpp.offset_mlp_forward(x, offset, idx, w1, w2, b2, w3, b3)
+
+
+@offset_mlp.register_fake
+def _(x: Tensor, offset: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
+      b3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    n = x.shape[0]
+    return x.new_empty(n), x.new_empty(n, w1.shape[0]), x.new_empty(n, w2.shape[0])
+
+
+@torch.library.custom_op("dinrec::offset_mlp_backward", mutates_args=(), device_types="cpu")
+def offset_mlp_backward(
+    g: Tensor, x: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, h1: Tensor, h2: Tensor,
+    rows: int, need_x: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dL/ds (N,) -> dL/dx (N, K) (``(0, K)`` unless ``need_x``), dL/doffset (R, A) with
+    R = ``rows`` (the row sums of the first layer's pre-activation gradient by ``idx``),
+    dL/dw1 (A, K), dL/dw2 (A2, A), dL/db2 (A2,), dL/dw3 (1, A2), dL/db3 (1,).
+    Reverse-mode only (not differentiable again)."""
+    return torch.ops.dinrec_cpp.offset_mlp_backward(g, x, idx, w1, w2, w3, h1, h2, rows, need_x)
+
+
+@offset_mlp_backward.register_fake
+def _(g: Tensor, x: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, h1: Tensor, h2: Tensor,
+      rows: int, need_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    n, k = x.shape
+    a, a2 = w1.shape[0], w2.shape[0]
+    g_x = x.new_empty(n if need_x else 0, k)
+    return (g_x, x.new_empty(rows, a), x.new_empty(a, k), x.new_empty(a2, a), x.new_empty(a2),
+            x.new_empty(1, a2), x.new_empty(1))
+
+
+def _offset_setup(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+    x, offset, idx, w1, w2, b2, w3, b3 = inputs
+    _, h1, h2 = output
+    ctx.save_for_backward(x, idx, w1, w2, w3, h1, h2)
+    ctx.shapes = (offset.shape[0], b2.shape, w3.shape, b3.shape)
+    ctx.set_materialize_grads(False)  # h1, h2 get no gradient: no zeros for them
+
+
+def _offset_backward(
+    ctx: Any, g_s: Tensor | None, g_h1: Tensor | None, g_h2: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    x, idx, w1, w2, w3, h1, h2 = ctx.saved_tensors
+    rows, b2_shape, w3_shape, b3_shape = ctx.shapes
+    if g_s is None:
+        g_s = x.new_zeros(x.shape[0])
+    need_x = bool(ctx.needs_input_grad[0])
+    g_x, g_off, g_w1, g_w2, g_b2, g_w3, g_b3 = offset_mlp_backward(
+        g_s.contiguous(), x, idx, w1, w2, w3, h1, h2, rows, need_x
+    )
+    return (g_x if need_x else None, g_off, None, g_w1, g_w2, g_b2.reshape(b2_shape),
+            g_w3.reshape(w3_shape), g_b3.reshape(b3_shape))
+
+
+offset_mlp.register_autograd(_offset_backward, setup_context=_offset_setup)
+
+
+def offset_mlp_runs(*tensors: Tensor) -> bool:
+    """Whether :func:`offset_mlp` computes an MLP on these tensors: all float32 on the CPU
+    (float64 and other devices take the torch ops), the build checked, and the operator
+    measured faster than the torch ops here (:func:`use`)."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and use("offset_mlp")
+
+
+def offset_mlp_reference(
+    x: Tensor, offset: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`offset_mlp` in plain PyTorch ops (any device, autograd): the yardstick."""
+    h1 = torch.sigmoid(offset.index_select(0, idx) + x @ w1.t())  # (N, A)
+    h2 = torch.sigmoid(F.linear(h1, w2, b2))  # (N, A2)
+    s = F.linear(h2, w3.reshape(1, -1), b3.reshape(1)).squeeze(1)  # (N,)
+    return s, h1, h2
+
+
 # --------------------------------------------------------------------------- self-check
 #: The kernels :func:`self_check` runs (replaced in tests by broken ones).
 CHECKED: dict[str, Callable[..., object]] = {
@@ -367,6 +460,8 @@ CHECKED: dict[str, Callable[..., object]] = {
     "gru_packed_forward": lambda *a: torch.ops.dinrec_cpp.gru_scan_packed_forward(*a),
     "gru_packed_backward": lambda *a: torch.ops.dinrec_cpp.gru_scan_packed_backward(*a),
     "candidate_scores": lambda *a: torch.ops.dinrec_cpp.candidate_scores(*a),
+    "offset_mlp_forward": lambda *a: torch.ops.dinrec_cpp.offset_mlp_forward(*a),
+    "offset_mlp_backward": lambda *a: torch.ops.dinrec_cpp.offset_mlp_backward(*a),
 }
 
 
@@ -377,7 +472,9 @@ def self_check() -> None:
     rows (split over the threads), float32 and float64, forward and backward. Candidate
     scores: 1,000 candidates x 100 positions, D = 36, A = 80 in float32 (the serving case:
     several chunks, split over the threads), 120 x 50 with D = 37 in float64, and 3 x 7
-    (one chunk, one thread) in both. Raises ``AssertionError``.
+    (one chunk, one thread) in both. Offset MLP: DIN's and DIEN's shapes over several
+    tiles (split over the threads), and 3 rows; forward and every gradient, in both dtypes.
+    Raises ``AssertionError``.
     """
     gen = torch.Generator().manual_seed(0)
     for dtype, tol, big in ((torch.float64, 1e-10, (120, 50, 37, 80)),
@@ -389,6 +486,11 @@ def self_check() -> None:
                 _check_gru_packed(gen, lengths, hid, dtype, tol)
         for n, t, d, a in (big, (3, 7, 5, 6)):
             _check_candidates(gen, n, t, d, a, dtype, tol)
+        # DIN's attention MLP (idx sorted, rows without events) and DIEN's auxiliary MLP
+        # (idx = i mod R, unsorted), over several tiles (the last one short) and in one
+        for n, k, a, a2, r, din in ((1100, 72, 80, 40, 128, True), (700, 36, 100, 50, 350, False),
+                                    (3, 5, 6, 7, 4, True)):
+            _check_offset_mlp(gen, n, (k, a, a2), r, din, dtype, tol)
 
 
 def _close(name: str, got: Tensor, want: Tensor, tol: float) -> None:
@@ -462,6 +564,33 @@ def _check_candidates(gen: torch.Generator, n: int, t: int, d: int, a: int, dtyp
     pre = (q @ wq.t() + b1)[:, None] + (keys @ wk.t())[None] + (q[:, None] * keys[None]) @ wp.t()
     want = F.linear(torch.sigmoid(F.linear(torch.sigmoid(pre), w2, b2)), w3, b3)[..., 0]  # (N, T)
     _close(f"candidate_scores ({dtype}, N={n}, T={t})", got, want, tol)
+
+
+def _check_offset_mlp(gen: torch.Generator, n: int, widths: tuple[int, int, int], r: int, sorted_idx: bool,
+                      dtype: torch.dtype, tol: float) -> None:
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dtype) / shape[-1] ** 0.5
+
+    k, a, a2 = widths
+    if sorted_idx:  # rows in order; the last rows have none
+        idx = torch.randint(0, max(r - 3, 1), (n,), generator=gen).sort().values
+    else:
+        idx = torch.arange(n) % r
+    args = (rand(n, k) * 3, rand(r, a), idx, rand(a, k) * 3, rand(a2, a) * 3, rand(a2), rand(1, a2), rand(1))
+    g = torch.randn(n, generator=gen, dtype=dtype)
+    leaves = [t.clone().requires_grad_() if t.is_floating_point() else t for t in args]
+    want_s, want_h1, want_h2 = offset_mlp_reference(*leaves)
+    grads = [t for t in leaves if t.requires_grad]
+    want = torch.autograd.grad(want_s, grads, g)
+    x, _, _, w1, w2, _, w3, _ = args
+    s, h1, h2 = cast("tuple[Tensor, Tensor, Tensor]", CHECKED["offset_mlp_forward"](*args))
+    name = f"offset_mlp ({dtype}, N={n}, K={k}, A={a})"
+    _close(f"{name} forward", s, want_s.detach(), tol)
+    _close(f"{name} h1", h1, want_h1.detach(), tol)
+    _close(f"{name} h2", h2, want_h2.detach(), tol)
+    got = cast("tuple[Tensor, ...]", CHECKED["offset_mlp_backward"](g, x, idx, w1, w2, w3, h1, h2, r, True))
+    for what, gt, wt in zip(("x", "offset", "w1", "w2", "b2", "w3", "b3"), got, want, strict=True):
+        _close(f"{name} backward d_{what}", gt, wt, tol * 10)
 
 
 # --------------------------------------------------------------------------- measured choice

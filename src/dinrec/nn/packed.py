@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dinrec.nn import _ops
 from dinrec.nn._backend import tracing
 
 __all__ = ["PACKED_BELOW", "PACKED_BELOW_WIDE", "PACKED_INPUTS_BELOW", "PACKED_INPUTS_BELOW_WIDE", "WIDE", "can_pack", "fact_scores", "packed_scores", "packs", "scores_if_sparse",
@@ -109,23 +110,47 @@ def _is_fake(x: Tensor) -> bool:
 
 
 def _mlp_forward(q_part: Tensor, q: Tensor, f: Tensor, rows: Tensor, w1: Tensor, w2: Tensor,
-                 b2: Tensor, w3: Tensor, b3: Tensor) -> tuple[Tensor, ...]:
+                 b2: Tensor, w3: Tensor, b3: Tensor, fused: bool = False) -> tuple[Tensor, ...]:
     """The attention MLP on N gathered facts f (N, D) of rows ``rows`` (N,) -> scores (N, 1)
-    and what the backward needs: (scores, qv (N, D), x (N, 2D), h1 (N, A), h2 (N, 40))."""
+    and what the backward needs: (scores, qv (N, D), x (N, 2D), h1 (N, A), h2 (N, 40)).
+    ``fused``: the layers run in the C++ operator :func:`dinrec.nn._ops.offset_mlp`."""
     qv = q.index_select(0, rows)  # (N, D)
     x = torch.cat([f, f * qv], dim=1)  # (N, 2D)
+    if fused:
+        s, h1, h2 = _ops.offset_mlp(x, q_part, rows, w1, w2, b2, w3, b3)  # (N,), (N, A), (N, 40)
+        return s.unsqueeze(1), qv, x, h1, h2
     h1 = torch.addmm(q_part.index_select(0, rows), x, w1.t()).sigmoid_()  # (N, A)
     h2 = torch.addmm(b2, h1, w2.t()).sigmoid_()  # (N, 40)
     s = torch.addmm(b3, h2, w3.t())  # (N, 1)
     return s, qv, x, h1, h2
 
 
-def _mlp_backward(g: Tensor, b: int, need: tuple[bool, ...], saved: tuple[Tensor, ...]) -> tuple:
+def _mlp_backward(g: Tensor, b: int, need: tuple[bool, ...], saved: tuple[Tensor, ...],
+                  fused: bool = False) -> tuple:
     """Backward of :func:`_mlp_forward` for the score gradient g (N, 1): the gradients of
     q_part (B, A), q (B, D) (if ``need[1]``), the facts (N, D) (if ``need[2]``), w1, w2,
     b2, w3, b3. ``saved`` = (rows, qv, x, w1, w2, w3, h1, h2); g is not kept."""
     rows, qv, x, w1, w2, w3, h1, h2 = saved
     d = qv.shape[1]
+    need_x = need[1] or need[2]
+    if fused:
+        g_x, g_q_part, *g_w = _ops.offset_mlp_backward(g.view(-1), x, rows, w1, w2, w3, h1, h2, b, need_x)
+    else:
+        g_q_part, g_x, g_w = _layer_grads(g, b, need_x, saved)
+    g_q = g_f = None
+    if need_x:
+        g_key, g_prod = g_x[:, :d], g_x[:, d:]  # (N, D) each
+        if need[1]:
+            g_q = g_prod.new_zeros(b, d).index_add_(0, rows, g_prod * x[:, :d])  # (B, D)
+        if need[2]:
+            g_f = torch.addcmul(g_key, g_prod, qv)  # (N, D)
+    return g_q_part, g_q, g_f, *g_w
+
+
+def _layer_grads(g: Tensor, b: int, need_x: bool, saved: tuple[Tensor, ...]) -> tuple:
+    """The torch ops of :func:`_mlp_backward`: g_q_part (B, A), g_x (N, 2D) = ``[g_k, g_(q*k)]``
+    (None unless ``need_x``) and [g_w1, g_w2, g_b2, g_w3, g_b3]."""
+    rows, _, x, w1, w2, w3, h1, h2 = saved
     g_w3 = g.t() @ h2  # (1, 40)
     g_b3 = g.sum(0)  # (1,)
     g_h2 = g * w3  # (N, 40)
@@ -136,15 +161,8 @@ def _mlp_backward(g: Tensor, b: int, need: tuple[bool, ...], saved: tuple[Tensor
     _sigmoid_backward_(g_h1, h1, grad_input=g_h1)
     g_w1 = g_h1.t() @ x  # (A, 2D)
     g_q_part = g_h1.new_zeros(b, g_h1.shape[1]).index_add_(0, rows, g_h1)  # (B, A)
-    g_q = g_f = None
-    if need[1] or need[2]:
-        g_x = g_h1 @ w1  # (N, 2D): [g_k, g_(q*k)]
-        g_key, g_prod = g_x[:, :d], g_x[:, d:]  # (N, D) each
-        if need[1]:
-            g_q = g_prod.new_zeros(b, d).index_add_(0, rows, g_prod * x[:, :d])  # (B, D)
-        if need[2]:
-            g_f = torch.addcmul(g_key, g_prod, qv)  # (N, D)
-    return g_q_part, g_q, g_f, g_w1, g_w2, g_b2, g_w3, g_b3
+    g_x = g_h1 @ w1 if need_x else None  # (N, 2D)
+    return g_q_part, g_x, [g_w1, g_w2, g_b2, g_w3, g_b3]
 
 
 class _PackedScores(torch.autograd.Function):
@@ -160,7 +178,8 @@ class _PackedScores(torch.autograd.Function):
     def forward(ctx, q_part, q, facts, index, rows, w1, w2, b2, w3, b3, pad):
         b, t, d = facts.shape
         f = facts.reshape(b * t, d).index_select(0, index)  # (N, D)
-        s, qv, x, h1, h2 = _mlp_forward(q_part, q, f, rows, w1, w2, b2, w3, b3)
+        ctx.fused = _ops.offset_mlp_runs(q_part, q, f, w1, w2, b2, w3, b3)
+        s, qv, x, h1, h2 = _mlp_forward(q_part, q, f, rows, w1, w2, b2, w3, b3, ctx.fused)
         out = s.new_full((b * t,), pad).index_copy_(0, index, s.view(-1))  # (B*T,)
         ctx.save_for_backward(index, rows, qv, x, w1, w2, w3, h1, h2)
         ctx.shapes = (b, t, d)
@@ -172,7 +191,7 @@ class _PackedScores(torch.autograd.Function):
         index, *saved = ctx.saved_tensors
         b, t, d = ctx.shapes
         g = g_out.reshape(b * t).index_select(0, index).unsqueeze(1)  # (N, 1)
-        g_q_part, g_q, g_f, *g_w = _mlp_backward(g, b, ctx.needs_input_grad, tuple(saved))
+        g_q_part, g_q, g_f, *g_w = _mlp_backward(g, b, ctx.needs_input_grad, tuple(saved), ctx.fused)
         g_facts = None
         if g_f is not None:
             g_facts = g_f.new_zeros(b * t, d).index_copy_(0, index, g_f).view(b, t, d)
@@ -186,7 +205,8 @@ class _FactScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_part, q, facts, rows, w1, w2, b2, w3, b3):
-        s, qv, x, h1, h2 = _mlp_forward(q_part, q, facts, rows, w1, w2, b2, w3, b3)
+        ctx.fused = _ops.offset_mlp_runs(q_part, q, facts, w1, w2, b2, w3, b3)
+        s, qv, x, h1, h2 = _mlp_forward(q_part, q, facts, rows, w1, w2, b2, w3, b3, ctx.fused)
         ctx.save_for_backward(rows, qv, x, w1, w2, w3, h1, h2)
         ctx.b = q_part.shape[0]
         return s.view(-1)
@@ -195,7 +215,8 @@ class _FactScores(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_s):
         g = g_s.reshape(-1, 1).contiguous()  # (N, 1)
-        g_q_part, g_q, g_f, *g_w = _mlp_backward(g, ctx.b, ctx.needs_input_grad, tuple(ctx.saved_tensors))
+        g_q_part, g_q, g_f, *g_w = _mlp_backward(g, ctx.b, ctx.needs_input_grad, tuple(ctx.saved_tensors),
+                                                 ctx.fused)
         return g_q_part, g_q, g_f, None, *g_w
 
 
@@ -271,3 +292,31 @@ def scores_if_sparse(
         return None
     w1 = torch.cat([w_key, w_prod], dim=1)  # (A, 2D) = [W_k - W_d | W_p]
     return packed_scores(q_part, q, facts, index, w1, upper, pad)
+
+
+def _benchmark() -> tuple[_ops.Call, _ops.Call]:
+    """DIN's attention MLP forward + backward at a training size (B 128, N 4,300 valid
+    events, D 36, A 80, float32; the synthetic set's default batches): the C++ operator
+    against the torch ops. The same choice serves DIEN's auxiliary MLP (the same operator)."""
+    gen = torch.Generator().manual_seed(0)
+    b, n, d, a = 128, 4300, 36, 80
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen) / shape[-1] ** 0.5
+
+    q_part, q, f = rand(b, a), rand(b, d), rand(n, d)
+    rows = torch.randint(0, b, (n,), generator=gen).sort().values  # (N,)
+    layers = (rand(a, 2 * d), rand(40, a), rand(40), rand(1, 40), rand(1))
+    g = torch.randn(n, 1, generator=gen)
+
+    def run(fused: bool) -> _ops.Call:
+        def call() -> object:
+            s, qv, x, h1, h2 = _mlp_forward(q_part, q, f, rows, *layers, fused)
+            w1, w2, _, w3, _ = layers
+            return _mlp_backward(g, b, (True, True, True), (rows, qv, x, w1, w2, w3, h1, h2), fused)
+        return call
+
+    return run(True), run(False)
+
+
+_ops.BENCHMARKS["offset_mlp"] = _benchmark

@@ -1,0 +1,277 @@
+// dinrec_cpp::offset_mlp_forward / offset_mlp_backward: a two-hidden-layer sigmoid MLP
+// whose first layer has a per-row offset, fused per tile of rows (see dinrec/nn/_ops.py).
+//
+//   h1 = sigmoid(offset[idx] + x w1^T)   x (N, K), offset (R, A), idx (N,), w1 (A, K)
+//   h2 = sigmoid(h1 w2^T + b2)           w2 (A2, A), b2 (A2,)
+//   s  = h2 w3^T + b3                    w3 (1, A2), b3 (1,)  -> s (N,)
+//
+// Both hot MLPs of the default models have this shape: DIN's attention MLP on the packed
+// events (x = [f, f * q[row]], offset = the query part of the first layer, one row per
+// batch row) and DIEN's auxiliary MLP (x = the items, offset = the state part, one row per
+// pair). The rows run in tiles of kTile: per tile the matrix products go through ATen's
+// CPU kernels directly (at::cpu::mm_out / addmm_out: no dispatcher, no autograd), and all
+// elementwise work (the offset gather-add, the sigmoids, the score layer's dot product,
+// the sigmoid backward, the row sums into g_offset, the bias and score-layer gradients)
+// runs in loops on the tile while it is in cache. Weight gradients accumulate across tiles.
+// Tiles are split into contiguous chunks over ATen's threads; each chunk accumulates its
+// own gradients, summed at the end.
+#include <ATen/ATen.h>
+#include <ATen/CPUFunctions.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+#include "math.h"
+
+namespace dinrec {
+namespace {
+
+// Rows per tile: x, h1, h2 and the backward's g_h1, g_h2 of one tile (~0.5 MB at K = 72,
+// A = 80, A2 = 40, float32) stay in L2.
+constexpr int64_t kTile = 512;
+
+// A per-thread buffer reused from call to call (fresh ones cost page faults), 64-byte aligned.
+template <typename T>
+T* scratch(int64_t n) {
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<T[], Free> buf;
+  thread_local int64_t size = 0;
+  if (size < n) {
+    const int64_t bytes = (n * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64;
+    T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(p != nullptr, "offset_mlp: out of memory");
+    buf.reset(p);
+    size = n;
+  }
+  return buf.get();
+}
+
+struct Shapes {
+  int64_t n, k, a, a2, r;
+};
+
+Shapes check_forward(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& idx,
+                     const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& b2,
+                     const at::Tensor& w3, const at::Tensor& b3) {
+  TORCH_CHECK(x.device().is_cpu(), "offset_mlp: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "offset_mlp: float32 or float64 only");
+  for (const auto& t : {offset, w1, w2, b2, w3, b3})
+    TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device().is_cpu(),
+                "offset_mlp: all tensors must share one dtype on the CPU");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.device().is_cpu(),
+              "offset_mlp: idx must be a 1-d int64 CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && offset.dim() == 2 && w1.dim() == 2 && w2.dim() == 2,
+              "offset_mlp: expected x (N, K), offset (R, A), w1 (A, K), w2 (A2, A)");
+  const Shapes s{x.size(0), x.size(1), w1.size(0), w2.size(0), offset.size(0)};
+  TORCH_CHECK(idx.size(0) == s.n && w1.size(1) == s.k && offset.size(1) == s.a && w2.size(1) == s.a &&
+                  b2.numel() == s.a2 && w3.numel() == s.a2 && b3.numel() == 1,
+              "offset_mlp: shapes disagree (x (N, K), offset (R, A), idx (N,), w1 (A, K), "
+              "w2 (A2, A), b2 (A2,), w3 (1, A2), b3 (1,))");
+  const int64_t* ix = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < s.n; ++i)
+    TORCH_CHECK(ix[i] >= 0 && ix[i] < s.r, "offset_mlp: idx out of range [0, ", s.r, ")");
+  return s;
+}
+
+// The tiles [0, tiles) of N rows in `parts` contiguous chunks: chunk p holds [cuts[p], cuts[p + 1]).
+std::vector<int64_t> chunk_tiles(int64_t n) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+  std::vector<int64_t> cuts(parts + 1);
+  for (int64_t p = 0; p <= parts; ++p) cuts[p] = tiles * p / parts;
+  return cuts;
+}
+
+// Run body(p, tile0, tile1) for every chunk: inline for one chunk, else over ATen's threads
+// (each chunk on one thread, whose matrix products then run on that thread).
+template <typename F>
+void for_chunks(const std::vector<int64_t>& cuts, const F& body) {
+  const int64_t parts = static_cast<int64_t>(cuts.size()) - 1;
+  if (parts == 1) {
+    body(0, cuts[0], cuts[1]);
+    return;
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) body(p, cuts[p], cuts[p + 1]);
+  });
+}
+
+// Forward of rows [n0, n1): h1, h2 and s of those rows.
+template <typename T>
+void forward_tile(int64_t n0, int64_t n1, const Shapes& sh, const at::Tensor& x, const T* offset,
+                  const int64_t* idx, const at::Tensor& w1t, const at::Tensor& w2t, const T* b2,
+                  const T* w3, T b3, at::Tensor& h1, at::Tensor& h2, T* s) {
+  const int64_t len = n1 - n0;
+  auto h1_t = h1.narrow(0, n0, len);  // (len, A)
+  at::cpu::mm_out(h1_t, x.narrow(0, n0, len), w1t);
+  T* p1 = h1.data_ptr<T>() + n0 * sh.a;
+  for (int64_t r = 0; r < len; ++r) {
+    const T* off = offset + idx[n0 + r] * sh.a;
+    T* row = p1 + r * sh.a;
+#pragma omp simd
+    for (int64_t j = 0; j < sh.a; ++j) row[j] += off[j];
+  }
+  sigmoid_inplace(p1, len * sh.a);
+  auto h2_t = h2.narrow(0, n0, len);  // (len, A2)
+  at::cpu::mm_out(h2_t, h1_t, w2t);
+  T* p2 = h2.data_ptr<T>() + n0 * sh.a2;
+  for (int64_t r = 0; r < len; ++r) {
+    T* row = p2 + r * sh.a2;
+#pragma omp simd
+    for (int64_t j = 0; j < sh.a2; ++j) row[j] += b2[j];
+  }
+  sigmoid_inplace(p2, len * sh.a2);
+  for (int64_t r = 0; r < len; ++r) {
+    const T* row = p2 + r * sh.a2;
+    T acc = b3;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < sh.a2; ++j) acc += row[j] * w3[j];
+    s[n0 + r] = acc;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> offset_mlp_forward(
+    const at::Tensor& x_, const at::Tensor& offset_, const at::Tensor& idx_, const at::Tensor& w1,
+    const at::Tensor& w2, const at::Tensor& b2_, const at::Tensor& w3_, const at::Tensor& b3_) {
+  auto x = x_.contiguous(), offset = offset_.contiguous(), idx = idx_.contiguous();
+  auto b2 = b2_.contiguous(), w3 = w3_.contiguous(), b3 = b3_.contiguous();
+  const Shapes sh = check_forward(x, offset, idx, w1, w2, b2, w3, b3);
+  auto h1 = at::empty({sh.n, sh.a}, x.options());
+  auto h2 = at::empty({sh.n, sh.a2}, x.options());
+  auto s = at::empty({sh.n}, x.options());
+  if (sh.n == 0) return {s, h1, h2};
+  const auto w1t = w1.t(), w2t = w2.t();  // (K, A), (A, A2)
+  const auto cuts = chunk_tiles(sh.n);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "offset_mlp_forward", [&] {
+    const scalar_t b3v = b3.data_ptr<scalar_t>()[0];
+    for_chunks(cuts, [&](int64_t, int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        forward_tile<scalar_t>(t * kTile, std::min(sh.n, (t + 1) * kTile), sh, x, offset.data_ptr<scalar_t>(),
+                               idx.data_ptr<int64_t>(), w1t, w2t, b2.data_ptr<scalar_t>(),
+                               w3.data_ptr<scalar_t>(), b3v, h1, h2, s.data_ptr<scalar_t>());
+    });
+  });
+  return {s, h1, h2};
+}
+
+// One chunk's gradient accumulators (zero at the start).
+struct Grads {
+  at::Tensor offset, w1, w2, b2, w3, b3;
+  Grads(const Shapes& sh, const at::TensorOptions& o)
+      : offset(at::zeros({sh.r, sh.a}, o)), w1(at::zeros({sh.a, sh.k}, o)), w2(at::zeros({sh.a2, sh.a}, o)),
+        b2(at::zeros({sh.a2}, o)), w3(at::zeros({1, sh.a2}, o)), b3(at::zeros({1}, o)) {}
+  void add(const Grads& o) {
+    offset.add_(o.offset), w1.add_(o.w1), w2.add_(o.w2), b2.add_(o.b2), w3.add_(o.w3), b3.add_(o.b3);
+  }
+};
+
+// g_h2 (len, A2) of rows [n0, n1) from the score gradient g, and the score layer's and
+// b2's gradients of those rows.
+template <typename T>
+void score_backward(int64_t n0, int64_t len, int64_t a2, const T* g, const T* h2, const T* w3, T* g_h2,
+                    Grads& acc) {
+  T* gw3 = acc.w3.data_ptr<T>();
+  T* gb2 = acc.b2.data_ptr<T>();
+  T gb3 = 0;
+  for (int64_t r = 0; r < len; ++r) {
+    const T gr = g[n0 + r];
+    const T* hr = h2 + (n0 + r) * a2;
+    T* out = g_h2 + r * a2;
+    gb3 += gr;
+#pragma omp simd
+    for (int64_t j = 0; j < a2; ++j) {
+      gw3[j] += gr * hr[j];
+      out[j] = gr * w3[j] * (T(1) - hr[j]) * hr[j];
+      gb2[j] += out[j];
+    }
+  }
+  acc.b3.data_ptr<T>()[0] += gb3;
+}
+
+// Backward of rows [n0, n1) (see offset_mlp_backward); g_h1 / g_h2 are the chunk's tile buffers.
+template <typename T>
+void backward_tile(int64_t n0, int64_t n1, const Shapes& sh, const T* g, const at::Tensor& x,
+                   const int64_t* idx, const at::Tensor& w1, const at::Tensor& w2, const T* w3,
+                   const at::Tensor& h1, const at::Tensor& h2, T* g_h1, T* g_h2, at::Tensor* g_x,
+                   Grads& acc) {
+  const int64_t len = n1 - n0;
+  const auto opts = x.options();
+  score_backward<T>(n0, len, sh.a2, g, h2.data_ptr<T>(), w3, g_h2, acc);
+  auto g_h2_t = at::from_blob(g_h2, {len, sh.a2}, opts);  // (len, A2)
+  auto h1_t = h1.narrow(0, n0, len);  // (len, A)
+  at::cpu::addmm_out(acc.w2, acc.w2, g_h2_t.t(), h1_t);  // (A2, A) += g_h2^T h1
+  auto g_h1_t = at::from_blob(g_h1, {len, sh.a}, opts);  // (len, A)
+  at::cpu::mm_out(g_h1_t, g_h2_t, w2);
+  const T* p1 = h1.data_ptr<T>() + n0 * sh.a;
+  T* g_off = acc.offset.data_ptr<T>();
+  for (int64_t r = 0; r < len; ++r) {
+    T* gr = g_h1 + r * sh.a;
+    const T* hr = p1 + r * sh.a;
+    T* go = g_off + idx[n0 + r] * sh.a;
+#pragma omp simd
+    for (int64_t j = 0; j < sh.a; ++j) {
+      gr[j] *= (T(1) - hr[j]) * hr[j];
+      go[j] += gr[j];
+    }
+  }
+  auto x_t = x.narrow(0, n0, len);  // (len, K)
+  at::cpu::addmm_out(acc.w1, acc.w1, g_h1_t.t(), x_t);  // (A, K) += g_h1^T x
+  if (g_x != nullptr) {
+    auto g_x_t = g_x->narrow(0, n0, len);
+    at::cpu::mm_out(g_x_t, g_h1_t, w1);  // (len, K)
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+offset_mlp_backward(const at::Tensor& g_, const at::Tensor& x_, const at::Tensor& idx_, const at::Tensor& w1_,
+                    const at::Tensor& w2_, const at::Tensor& w3_, const at::Tensor& h1_, const at::Tensor& h2_,
+                    int64_t rows, bool need_x) {
+  auto g = g_.contiguous(), x = x_.contiguous(), idx = idx_.contiguous(), w1 = w1_.contiguous();
+  auto w2 = w2_.contiguous(), w3 = w3_.contiguous(), h1 = h1_.contiguous(), h2 = h2_.contiguous();
+  const Shapes sh{x.size(0), x.size(1), w1.size(0), w2.size(0), rows};
+  TORCH_CHECK(g.dim() == 1 && g.size(0) == sh.n && idx.size(0) == sh.n && h1.size(0) == sh.n &&
+                  h1.size(1) == sh.a && h2.size(0) == sh.n && h2.size(1) == sh.a2 && w1.size(1) == sh.k,
+              "offset_mlp_backward: shapes disagree");
+  for (const auto& t : {x, w1, w2, w3, h1, h2})
+    TORCH_CHECK(t.scalar_type() == g.scalar_type() && t.device().is_cpu(),
+                "offset_mlp_backward: all tensors must share one dtype on the CPU");
+  const auto opts = x.options();
+  auto g_x = need_x ? at::empty({sh.n, sh.k}, opts) : at::empty({0, sh.k}, opts);
+  const auto cuts = chunk_tiles(sh.n);
+  std::vector<Grads> acc;
+  for (size_t p = 0; p + 1 < cuts.size(); ++p) acc.emplace_back(sh, opts);
+  if (sh.n > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "offset_mlp_backward", [&] {
+      for_chunks(cuts, [&](int64_t p, int64_t t0, int64_t t1) {
+        scalar_t* buf = scratch<scalar_t>(kTile * (sh.a + sh.a2));
+        for (int64_t t = t0; t < t1; ++t)
+          backward_tile<scalar_t>(t * kTile, std::min(sh.n, (t + 1) * kTile), sh, g.data_ptr<scalar_t>(), x,
+                                  idx.data_ptr<int64_t>(), w1, w2, w3.data_ptr<scalar_t>(), h1, h2, buf,
+                                  buf + kTile * sh.a, need_x ? &g_x : nullptr, acc[p]);
+      });
+    });
+  }
+  for (size_t p = 1; p < acc.size(); ++p) acc[0].add(acc[p]);
+  const Grads& out = acc[0];
+  return {g_x, out.offset, out.w1, out.w2, out.b2, out.w3, out.b3};
+}
+
+}  // namespace
+}  // namespace dinrec
+
+TORCH_LIBRARY_FRAGMENT(dinrec_cpp, m) {
+  m.def("offset_mlp_forward(Tensor x, Tensor offset, Tensor idx, Tensor w1, Tensor w2, Tensor b2, Tensor w3, Tensor b3) -> (Tensor, Tensor, Tensor)");
+  m.def("offset_mlp_backward(Tensor g, Tensor x, Tensor idx, Tensor w1, Tensor w2, Tensor w3, Tensor h1, Tensor h2, int rows, bool need_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dinrec_cpp, CPU, m) {
+  m.impl("offset_mlp_forward", &dinrec::offset_mlp_forward);
+  m.impl("offset_mlp_backward", &dinrec::offset_mlp_backward);
+}

@@ -1,0 +1,226 @@
+"""``dinrec::offset_mlp`` (csrc/offset_mlp.cpp, nn/_ops.py): the fused two-hidden-layer
+sigmoid MLP with a per-row offset, against its PyTorch reference through autograd (every
+gradient), against the hand-written torch paths it replaces in DIN's packed attention and
+DIEN's auxiliary MLP, and wired into both where the measured choice says so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dinrec.nn import _ops
+from dinrec.nn.auxiliary import AuxiliaryNet
+from dinrec.nn.packed import _mlp_backward, _mlp_forward
+
+needs_build = pytest.mark.skipif(not _ops.available(), reason="no C++ build of the kernels")
+
+DIN = (72, 80, 40)  # K = 2D, A, A2 of DIN's attention MLP (D = 36)
+DIEN = (36, 100, 50)  # K = E, D1, D2 of DIEN's auxiliary MLP
+NAMES = ("x", "offset", "w1", "w2", "b2", "w3", "b3")
+
+
+def _args(n, widths, r=128, dtype=torch.float64, seed=0, sort=False):
+    """offset_mlp's arguments: N rows, idx unsorted (or sorted) over R rows, the last 5 unused."""
+    k, a, a2 = widths
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype) * 2 / shape[-1] ** 0.5
+
+    idx = torch.randint(0, max(r - 5, 1), (n,), generator=g)
+    if sort:
+        idx = idx.sort().values
+    return rand(n, k), rand(r, a), idx, rand(a, k), rand(a2, a), rand(a2), rand(1, a2), rand(1)
+
+
+def _grads(fn, args, g):
+    """(output, gradients of the float arguments) of ``fn(*args)[0]`` for the output gradient g."""
+    leaves = [t.clone().requires_grad_() if t.is_floating_point() else t for t in args]
+    s = fn(*leaves)[0]
+    floats = [t for t in leaves if t.requires_grad]
+    return s.detach(), torch.autograd.grad(s, floats, g)
+
+
+def _tol(dtype):
+    return {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+
+
+# --------------------------------------------------------------------------- the operator alone
+@needs_build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("widths", [DIN, DIEN], ids=["din", "dien"])
+@pytest.mark.parametrize("n", [0, 1, 511, 1300])  # empty, one row, one short tile, 3 tiles (last short)
+def test_equals_its_reference_with_every_gradient(dtype, widths, n):
+    args = _args(n, widths, dtype=dtype)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    want_s, want = _grads(_ops.offset_mlp_reference, args, g)
+    got_s, got = _grads(_ops.offset_mlp, args, g)
+    torch.testing.assert_close(got_s, want_s, **_tol(dtype))
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        torch.testing.assert_close(a, b, **_tol(dtype), msg=lambda m, name=name: f"d_{name}: {m}")
+    # the offset rows no row points at get exactly zero
+    unused = torch.ones(args[1].shape[0], dtype=torch.bool)
+    unused[args[2]] = False
+    assert unused.any() and (got[1][unused] == 0).all()
+
+
+@needs_build
+def test_hidden_layers_are_returned_and_the_offset_is_gathered_by_idx():
+    x, offset, idx, w1, w2, b2, w3, b3 = _args(700, DIEN, r=9)
+    s, h1, h2 = _ops.offset_mlp(x, offset, idx, w1, w2, b2, w3, b3)
+    want_s, want_h1, want_h2 = _ops.offset_mlp_reference(x, offset, idx, w1, w2, b2, w3, b3)
+    torch.testing.assert_close(h1, want_h1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h2, want_h2, rtol=1e-10, atol=1e-10)
+    # moving one row's offset changes exactly the rows that point at it
+    moved = offset.clone()
+    moved[3] += 1.0
+    s2 = _ops.offset_mlp(x, moved, idx, w1, w2, b2, w3, b3)[0]
+    assert torch.equal(s2 != s, idx == 3)
+
+
+@needs_build
+def test_gradcheck_against_finite_differences():
+    args = list(_args(9, (4, 6, 5), r=4))
+    leaves = [t.requires_grad_() if t.is_floating_point() else t for t in args]
+    assert torch.autograd.gradcheck(lambda *a: _ops.offset_mlp(*a)[0], leaves, eps=1e-6, atol=1e-6)
+
+
+@needs_build
+def test_opcheck():
+    args = [t.requires_grad_() if t.is_floating_point() else t for t in _args(600, DIN, dtype=torch.float32)]
+    torch.library.opcheck(_ops.offset_mlp, args)
+    torch.library.opcheck(_ops.offset_mlp, [t.detach() for t in args])
+
+
+@needs_build
+def test_backward_without_the_input_gradient():
+    x, offset, idx, w1, w2, b2, w3, b3 = _args(1100, DIN, dtype=torch.float32)
+    s, h1, h2 = _ops.offset_mlp(x, offset, idx, w1, w2, b2, w3, b3)
+    g = torch.randn_like(s)
+    full = _ops.offset_mlp_backward(g, x, idx, w1, w2, w3, h1, h2, offset.shape[0], True)
+    part = _ops.offset_mlp_backward(g, x, idx, w1, w2, w3, h1, h2, offset.shape[0], False)
+    assert part[0].shape == (0, x.shape[1]) and full[0].shape == x.shape
+    for a, b in zip(full[1:], part[1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_build
+def test_two_threads_give_the_one_thread_result():
+    args = _args(3000, DIN, dtype=torch.float32)
+    g = torch.randn(3000, generator=torch.Generator().manual_seed(2))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _grads(_ops.offset_mlp, args, g)
+        torch.set_num_threads(2)
+        two = _grads(_ops.offset_mlp, args, g)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(two[0], one[0], rtol=0, atol=0)  # rows are independent
+    for a, b in zip(two[1], one[1], strict=True):  # sums in another order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_build
+def test_bad_arguments_raise():
+    x, offset, idx, w1, w2, b2, w3, b3 = _args(10, DIN, r=4)
+    with pytest.raises(RuntimeError, match="idx out of range"):
+        _ops.offset_mlp(x, offset, idx + 4, w1, w2, b2, w3, b3)
+    with pytest.raises(RuntimeError, match="shapes disagree"):
+        _ops.offset_mlp(x[:, :-1], offset, idx, w1, w2, b2, w3, b3)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        _ops.offset_mlp(x, offset.float(), idx, w1, w2, b2, w3, b3)
+
+
+# --------------------------------------------------------------------------- the two callers
+@needs_build
+@pytest.mark.parametrize("n", [1, 1300])
+def test_din_fused_path_equals_the_torch_path(n):
+    """packed.py's _mlp_forward / _mlp_backward, fused or not, float32: every output."""
+    g = torch.Generator().manual_seed(4)
+    b, d, a = 128, 36, 80
+    q_part, q, f = torch.randn(b, a, generator=g), torch.randn(b, d, generator=g), torch.randn(n, d, generator=g)
+    rows = torch.randint(0, b - 3, (n,), generator=g).sort().values
+    layers = (torch.randn(a, 2 * d, generator=g) / 8, torch.randn(40, a, generator=g) / 9,
+              torch.randn(40, generator=g), torch.randn(1, 40, generator=g), torch.randn(1, generator=g))
+    w1, w2, _, w3, _ = layers
+    gs = torch.randn(n, 1, generator=g)
+    out = {}
+    for fused in (False, True):
+        s, qv, x, h1, h2 = _mlp_forward(q_part, q, f, rows, *layers, fused)
+        grads = _mlp_backward(gs, b, (True, True, True), (rows, qv, x, w1, w2, w3, h1, h2), fused)
+        out[fused] = (s, h1, h2, *grads)
+    for got, want in zip(out[True], out[False], strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def cpp_wins(monkeypatch):
+    """The measured choice says the C++ operator runs; count its calls."""
+    monkeypatch.setattr(_ops, "use", lambda op: True)
+    calls = []
+    for name in ("offset_mlp", "offset_mlp_backward"):
+        real = getattr(_ops, name)
+        monkeypatch.setattr(_ops, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    return calls
+
+
+def _pair_case(dtype=torch.float32, hidden=(100, 50)):
+    g = torch.Generator().manual_seed(5)
+    net = AuxiliaryNet(36, 36, hidden=hidden).to(dtype)
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 1.5, generator=g)
+        net.norm.bias.normal_(generator=g)
+    states = torch.randn(700, 36, generator=g, dtype=dtype)
+    items = torch.randn(2, 700, 36, generator=g, dtype=dtype)
+    return net, states, items
+
+
+def _pair_run(net, states, items):
+    leaves = [states.clone().requires_grad_(), items.clone().requires_grad_()]
+    logits = net.pair_logits(*leaves)  # (M, N)
+    g = torch.randn(logits.shape, generator=torch.Generator().manual_seed(6), dtype=logits.dtype)
+    params = list(net.parameters())
+    return logits.detach(), torch.autograd.grad(logits, leaves + params, g)
+
+
+@needs_build
+def test_dien_pair_mlp_runs_the_operator_and_equals_the_torch_path(monkeypatch, cpp_wins):
+    net, states, items = _pair_case()
+    fused = _pair_run(net, states, items)
+    assert cpp_wins == ["offset_mlp", "offset_mlp_backward"]
+    monkeypatch.setattr(_ops, "use", lambda op: False)
+    plain = _pair_run(net, states, items)
+    assert cpp_wins == ["offset_mlp", "offset_mlp_backward"]  # not called again
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(fused[1], plain[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_build
+@pytest.mark.parametrize("case", ["float64", "three hidden layers"])
+def test_dien_pair_mlp_keeps_the_torch_path_elsewhere(cpp_wins, case):
+    net, states, items = _pair_case(torch.float64) if case == "float64" else _pair_case(hidden=(30, 20, 10))
+    _pair_run(net, states, items)
+    assert cpp_wins == []
+
+
+@needs_build
+def test_din_model_runs_the_operator_where_it_wins(cpp_wins):
+    """DIN's packed attention (fact_scores) and the padded one (packed_scores) call it."""
+    from dinrec.nn.packed import fact_scores, packed_scores
+
+    g = torch.Generator().manual_seed(7)
+    b, t, d, a = 16, 30, 36, 80
+    valid = torch.rand(b, t, generator=g) < 0.4
+    index = valid.reshape(-1).nonzero().squeeze(1)
+    rows = torch.div(index, t, rounding_mode="floor")
+    q_part, q = torch.randn(b, a, generator=g, requires_grad=True), torch.randn(b, d, generator=g)
+    facts = torch.randn(b, t, d, generator=g, requires_grad=True)
+    w1 = torch.randn(a, 2 * d, generator=g, requires_grad=True)
+    upper = (torch.randn(40, a, generator=g), torch.randn(40, generator=g), torch.randn(1, 40, generator=g),
+             torch.randn(1, generator=g))
+    packed_scores(q_part, q, facts, index, w1, upper, -1e9)[valid.unsqueeze(1)].sum().backward()
+    fact_scores(q_part, q, facts.detach().reshape(b * t, d)[index], rows, w1, upper).sum().backward()
+    assert cpp_wins == ["offset_mlp", "offset_mlp_backward"] * 2
