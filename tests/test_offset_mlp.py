@@ -146,11 +146,11 @@ def test_din_fused_path_equals_the_torch_path(n):
     w1, w2, _, w3, _ = layers
     gs = torch.randn(n, 1, generator=g)
     out = {}
-    for fused in (False, True):
+    for fused in (None, "float32"):
         s, qv, x, h1, h2 = _mlp_forward(q_part, q, f, rows, *layers, fused)
         grads = _mlp_backward(gs, b, (True, True, True), (rows, qv, x, w1, w2, w3, h1, h2), fused)
         out[fused] = (s, h1, h2, *grads)
-    for got, want in zip(out[True], out[False], strict=True):
+    for got, want in zip(out["float32"], out[None], strict=True):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -224,3 +224,80 @@ def test_din_model_runs_the_operator_where_it_wins(cpp_wins):
     packed_scores(q_part, q, facts, index, w1, upper, -1e9)[valid.unsqueeze(1)].sum().backward()
     fact_scores(q_part, q, facts.detach().reshape(b * t, d)[index], rows, w1, upper).sum().backward()
     assert cpp_wins == ["offset_mlp", "offset_mlp_backward"] * 2
+
+
+# --------------------------------------------------------------------------- bfloat16 products
+needs_bf16 = pytest.mark.skipif(not (_ops.available() and _ops.bf16_available()),
+                                reason="no bfloat16 micro-kernel on this CPU")
+
+
+def _rel_err(got, want):
+    """Largest error relative to the largest value, or to 0.1 where all are smaller
+    (bfloat16 products: ~1e-3)."""
+    return float((got - want).abs().max() / want.abs().max().clamp_min(0.1))
+
+
+@needs_bf16
+@pytest.mark.parametrize("widths", [DIN, DIEN], ids=["din", "dien"])
+@pytest.mark.parametrize("n", [1, 1300])
+def test_bfloat16_products_against_float32(widths, n):
+    """The forward equals the reference with its product operands rounded to bfloat16 (to
+    float32 round-off), and is ~1e-3 off float32 products; every gradient within 2% of the
+    float32 one (relative to its largest value)."""
+    args = _args(n, widths, dtype=torch.float32)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    s, h1, h2 = _ops.offset_mlp(*args, products="bfloat16")
+    emulated = _ops.offset_mlp_reference(*args, products="bfloat16")
+    for got, want in zip((s, h1, h2), emulated, strict=True):
+        torch.testing.assert_close(got, want, rtol=5e-4, atol=5e-4)
+    want_s, want = _grads(_ops.offset_mlp_reference, args, g)
+    got_s, got = _grads(lambda *a: _ops.offset_mlp(*a, products="bfloat16"), args, g)
+    assert _rel_err(got_s, want_s) < 0.02
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        assert _rel_err(a, b) < 0.02, name
+    if n > 1:  # and it is not float32 underneath
+        assert _rel_err(got_s, want_s) > 1e-5
+        assert _rel_err(got[2], want[2]) > 1e-5
+
+
+@needs_bf16
+def test_bfloat16_two_threads_and_bad_settings():
+    args = _args(3000, DIN, dtype=torch.float32)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _ops.offset_mlp(*args, products="bfloat16")[0]
+        torch.set_num_threads(2)
+        two = _ops.offset_mlp(*args, products="bfloat16")[0]
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(two, one, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="products must be"):
+        _ops.offset_mlp(*args, products="float16")
+    with pytest.raises(RuntimeError, match="need float32"):
+        _ops.offset_mlp(*_args(10, DIN), products="bfloat16")
+    with pytest.raises(RuntimeError, match="even K"):
+        _ops.offset_mlp(*_args(10, (5, 6, 4), dtype=torch.float32), products="bfloat16")
+
+
+@needs_bf16
+def test_the_products_setting_reaches_both_callers(monkeypatch, cpp_wins):
+    """dinrec.nn.products("bfloat16") -> both MLPs run with bfloat16 products (the backward
+    too, even outside the block); float32 by default; a bad name is refused."""
+    from dinrec.nn import products
+
+    seen = []
+    real = _ops.offset_mlp
+    monkeypatch.setattr(_ops, "offset_mlp", lambda *a: seen.append(a[-1]) or real(*a))
+    real_bwd = _ops.offset_mlp_backward
+    monkeypatch.setattr(_ops, "offset_mlp_backward", lambda *a: seen.append(a[-1]) or real_bwd(*a))
+    net, states, items = _pair_case()
+    with products("bfloat16"):
+        leaves = [states.clone().requires_grad_(), items.clone().requires_grad_()]
+        logits = net.pair_logits(*leaves)
+    logits.sum().backward()
+    net.pair_logits(states, items).sum().backward()
+    assert seen == ["bfloat16", "bfloat16", "float32", "float32"]
+    with pytest.raises(ValueError, match="products"):
+        with products("float16"):  # type: ignore[arg-type]
+            pass

@@ -493,6 +493,6 @@ def test_the_real_measurement_runs_both_paths_at_the_production_size(monkeypatch
             cpp_s, torch_s = _ops._timer(op)
             assert cpp_s > 0 and torch_s > 0
     assert ran_cs and ran_gru and ran_ref
-    assert sorted(_ops.BENCHMARKS) == ["candidate_scores", "gru_scan", "offset_mlp"]
+    assert sorted(_ops.BENCHMARKS) == ["candidate_scores", "gru_scan", "offset_mlp", "offset_mlp_bf16"]
     cpp_s, torch_s = _ops._timer("offset_mlp")
     assert cpp_s > 0 and torch_s > 0

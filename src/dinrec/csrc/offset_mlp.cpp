@@ -15,10 +15,20 @@
 // runs in loops on the tile while it is in cache. Weight gradients accumulate across tiles.
 // Tiles are split into contiguous chunks over ATen's threads; each chunk accumulates its
 // own gradients, summed at the end.
+//
+// products = "bfloat16" (float32 tensors only): every matrix product takes bfloat16 operands
+// and accumulates in float32 (at::native::cpublas::brgemm, oneDNN's micro-kernel; its B
+// operand in the VNNI layout, row pairs interleaved). The operands are converted inside the
+// tile loops (the weights once per call); every tile is a full kTile rows, the last one
+// padded with zero rows, so the micro-kernels have one shape per call (created once,
+// then cached). Elementwise work, the offset and the gradient sums stay float32.
 #include <ATen/ATen.h>
 #include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
+
+#include <string_view>
 
 #include <algorithm>
 #include <cstdlib>
@@ -137,18 +147,147 @@ void forward_tile(int64_t n0, int64_t n1, const Shapes& sh, const at::Tensor& x,
   }
 }
 
+
+// ----------------------------------------------------------------- bfloat16 products
+using bf16 = at::BFloat16;
+
+// Whether `products` asks for bfloat16 products (checked: "float32" or "bfloat16").
+bool bf16_products(std::string_view products, const at::Tensor& x, const Shapes& sh) {
+  TORCH_CHECK(products == "float32" || products == "bfloat16",
+              "offset_mlp: products must be 'float32' or 'bfloat16', got '", products, "'");
+  if (products == "float32") return false;
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "offset_mlp: bfloat16 products need float32 tensors");
+  TORCH_CHECK(sh.k % 2 == 0 && sh.a % 2 == 0 && sh.a2 % 2 == 0,
+              "offset_mlp: bfloat16 products need even K, A and A2 (the VNNI layout pairs them)");
+  return true;
+}
+
+// dst[i] = bf16(src[i]) for i < n (round to nearest even), zero for n <= i < padded.
+inline void to_bf16(const float* src, bf16* dst, int64_t n, int64_t padded) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+#endif
+  for (; i < n; ++i) dst[i] = bf16(src[i]);
+  std::fill(dst + n, dst + padded, bf16(0.0f));
+}
+
+// A matrix product's B operand (kdim, n) in the VNNI layout, rows k and k + 1 interleaved:
+// dst[k n + 2 j + (k % 2)] = src[k sk + j sj] for k < rows, zero for rows <= k < kdim (even).
+inline void to_vnni(const float* src, int64_t sk, int64_t sj, int64_t rows, int64_t kdim, int64_t n, bf16* dst) {
+  for (int64_t k = 0; k < kdim; k += 2) {
+    bf16* out = dst + k * n;
+    for (int64_t h = 0; h < 2; ++h) {
+      const float* in = src + (k + h) * sk;
+      if (k + h < rows) {
+        for (int64_t j = 0; j < n; ++j) out[2 * j + h] = bf16(in[j * sj]);
+      } else {
+        for (int64_t j = 0; j < n; ++j) out[2 * j + h] = bf16(0.0f);
+      }
+    }
+  }
+}
+
+// dst (m, kTile) = src (rows, m)^T in bfloat16, zero in the columns rows <= r < kTile.
+inline void to_bf16_t(const float* src, int64_t rows, int64_t m, bf16* dst) {
+  for (int64_t i = 0; i < m; ++i) {
+    bf16* out = dst + i * kTile;
+    for (int64_t r = 0; r < rows; ++r) out[r] = bf16(src[r * m + i]);
+    std::fill(out + rows, out + kTile, bf16(0.0f));
+  }
+}
+
+// C (m, n; row stride ldc) (+)= A (m, k) B (k, n): A row-major bfloat16, B in VNNI layout.
+inline void brgemm(int64_t m, int64_t n, int64_t k, const bf16* a, const bf16* b, float* c, int64_t ldc, bool add) {
+  at::native::cpublas::brgemm(m, n, k, k, n, ldc, add, a, b, c, /*is_vnni=*/true);
+}
+
+// The weights as B operands, once per call: w1^T (K, A), w2^T (A, A2) for the forward;
+// w2 (A2, A), w1 (A, K) for the backward.
+struct PackedWeights {
+  at::Tensor w1t, w2t, w2, w1;
+  PackedWeights(const at::Tensor& w1_, const at::Tensor& w2_, const Shapes& sh, bool forward, bool need_x) {
+    const auto opts = w1_.options().dtype(at::kBFloat16);
+    const auto w1c = w1_.contiguous(), w2c = w2_.contiguous();
+    const float* p1 = w1c.data_ptr<float>();
+    const float* p2 = w2c.data_ptr<float>();
+    auto make = [&](const float* src, int64_t sk, int64_t sj, int64_t rows, int64_t n) {
+      auto t = at::empty({rows * n}, opts);
+      to_vnni(src, sk, sj, rows, rows, n, t.data_ptr<bf16>());
+      return t;
+    };
+    if (forward) {
+      w1t = make(p1, 1, sh.k, sh.k, sh.a);
+      w2t = make(p2, 1, sh.a, sh.a, sh.a2);
+    } else {
+      w2 = make(p2, sh.a, 1, sh.a2, sh.a);
+      if (need_x) w1 = make(p1, sh.k, 1, sh.a, sh.k);
+    }
+  }
+};
+
+// forward_tile with bfloat16 products; x, h1, h2, s at the tile's first row.
+void forward_tile_bf16(int64_t len, const Shapes& sh, const float* x, const float* offset, const int64_t* idx,
+                       const PackedWeights& w, const float* b2, const float* w3, float b3, float* h1, float* h2,
+                       float* s) {
+  bf16* xb = scratch<bf16>(kTile * (sh.k + sh.a));  // (kTile, K), then h1 (kTile, A)
+  bf16* h1b = xb + kTile * sh.k;
+  float* tail = len < kTile ? scratch<float>(kTile * (sh.a + sh.a2)) : nullptr;  // the short tile's outputs
+  float* c1 = tail ? tail : h1;
+  float* c2 = tail ? tail + kTile * sh.a : h2;
+  to_bf16(x, xb, len * sh.k, kTile * sh.k);
+  brgemm(kTile, sh.a, sh.k, xb, w.w1t.data_ptr<bf16>(), c1, sh.a, false);
+  for (int64_t r = 0; r < len; ++r) {
+    const float* off = offset + idx[r] * sh.a;
+#pragma omp simd
+    for (int64_t j = 0; j < sh.a; ++j) h1[r * sh.a + j] = c1[r * sh.a + j] + off[j];
+  }
+  sigmoid_inplace(h1, len * sh.a);
+  to_bf16(h1, h1b, len * sh.a, kTile * sh.a);
+  brgemm(kTile, sh.a2, sh.a, h1b, w.w2t.data_ptr<bf16>(), c2, sh.a2, false);
+  for (int64_t r = 0; r < len; ++r) {
+#pragma omp simd
+    for (int64_t j = 0; j < sh.a2; ++j) h2[r * sh.a2 + j] = c2[r * sh.a2 + j] + b2[j];
+  }
+  sigmoid_inplace(h2, len * sh.a2);
+  for (int64_t r = 0; r < len; ++r) {
+    float acc = b3;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < sh.a2; ++j) acc += h2[r * sh.a2 + j] * w3[j];
+    s[r] = acc;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> offset_mlp_forward(
     const at::Tensor& x_, const at::Tensor& offset_, const at::Tensor& idx_, const at::Tensor& w1,
-    const at::Tensor& w2, const at::Tensor& b2_, const at::Tensor& w3_, const at::Tensor& b3_) {
+    const at::Tensor& w2, const at::Tensor& b2_, const at::Tensor& w3_, const at::Tensor& b3_,
+    c10::string_view products) {
   auto x = x_.contiguous(), offset = offset_.contiguous(), idx = idx_.contiguous();
   auto b2 = b2_.contiguous(), w3 = w3_.contiguous(), b3 = b3_.contiguous();
   const Shapes sh = check_forward(x, offset, idx, w1, w2, b2, w3, b3);
+  const bool low = bf16_products(std::string_view(products.data(), products.size()), x, sh);
   auto h1 = at::empty({sh.n, sh.a}, x.options());
   auto h2 = at::empty({sh.n, sh.a2}, x.options());
   auto s = at::empty({sh.n}, x.options());
   if (sh.n == 0) return {s, h1, h2};
-  const auto w1t = w1.t(), w2t = w2.t();  // (K, A), (A, A2)
   const auto cuts = chunk_tiles(sh.n);
+  if (low) {
+    const PackedWeights w(w1, w2, sh, true, false);
+    const float b3v = b3.data_ptr<float>()[0];
+    for_chunks(cuts, [&](int64_t, int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * kTile, len = std::min(sh.n, n0 + kTile) - n0;
+        forward_tile_bf16(len, sh, x.data_ptr<float>() + n0 * sh.k, offset.data_ptr<float>(),
+                          idx.data_ptr<int64_t>() + n0, w, b2.data_ptr<float>(), w3.data_ptr<float>(), b3v,
+                          h1.data_ptr<float>() + n0 * sh.a, h2.data_ptr<float>() + n0 * sh.a2,
+                          s.data_ptr<float>() + n0);
+      }
+      at::native::cpublas::brgemm_release();
+    });
+    return {s, h1, h2};
+  }
+  const auto w1t = w1.t(), w2t = w2.t();  // (K, A), (A, A2)
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "offset_mlp_forward", [&] {
     const scalar_t b3v = b3.data_ptr<scalar_t>()[0];
     for_chunks(cuts, [&](int64_t, int64_t t0, int64_t t1) {
@@ -229,10 +368,53 @@ void backward_tile(int64_t n0, int64_t n1, const Shapes& sh, const T* g, const a
   }
 }
 
+
+// backward_tile with bfloat16 products; g, x, idx, h1, h2, g_x at the tile's first row.
+void backward_tile_bf16(int64_t len, const Shapes& sh, const float* g, const float* x, const int64_t* idx,
+                        const PackedWeights& w, const float* w3, const float* h1, const float* h2, float* g_x,
+                        Grads& acc) {
+  const int64_t t = kTile;
+  float* g_h2 = scratch<float>(t * (sh.a2 + sh.a + sh.k));  // (T, A2), then g_h1 (T, A), g_x (T, K)
+  float* g_h1 = g_h2 + t * sh.a2;
+  bf16* b = scratch<bf16>(t * (2 * sh.a2 + 3 * sh.a + sh.k));
+  bf16* g_h2b = b;                   // (T, A2)
+  bf16* g_h2t = g_h2b + t * sh.a2;   // (A2, T)
+  bf16* h1v = g_h2t + t * sh.a2;     // (T, A) VNNI
+  bf16* g_h1b = h1v + t * sh.a;      // (T, A)
+  bf16* g_h1t = g_h1b + t * sh.a;    // (A, T)
+  bf16* xv = g_h1t + t * sh.a;       // (T, K) VNNI
+  score_backward<float>(0, len, sh.a2, g, h2, w3, g_h2, acc);
+  to_bf16(g_h2, g_h2b, len * sh.a2, t * sh.a2);
+  to_bf16_t(g_h2, len, sh.a2, g_h2t);
+  to_vnni(h1, sh.a, 1, len, t, sh.a, h1v);
+  brgemm(sh.a2, sh.a, t, g_h2t, h1v, acc.w2.data_ptr<float>(), sh.a, true);  // (A2, A) += g_h2^T h1
+  brgemm(t, sh.a, sh.a2, g_h2b, w.w2.data_ptr<bf16>(), g_h1, sh.a, false);
+  float* g_off = acc.offset.data_ptr<float>();
+  for (int64_t r = 0; r < len; ++r) {
+    float* gr = g_h1 + r * sh.a;
+    const float* hr = h1 + r * sh.a;
+    float* go = g_off + idx[r] * sh.a;
+#pragma omp simd
+    for (int64_t j = 0; j < sh.a; ++j) {
+      gr[j] *= (1.0f - hr[j]) * hr[j];
+      go[j] += gr[j];
+    }
+  }
+  to_bf16_t(g_h1, len, sh.a, g_h1t);
+  to_vnni(x, sh.k, 1, len, t, sh.k, xv);
+  brgemm(sh.a, sh.k, t, g_h1t, xv, acc.w1.data_ptr<float>(), sh.k, true);  // (A, K) += g_h1^T x
+  if (g_x != nullptr) {
+    to_bf16(g_h1, g_h1b, len * sh.a, t * sh.a);
+    float* c = len == t ? g_x : g_h2 + t * (sh.a2 + sh.a);
+    brgemm(t, sh.k, sh.a, g_h1b, w.w1.data_ptr<bf16>(), c, sh.k, false);  // (T, K)
+    if (c != g_x) std::copy(c, c + len * sh.k, g_x);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 offset_mlp_backward(const at::Tensor& g_, const at::Tensor& x_, const at::Tensor& idx_, const at::Tensor& w1_,
                     const at::Tensor& w2_, const at::Tensor& w3_, const at::Tensor& h1_, const at::Tensor& h2_,
-                    int64_t rows, bool need_x) {
+                    int64_t rows, bool need_x, c10::string_view products) {
   auto g = g_.contiguous(), x = x_.contiguous(), idx = idx_.contiguous(), w1 = w1_.contiguous();
   auto w2 = w2_.contiguous(), w3 = w3_.contiguous(), h1 = h1_.contiguous(), h2 = h2_.contiguous();
   const Shapes sh{x.size(0), x.size(1), w1.size(0), w2.size(0), rows};
@@ -242,12 +424,25 @@ offset_mlp_backward(const at::Tensor& g_, const at::Tensor& x_, const at::Tensor
   for (const auto& t : {x, w1, w2, w3, h1, h2})
     TORCH_CHECK(t.scalar_type() == g.scalar_type() && t.device().is_cpu(),
                 "offset_mlp_backward: all tensors must share one dtype on the CPU");
+  const bool low = bf16_products(std::string_view(products.data(), products.size()), x, sh);
   const auto opts = x.options();
   auto g_x = need_x ? at::empty({sh.n, sh.k}, opts) : at::empty({0, sh.k}, opts);
   const auto cuts = chunk_tiles(sh.n);
   std::vector<Grads> acc;
   for (size_t p = 0; p + 1 < cuts.size(); ++p) acc.emplace_back(sh, opts);
-  if (sh.n > 0) {
+  if (sh.n > 0 && low) {
+    const PackedWeights w(w1, w2, sh, false, need_x);
+    for_chunks(cuts, [&](int64_t p, int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * kTile, len = std::min(sh.n, n0 + kTile) - n0;
+        backward_tile_bf16(len, sh, g.data_ptr<float>() + n0, x.data_ptr<float>() + n0 * sh.k,
+                           idx.data_ptr<int64_t>() + n0, w, w3.data_ptr<float>(), h1.data_ptr<float>() + n0 * sh.a,
+                           h2.data_ptr<float>() + n0 * sh.a2, need_x ? g_x.data_ptr<float>() + n0 * sh.k : nullptr,
+                           acc[p]);
+      }
+      at::native::cpublas::brgemm_release();
+    });
+  } else if (sh.n > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "offset_mlp_backward", [&] {
       for_chunks(cuts, [&](int64_t p, int64_t t0, int64_t t1) {
         scalar_t* buf = scratch<scalar_t>(kTile * (sh.a + sh.a2));
@@ -267,8 +462,8 @@ offset_mlp_backward(const at::Tensor& g_, const at::Tensor& x_, const at::Tensor
 }  // namespace dinrec
 
 TORCH_LIBRARY_FRAGMENT(dinrec_cpp, m) {
-  m.def("offset_mlp_forward(Tensor x, Tensor offset, Tensor idx, Tensor w1, Tensor w2, Tensor b2, Tensor w3, Tensor b3) -> (Tensor, Tensor, Tensor)");
-  m.def("offset_mlp_backward(Tensor g, Tensor x, Tensor idx, Tensor w1, Tensor w2, Tensor w3, Tensor h1, Tensor h2, int rows, bool need_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("offset_mlp_forward(Tensor x, Tensor offset, Tensor idx, Tensor w1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, str products) -> (Tensor, Tensor, Tensor)");
+  m.def("offset_mlp_backward(Tensor g, Tensor x, Tensor idx, Tensor w1, Tensor w2, Tensor w3, Tensor h1, Tensor h2, int rows, bool need_x, str products) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dinrec_cpp, CPU, m) {

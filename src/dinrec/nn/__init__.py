@@ -1,6 +1,6 @@
 """Building blocks, each usable alone in any PyTorch model."""
 
-from dinrec.nn._backend import Backend, backend, get_backend
+from dinrec.nn._backend import Backend, Products, backend, get_backend, get_products, products
 from dinrec.nn._ops import fast_paths
 from dinrec.nn.activations import Dice, PReLU
 from dinrec.nn.attention import (
@@ -14,6 +14,7 @@ from dinrec.nn.mlp import MLP
 __all__ = [
     "MLP",
     "Backend",
+    "Products",
     "AttentionWeights",
     "Dice",
     "DinFcnAttention",
@@ -23,4 +24,6 @@ __all__ = [
     "din_fcn_attention_candidates",
     "fast_paths",
     "get_backend",
+    "get_products",
+    "products",
 ]

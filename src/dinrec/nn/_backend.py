@@ -31,14 +31,21 @@ from typing import Literal, get_args
 
 import torch
 
-__all__ = ["Backend", "backend", "get_backend"]
+__all__ = ["Backend", "Products", "backend", "get_backend", "get_products", "products"]
 
 Backend = Literal["reference", "fast"]
 _BACKENDS: tuple[str, ...] = get_args(Backend)
+#: The precision of the matrix products of the fused attention / auxiliary MLP
+#: (``dinrec::offset_mlp``, float32 models on the CPU): ``"float32"`` (the default), or
+#: ``"bfloat16"``: bfloat16 operands with float32 accumulation (about 2x faster products
+#: on CPUs with AVX512-BF16 or AMX; elementwise work, gradients sums and weights stay float32).
+Products = Literal["float32", "bfloat16"]
+_PRODUCTS: tuple[str, ...] = get_args(Products)
 
 
 class _State(threading.local):
     name: Backend = "fast"
+    products: Products = "float32"
 
 
 _state = _State()
@@ -60,6 +67,25 @@ def backend(name: Backend) -> Iterator[None]:
         yield
     finally:
         _state.name = previous
+
+
+def get_products() -> Products:
+    """The :data:`Products` in force on this thread (``"float32"`` unless inside :func:`products`)."""
+    return _state.products
+
+
+@contextlib.contextmanager
+def products(name: Products) -> Iterator[None]:
+    """Run the block with the fused MLP's matrix products in ``name`` (:data:`Products`) on
+    this thread; a layer's backward uses what its forward used."""
+    if name not in _PRODUCTS:
+        raise ValueError(f"products: expected one of {', '.join(_PRODUCTS)}, got {name!r}")
+    previous = _state.products
+    _state.products = name
+    try:
+        yield
+    finally:
+        _state.products = previous
 
 
 def resolve(impl: str | None) -> Backend:

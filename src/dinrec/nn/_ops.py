@@ -60,10 +60,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dinrec.nn._backend import get_products
+
 __all__ = [
     "Choice", "available", "candidate_scores", "choice", "choices", "fast_paths", "forget", "gru_scan",
     "gru_scan_packed", "gru_scan_packed_reference", "gru_scan_reference", "measure", "offset_mlp",
-    "offset_mlp_backward", "offset_mlp_reference", "offset_mlp_runs", "self_check", "use",
+    "offset_mlp_backward", "offset_mlp_reference", "offset_mlp_runs", "self_check", "use", "bf16_available",
+    "check_bf16",
 ]
 
 logger = logging.getLogger(__name__)
@@ -366,7 +369,8 @@ def _(
 # --------------------------------------------------------------------------- offset_mlp
 @torch.library.custom_op("dinrec::offset_mlp", mutates_args=(), device_types="cpu")
 def offset_mlp(
-    x: Tensor, offset: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor
+    x: Tensor, offset: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
+    products: str = "float32",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A two-hidden-layer sigmoid MLP whose first layer adds a per-row offset.
 
@@ -375,14 +379,16 @@ def offset_mlp(
     s (N,) ``= sigmoid(sigmoid(offset[idx] + x w1^T) w2^T + b2) w3^T + b3``, and the hidden
     layers h1 (N, A), h2 (N, A2) (saved for the backward; they get no gradient).
     Rows run in fixed tiles with the elementwise work fused (``csrc/offset_mlp.cpp``);
-    :func:`offset_mlp_reference` is the same in plain PyTorch.
+    :func:`offset_mlp_reference` is the same in plain PyTorch. ``products``
+    (:data:`dinrec.nn.Products`): ``"float32"``, or ``"bfloat16"`` for bfloat16 operands of
+    every matrix product with float32 accumulation (float32 tensors, even K, A and A2).
     """
-    return torch.ops.dinrec_cpp.offset_mlp_forward(x, offset, idx, w1, w2, b2, w3, b3)
+    return torch.ops.dinrec_cpp.offset_mlp_forward(x, offset, idx, w1, w2, b2, w3, b3, products)
 
 
 @offset_mlp.register_fake
 def _(x: Tensor, offset: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
-      b3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+      b3: Tensor, products: str = "float32") -> tuple[Tensor, Tensor, Tensor]:
     n = x.shape[0]
     return x.new_empty(n), x.new_empty(n, w1.shape[0]), x.new_empty(n, w2.shape[0])
 
@@ -390,18 +396,18 @@ def _(x: Tensor, offset: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, b2: Tensor
 @torch.library.custom_op("dinrec::offset_mlp_backward", mutates_args=(), device_types="cpu")
 def offset_mlp_backward(
     g: Tensor, x: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, h1: Tensor, h2: Tensor,
-    rows: int, need_x: bool,
+    rows: int, need_x: bool, products: str = "float32",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dL/ds (N,) -> dL/dx (N, K) (``(0, K)`` unless ``need_x``), dL/doffset (R, A) with
     R = ``rows`` (the row sums of the first layer's pre-activation gradient by ``idx``),
     dL/dw1 (A, K), dL/dw2 (A2, A), dL/db2 (A2,), dL/dw3 (1, A2), dL/db3 (1,).
-    Reverse-mode only (not differentiable again)."""
-    return torch.ops.dinrec_cpp.offset_mlp_backward(g, x, idx, w1, w2, w3, h1, h2, rows, need_x)
+    Reverse-mode only (not differentiable again); ``products`` as :func:`offset_mlp`."""
+    return torch.ops.dinrec_cpp.offset_mlp_backward(g, x, idx, w1, w2, w3, h1, h2, rows, need_x, products)
 
 
 @offset_mlp_backward.register_fake
 def _(g: Tensor, x: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, h1: Tensor, h2: Tensor,
-      rows: int, need_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+      rows: int, need_x: bool, products: str = "float32") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     n, k = x.shape
     a, a2 = w1.shape[0], w2.shape[0]
     g_x = x.new_empty(n if need_x else 0, k)
@@ -410,10 +416,11 @@ def _(g: Tensor, x: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, h1:
 
 
 def _offset_setup(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-    x, offset, idx, w1, w2, b2, w3, b3 = inputs
+    x, offset, idx, w1, w2, b2, w3, b3, *products = inputs
     _, h1, h2 = output
     ctx.save_for_backward(x, idx, w1, w2, w3, h1, h2)
     ctx.shapes = (offset.shape[0], b2.shape, w3.shape, b3.shape)
+    ctx.products = products[0] if products else "float32"
     ctx.set_materialize_grads(False)  # h1, h2 get no gradient: no zeros for them
 
 
@@ -426,28 +433,41 @@ def _offset_backward(
         g_s = x.new_zeros(x.shape[0])
     need_x = bool(ctx.needs_input_grad[0])
     g_x, g_off, g_w1, g_w2, g_b2, g_w3, g_b3 = offset_mlp_backward(
-        g_s.contiguous(), x, idx, w1, w2, w3, h1, h2, rows, need_x
+        g_s.contiguous(), x, idx, w1, w2, w3, h1, h2, rows, need_x, ctx.products
     )
     return (g_x if need_x else None, g_off, None, g_w1, g_w2, g_b2.reshape(b2_shape),
-            g_w3.reshape(w3_shape), g_b3.reshape(b3_shape))
+            g_w3.reshape(w3_shape), g_b3.reshape(b3_shape), None)
 
 
 offset_mlp.register_autograd(_offset_backward, setup_context=_offset_setup)
 
 
-def offset_mlp_runs(*tensors: Tensor) -> bool:
-    """Whether :func:`offset_mlp` computes an MLP on these tensors: all float32 on the CPU
-    (float64 and other devices take the torch ops), the build checked, and the operator
-    measured faster than the torch ops here (:func:`use`)."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and use("offset_mlp")
+def offset_mlp_runs(w1: Tensor, w2: Tensor, *others: Tensor) -> str | None:
+    """The ``products`` with which :func:`offset_mlp` computes an MLP with weights w1 (A, K),
+    w2 (A2, A) and the ``others`` tensors, or
+    None where the torch ops do: all float32 on the CPU (float64 and other devices take
+    the torch ops), the build checked, and the operator measured faster than the torch ops
+    here (:func:`use`). ``"bfloat16"`` where :func:`dinrec.nn.products` asks for it, the
+    widths are even and the bfloat16 kernel passed its check on this CPU
+    (:func:`bf16_available`; else float32 products, with one warning)."""
+    if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (w1, w2, *others)):
+        return None
+    even = w1.shape[0] % 2 == 0 and w1.shape[1] % 2 == 0 and w2.shape[0] % 2 == 0
+    if get_products() == "bfloat16" and even and bf16_available():
+        return "bfloat16" if use("offset_mlp_bf16") else None
+    return "float32" if use("offset_mlp") else None
 
 
 def offset_mlp_reference(
-    x: Tensor, offset: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor
+    x: Tensor, offset: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
+    products: str = "float32",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`offset_mlp` in plain PyTorch ops (any device, autograd): the yardstick."""
-    h1 = torch.sigmoid(offset.index_select(0, idx) + x @ w1.t())  # (N, A)
-    h2 = torch.sigmoid(F.linear(h1, w2, b2))  # (N, A2)
+    """:func:`offset_mlp` in plain PyTorch ops (any device, autograd): the yardstick. With
+    ``products="bfloat16"`` the operands of the forward's products are rounded to bfloat16
+    first (the backward's are not: its gradients are float32 ones)."""
+    r = (lambda t: t.bfloat16().to(t.dtype)) if products == "bfloat16" else (lambda t: t)
+    h1 = torch.sigmoid(offset.index_select(0, idx) + r(x) @ r(w1).t())  # (N, A)
+    h2 = torch.sigmoid(F.linear(r(h1), r(w2), b2))  # (N, A2)
     s = F.linear(h2, w3.reshape(1, -1), b3.reshape(1)).squeeze(1)  # (N,)
     return s, h1, h2
 
@@ -567,7 +587,7 @@ def _check_candidates(gen: torch.Generator, n: int, t: int, d: int, a: int, dtyp
 
 
 def _check_offset_mlp(gen: torch.Generator, n: int, widths: tuple[int, int, int], r: int, sorted_idx: bool,
-                      dtype: torch.dtype, tol: float) -> None:
+                      dtype: torch.dtype, tol: float, products: str = "float32") -> None:
     def rand(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=gen, dtype=dtype) / shape[-1] ** 0.5
 
@@ -578,19 +598,60 @@ def _check_offset_mlp(gen: torch.Generator, n: int, widths: tuple[int, int, int]
         idx = torch.arange(n) % r
     args = (rand(n, k) * 3, rand(r, a), idx, rand(a, k) * 3, rand(a2, a) * 3, rand(a2), rand(1, a2), rand(1))
     g = torch.randn(n, generator=gen, dtype=dtype)
-    leaves = [t.clone().requires_grad_() if t.is_floating_point() else t for t in args]
-    want_s, want_h1, want_h2 = offset_mlp_reference(*leaves)
-    grads = [t for t in leaves if t.requires_grad]
-    want = torch.autograd.grad(want_s, grads, g)
+    lx, loff, lidx, lw1, lw2, lb2, lw3, lb3 = (t.clone().requires_grad_() if t.is_floating_point() else t
+                                               for t in args)
+    want_s, want_h1, want_h2 = offset_mlp_reference(lx, loff, lidx, lw1, lw2, lb2, lw3, lb3, products)
+    grads = [lx, loff, lw1, lw2, lb2, lw3, lb3]
+    float32_s = offset_mlp_reference(lx, loff, lidx, lw1, lw2, lb2, lw3, lb3)[0]  # float32 products
+    want = torch.autograd.grad(float32_s, grads, g)
     x, _, _, w1, w2, _, w3, _ = args
-    s, h1, h2 = cast("tuple[Tensor, Tensor, Tensor]", CHECKED["offset_mlp_forward"](*args))
-    name = f"offset_mlp ({dtype}, N={n}, K={k}, A={a})"
+    s, h1, h2 = cast("tuple[Tensor, Tensor, Tensor]", CHECKED["offset_mlp_forward"](*args, products))
+    name = f"offset_mlp ({dtype}, {products} products, N={n}, K={k}, A={a})"
     _close(f"{name} forward", s, want_s.detach(), tol)
     _close(f"{name} h1", h1, want_h1.detach(), tol)
     _close(f"{name} h2", h2, want_h2.detach(), tol)
-    got = cast("tuple[Tensor, ...]", CHECKED["offset_mlp_backward"](g, x, idx, w1, w2, w3, h1, h2, r, True))
+    got = cast("tuple[Tensor, ...]",
+               CHECKED["offset_mlp_backward"](g, x, idx, w1, w2, w3, h1, h2, r, True, products))
     for what, gt, wt in zip(("x", "offset", "w1", "w2", "b2", "w3", "b3"), got, want, strict=True):
-        _close(f"{name} backward d_{what}", gt, wt, tol * 10)
+        if products == "bfloat16":  # float32 gradients, to 2% of their largest value
+            _close(f"{name} backward d_{what}", gt / wt.abs().max(), wt / wt.abs().max(), 0.02)
+        else:
+            _close(f"{name} backward d_{what}", gt, wt, tol * 10)
+
+
+@functools.cache
+def _bf16_ready() -> bool:
+    if not available():
+        return False
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            check_bf16()
+    except Exception as exc:  # no bfloat16 micro-kernel on this CPU, or a wrong result
+        warnings.warn(f"dinrec: bfloat16 products are not available here ({_first_line(exc)}); "
+                      "the fused MLP keeps float32 products", RuntimeWarning, stacklevel=4)
+        return False
+    return True
+
+
+def bf16_available() -> bool:
+    """Whether :func:`offset_mlp` runs with ``products="bfloat16"`` here: built, and
+    :func:`check_bf16` passed (once per process; one warning where not)."""
+    return _bf16_ready()
+
+
+bf16_available.cache_clear = _bf16_ready.cache_clear  # type: ignore[attr-defined]
+
+
+def check_bf16() -> None:
+    """:func:`offset_mlp` with bfloat16 products at DIN's and DIEN's shapes over several
+    tiles (the last one short, split over the threads) and in one: the forward against the
+    reference with its operands rounded the same way (to 5e-4; float32 products miss by ~3e-3), every gradient against the
+    float32 gradients to 2% of their largest value. Raises ``AssertionError`` (or the
+    kernel's error where the CPU has no bfloat16 micro-kernel)."""
+    gen = torch.Generator().manual_seed(1)
+    for n, k, a, a2, r, din in ((1100, 72, 80, 40, 128, True), (700, 36, 100, 50, 350, False),
+                                (3, 6, 4, 8, 4, True)):
+        _check_offset_mlp(gen, n, (k, a, a2), r, din, torch.float32, 5e-4, "bfloat16")
 
 
 # --------------------------------------------------------------------------- measured choice

@@ -182,10 +182,11 @@ class _PairMLP(torch.autograd.Function):
         x = items.reshape(m * n, e)  # (M N, E)
         a_h = torch.addmm(b1, states, w_h.t())  # (N, D1)
         ctx.layers = layers = len(rest) // 2
-        ctx.fused = layers == 2 and _ops.offset_mlp_runs(states, items, w_h, w_e, b1, *rest)
+        ctx.fused = (_ops.offset_mlp_runs(w_e, rest[0], states, items, w_h, b1, *rest)
+                     if layers == 2 else None)
         if ctx.fused:  # the two hidden layers and the logit in the C++ operator
             idx = torch.arange(m * n, device=x.device) % n  # (M N,) the pair of each row
-            logits, h1, h2 = _ops.offset_mlp(x, a_h, idx, w_e, *rest)  # (M N,), (M N, D1), (M N, D2)
+            logits, h1, h2 = _ops.offset_mlp(x, a_h, idx, w_e, *rest, ctx.fused)  # (M N,), (M N, D1), (M N, D2)
             ctx.save_for_backward(states, x, w_h, w_e, rest[0], rest[2], h1, h2, idx)
             return logits.view(m, n)
         h = torch.mm(x, w_e.t()).view(m, n, -1).add_(a_h).sigmoid_().view(m * n, -1)  # (M N, D1)
@@ -206,7 +207,7 @@ class _PairMLP(torch.autograd.Function):
         if ctx.fused:
             w2, w3, h1, h2, idx = ctx.saved_tensors[4:]
             g_x, g_a, g_w_e, *rest = _ops.offset_mlp_backward(
-                g_logits.reshape(m * n).contiguous(), x, idx, w_e, w2, w3, h1, h2, n, bool(need[1])
+                g_logits.reshape(m * n).contiguous(), x, idx, w_e, w2, w3, h1, h2, n, bool(need[1]), ctx.fused
             )  # g_a (N, D1): the state part's gradient, summed over the M items
             g_items = g_x.view(m, n, -1) if need[1] else None  # (M, N, E)
         else:

@@ -30,6 +30,8 @@ per row. :func:`packs` with ``inputs=True`` is its rule (eager CPU runs, as
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -110,14 +112,15 @@ def _is_fake(x: Tensor) -> bool:
 
 
 def _mlp_forward(q_part: Tensor, q: Tensor, f: Tensor, rows: Tensor, w1: Tensor, w2: Tensor,
-                 b2: Tensor, w3: Tensor, b3: Tensor, fused: bool = False) -> tuple[Tensor, ...]:
+                 b2: Tensor, w3: Tensor, b3: Tensor, fused: str | None = None) -> tuple[Tensor, ...]:
     """The attention MLP on N gathered facts f (N, D) of rows ``rows`` (N,) -> scores (N, 1)
     and what the backward needs: (scores, qv (N, D), x (N, 2D), h1 (N, A), h2 (N, 40)).
-    ``fused``: the layers run in the C++ operator :func:`dinrec.nn._ops.offset_mlp`."""
+    ``fused`` (the products, :func:`dinrec.nn._ops.offset_mlp_runs`): the layers run in the
+    C++ operator :func:`dinrec.nn._ops.offset_mlp`; None: torch ops."""
     qv = q.index_select(0, rows)  # (N, D)
     x = torch.cat([f, f * qv], dim=1)  # (N, 2D)
     if fused:
-        s, h1, h2 = _ops.offset_mlp(x, q_part, rows, w1, w2, b2, w3, b3)  # (N,), (N, A), (N, 40)
+        s, h1, h2 = _ops.offset_mlp(x, q_part, rows, w1, w2, b2, w3, b3, fused)  # (N,), (N, A), (N, 40)
         return s.unsqueeze(1), qv, x, h1, h2
     h1 = torch.addmm(q_part.index_select(0, rows), x, w1.t()).sigmoid_()  # (N, A)
     h2 = torch.addmm(b2, h1, w2.t()).sigmoid_()  # (N, 40)
@@ -126,7 +129,7 @@ def _mlp_forward(q_part: Tensor, q: Tensor, f: Tensor, rows: Tensor, w1: Tensor,
 
 
 def _mlp_backward(g: Tensor, b: int, need: tuple[bool, ...], saved: tuple[Tensor, ...],
-                  fused: bool = False) -> tuple:
+                  fused: str | None = None) -> tuple:
     """Backward of :func:`_mlp_forward` for the score gradient g (N, 1): the gradients of
     q_part (B, A), q (B, D) (if ``need[1]``), the facts (N, D) (if ``need[2]``), w1, w2,
     b2, w3, b3. ``saved`` = (rows, qv, x, w1, w2, w3, h1, h2); g is not kept."""
@@ -134,7 +137,7 @@ def _mlp_backward(g: Tensor, b: int, need: tuple[bool, ...], saved: tuple[Tensor
     d = qv.shape[1]
     need_x = need[1] or need[2]
     if fused:
-        g_x, g_q_part, *g_w = _ops.offset_mlp_backward(g.view(-1), x, rows, w1, w2, w3, h1, h2, b, need_x)
+        g_x, g_q_part, *g_w = _ops.offset_mlp_backward(g.view(-1), x, rows, w1, w2, w3, h1, h2, b, need_x, fused)
     else:
         g_q_part, g_x, g_w = _layer_grads(g, b, need_x, saved)
     g_q = g_f = None
@@ -178,7 +181,7 @@ class _PackedScores(torch.autograd.Function):
     def forward(ctx, q_part, q, facts, index, rows, w1, w2, b2, w3, b3, pad):
         b, t, d = facts.shape
         f = facts.reshape(b * t, d).index_select(0, index)  # (N, D)
-        ctx.fused = _ops.offset_mlp_runs(q_part, q, f, w1, w2, b2, w3, b3)
+        ctx.fused = _ops.offset_mlp_runs(w1, w2, q_part, q, f, b2, w3, b3)
         s, qv, x, h1, h2 = _mlp_forward(q_part, q, f, rows, w1, w2, b2, w3, b3, ctx.fused)
         out = s.new_full((b * t,), pad).index_copy_(0, index, s.view(-1))  # (B*T,)
         ctx.save_for_backward(index, rows, qv, x, w1, w2, w3, h1, h2)
@@ -205,7 +208,7 @@ class _FactScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_part, q, facts, rows, w1, w2, b2, w3, b3):
-        ctx.fused = _ops.offset_mlp_runs(q_part, q, facts, w1, w2, b2, w3, b3)
+        ctx.fused = _ops.offset_mlp_runs(w1, w2, q_part, q, facts, b2, w3, b3)
         s, qv, x, h1, h2 = _mlp_forward(q_part, q, facts, rows, w1, w2, b2, w3, b3, ctx.fused)
         ctx.save_for_backward(rows, qv, x, w1, w2, w3, h1, h2)
         ctx.b = q_part.shape[0]
@@ -294,10 +297,11 @@ def scores_if_sparse(
     return packed_scores(q_part, q, facts, index, w1, upper, pad)
 
 
-def _benchmark() -> tuple[_ops.Call, _ops.Call]:
+def _benchmark(products: str = "float32") -> tuple[_ops.Call, _ops.Call]:
     """DIN's attention MLP forward + backward at a training size (B 128, N 4,300 valid
     events, D 36, A 80, float32; the synthetic set's default batches): the C++ operator
-    against the torch ops. The same choice serves DIEN's auxiliary MLP (the same operator)."""
+    with ``products`` against the torch ops. The same choice serves DIEN's auxiliary MLP
+    (the same operator)."""
     gen = torch.Generator().manual_seed(0)
     b, n, d, a = 128, 4300, 36, 80
 
@@ -309,14 +313,15 @@ def _benchmark() -> tuple[_ops.Call, _ops.Call]:
     layers = (rand(a, 2 * d), rand(40, a), rand(40), rand(1, 40), rand(1))
     g = torch.randn(n, 1, generator=gen)
 
-    def run(fused: bool) -> _ops.Call:
+    def run(fused: str | None) -> _ops.Call:
         def call() -> object:
             s, qv, x, h1, h2 = _mlp_forward(q_part, q, f, rows, *layers, fused)
             w1, w2, _, w3, _ = layers
             return _mlp_backward(g, b, (True, True, True), (rows, qv, x, w1, w2, w3, h1, h2), fused)
         return call
 
-    return run(True), run(False)
+    return run(products), run(None)
 
 
 _ops.BENCHMARKS["offset_mlp"] = _benchmark
+_ops.BENCHMARKS["offset_mlp_bf16"] = functools.partial(_benchmark, "bfloat16")

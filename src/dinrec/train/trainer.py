@@ -39,6 +39,7 @@ from dinrec.checkpoint import (
 from dinrec.data.batches import Batch
 from dinrec.data.store import SampleStore
 from dinrec.errors import DinrecError, RunFolderError
+from dinrec.nn import products
 from dinrec.run import (
     BEST,
     CONFIG_FILE,
@@ -305,7 +306,8 @@ class Trainer:
         global_rows = len(batch) if self.by_batches else len(batch) * ctx.world_size
         if self.by_batches:
             batch = rank_slice(batch, ctx)
-        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=cfg.amp):
+        with (torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=cfg.amp),
+              products(cfg.mlp_products)):  # type: ignore[arg-type]  # checked: the config's choices
             out = self.step_model(batch)
             logits = out.logits.float()
             if self.by_batches:
