@@ -231,7 +231,8 @@ with tempfile.TemporaryDirectory() as run:
     cfg = TrainConfig(model=a["model"], max_steps=a["steps"], eval_every=10**9, batch_size=128,
                       lr=1e-3, embedding_dim=18, hidden=(200, 80), threads=a["threads"],
                       progress=False, bucket=a.get("bucket", True), log_every=100,
-                      activation=a.get("activation", "prelu"), model_options=a.get("options", {}))
+                      activation=a.get("activation", "prelu"), model_options=a.get("options", {}),
+                      **({"mlp_products": a["products"]} if a.get("products") else {}))
     m = train(cfg, store, Path(run) / a["model"]).metrics
 print(json.dumps({"train": m["train_samples_per_s"], "eval": m["test"]["eval_samples_per_s"],
                   "auc": m["test"]["auc"]}))
@@ -262,6 +263,9 @@ torch.manual_seed(0)
 config = {"embedding_dim": 18, "hidden": [200, 80], "activation": a["activation"], **a["options"]}
 model = build_model(a["model"], config, store).train()
 opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+if a.get("products"):  # this checkout only: the fused MLP's products
+    from dinrec.nn import products
+    products(a["products"]).__enter__()
 def step(batch):
     out = model(batch)
     loss = F.binary_cross_entropy_with_logits(out.logits, batch.label)
@@ -282,14 +286,14 @@ print(json.dumps({"train": 128 * (len(batches) - 5) / cpu, "loss": float(last)})
 
 
 def _child_run(src: Path, store: Path, model: str, args: argparse.Namespace,
-               config: str = "reference") -> dict:
+               config: str = "reference", products: str | None = None) -> dict:
     """One training run of ``model`` in ``config`` with the code in ``src`` (its own
-    benchmark's store)."""
+    benchmark's store); ``products``: the fused MLP's matrix products (this checkout)."""
     fields = config_fields(config, model)
     spec = {"bench": str(src.parent / "benchmarks"), "store": str(store), "model": model,
             "rows": args.rows, "steps": args.steps, "threads": args.threads,
             "bucket": fields["bucket"], "activation": fields["activation"],
-            "options": fields["model_options"]}
+            "options": fields["model_options"], "products": products}
     env = {**os.environ, "PYTHONPATH": str(src)}
     code = STEP_CHILD if args.step_cpu else CHILD
     out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, check=True,
@@ -314,7 +318,8 @@ def compare(against: Path, args: argparse.Namespace, tmp: Path) -> None:
             runs: dict[str, list[dict]] = {"this": [], "that": []}
             for r in range(args.rounds):
                 for side in ("this", "that") if r % 2 == 0 else ("that", "this"):
-                    runs[side].append(_child_run(*sides[side], model, args, config))
+                    products = args.products if side == "this" else None
+                    runs[side].append(_child_run(*sides[side], model, args, config, products))
             _print_comparison(f"{model} {config}", runs)
 
 
@@ -370,6 +375,9 @@ def main() -> None:
     parser.add_argument("--step-cpu", action="store_true",
                         help="--against: time the model step alone (forward, backward, Adam on "
                         "--steps preloaded batches) in CPU seconds of each child, not the trainer")
+    parser.add_argument("--products", choices=("float32", "bfloat16"), default=None,
+                        help="--against: this checkout's fused attention / auxiliary MLP products "
+                        "(dinrec.nn.products; default: the library's, float32)")
     parser.add_argument("--accurate", action="store_true",
                         help="also measure din and dien in the accurate configuration "
                         "(shuffled, Dice, DIN's plain din_attention)")

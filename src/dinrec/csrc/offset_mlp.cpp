@@ -8,7 +8,8 @@
 // Both hot MLPs of the default models have this shape: DIN's attention MLP on the packed
 // events (x = [f, f * q[row]], offset = the query part of the first layer, one row per
 // batch row) and DIEN's auxiliary MLP (x = the items, offset = the state part, one row per
-// pair). The rows run in tiles of kTile: per tile the matrix products go through ATen's
+// pair). Given q (R, D), x is not passed but built per tile from the facts f (N, D):
+// x = [f, f * q[idx]] (K = 2D), and the backward returns g_f (N, D) and g_q (R, D). The rows run in tiles of kTile: per tile the matrix products go through ATen's
 // CPU kernels directly (at::cpu::mm_out / addmm_out: no dispatcher, no autograd), and all
 // elementwise work (the offset gather-add, the sigmoids, the score layer's dot product,
 // the sigmoid backward, the row sums into g_offset, the bias and score-layer gradients)
@@ -28,6 +29,7 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string_view>
 
 #include <algorithm>
@@ -44,8 +46,9 @@ namespace {
 // A = 80, A2 = 40, float32) stay in L2.
 constexpr int64_t kTile = 512;
 
-// A per-thread buffer reused from call to call (fresh ones cost page faults), 64-byte aligned.
-template <typename T>
+// A per-thread buffer reused from call to call (fresh ones cost page faults), 64-byte aligned;
+// one per (type, tag).
+template <typename T, int Tag = 0>
 T* scratch(int64_t n) {
   struct Free {
     void operator()(T* p) const { std::free(p); }
@@ -64,11 +67,58 @@ T* scratch(int64_t n) {
 
 struct Shapes {
   int64_t n, k, a, a2, r;
+  int64_t d;  // the facts' width where x = [f, f * q[idx]] (K = 2D); 0 where x is given
 };
+
+// The first layer's input: x (N, K) itself, or the facts f (N, D) and q (R, D).
+template <typename T>
+struct Input {
+  const T* x;  // x or f
+  const T* q;  // nullptr where x is given
+  const int64_t* idx;
+};
+
+// Rows [n0, n0 + len) of the first layer's input, (len, K) row-major: x's own rows, or
+// [f, f * q[idx]] built in buf.
+template <typename T>
+const T* input_rows(const Input<T>& in, const Shapes& sh, int64_t n0, int64_t len, T* buf) {
+  if (in.q == nullptr) return in.x + n0 * sh.k;
+  for (int64_t r = 0; r < len; ++r) {
+    const T* f = in.x + (n0 + r) * sh.d;
+    const T* q = in.q + in.idx[n0 + r] * sh.d;
+    T* out = buf + r * sh.k;
+#pragma omp simd
+    for (int64_t j = 0; j < sh.d; ++j) {
+      out[j] = f[j];
+      out[sh.d + j] = f[j] * q[j];
+    }
+  }
+  return buf;
+}
+
+// g_x (len, K) of rows [n0, n0 + len) -> g_f rows (at g_f) and g_q += (R, D), where x = [f, f * q[idx]]:
+// g_f = g_x[:, :D] + g_x[:, D:] * q[idx], g_q[idx] += g_x[:, D:] * f.
+template <typename T>
+void input_grads(const T* g_x, const Input<T>& in, const Shapes& sh, int64_t n0, int64_t len, T* g_f, T* g_q) {
+  for (int64_t r = 0; r < len; ++r) {
+    const T* gk = g_x + r * sh.k;
+    const T* gp = gk + sh.d;
+    const T* f = in.x + (n0 + r) * sh.d;
+    const int64_t row = in.idx[n0 + r];
+    const T* q = in.q + row * sh.d;
+    T* gq = g_q + row * sh.d;
+    T* out = g_f + r * sh.d;
+#pragma omp simd
+    for (int64_t j = 0; j < sh.d; ++j) {
+      out[j] = gk[j] + gp[j] * q[j];
+      gq[j] += gp[j] * f[j];
+    }
+  }
+}
 
 Shapes check_forward(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& idx,
                      const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& b2,
-                     const at::Tensor& w3, const at::Tensor& b3) {
+                     const at::Tensor& w3, const at::Tensor& b3, const at::Tensor* q) {
   TORCH_CHECK(x.device().is_cpu(), "offset_mlp: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "offset_mlp: float32 or float64 only");
@@ -79,7 +129,12 @@ Shapes check_forward(const at::Tensor& x, const at::Tensor& offset, const at::Te
               "offset_mlp: idx must be a 1-d int64 CPU tensor");
   TORCH_CHECK(x.dim() == 2 && offset.dim() == 2 && w1.dim() == 2 && w2.dim() == 2,
               "offset_mlp: expected x (N, K), offset (R, A), w1 (A, K), w2 (A2, A)");
-  const Shapes s{x.size(0), x.size(1), w1.size(0), w2.size(0), offset.size(0)};
+  const int64_t d = q ? x.size(1) : 0;
+  const Shapes s{x.size(0), q ? 2 * d : x.size(1), w1.size(0), w2.size(0), offset.size(0), d};
+  if (q != nullptr)
+    TORCH_CHECK(q->scalar_type() == x.scalar_type() && q->device().is_cpu() && q->dim() == 2 &&
+                    q->size(0) == s.r && q->size(1) == d,
+                "offset_mlp: q must be (R, D) for facts (N, D) and offset (R, A), of their dtype");
   TORCH_CHECK(idx.size(0) == s.n && w1.size(1) == s.k && offset.size(1) == s.a && w2.size(1) == s.a &&
                   b2.numel() == s.a2 && w3.numel() == s.a2 && b3.numel() == 1,
               "offset_mlp: shapes disagree (x (N, K), offset (R, A), idx (N,), w1 (A, K), "
@@ -115,15 +170,17 @@ void for_chunks(const std::vector<int64_t>& cuts, const F& body) {
 
 // Forward of rows [n0, n1): h1, h2 and s of those rows.
 template <typename T>
-void forward_tile(int64_t n0, int64_t n1, const Shapes& sh, const at::Tensor& x, const T* offset,
-                  const int64_t* idx, const at::Tensor& w1t, const at::Tensor& w2t, const T* b2,
-                  const T* w3, T b3, at::Tensor& h1, at::Tensor& h2, T* s) {
+void forward_tile(int64_t n0, int64_t n1, const Shapes& sh, const Input<T>& in, const T* offset,
+                  const at::Tensor& w1t, const at::Tensor& w2t, const T* b2, const T* w3, T b3,
+                  at::Tensor& h1, at::Tensor& h2, T* s) {
   const int64_t len = n1 - n0;
+  const T* xr = input_rows(in, sh, n0, len, scratch<T, 1>(kTile * sh.k));
+  const auto x_t = at::from_blob(const_cast<T*>(xr), {len, sh.k}, h1.options());  // (len, K)
   auto h1_t = h1.narrow(0, n0, len);  // (len, A)
-  at::cpu::mm_out(h1_t, x.narrow(0, n0, len), w1t);
+  at::cpu::mm_out(h1_t, x_t, w1t);
   T* p1 = h1.data_ptr<T>() + n0 * sh.a;
   for (int64_t r = 0; r < len; ++r) {
-    const T* off = offset + idx[n0 + r] * sh.a;
+    const T* off = offset + in.idx[n0 + r] * sh.a;
     T* row = p1 + r * sh.a;
 #pragma omp simd
     for (int64_t j = 0; j < sh.a; ++j) row[j] += off[j];
@@ -227,16 +284,17 @@ struct PackedWeights {
   }
 };
 
-// forward_tile with bfloat16 products; x, h1, h2, s at the tile's first row.
-void forward_tile_bf16(int64_t len, const Shapes& sh, const float* x, const float* offset, const int64_t* idx,
+// forward_tile with bfloat16 products for rows [n0, n0 + len); h1, h2, s at the tile's first row.
+void forward_tile_bf16(int64_t n0, int64_t len, const Shapes& sh, const Input<float>& in, const float* offset,
                        const PackedWeights& w, const float* b2, const float* w3, float b3, float* h1, float* h2,
                        float* s) {
+  const int64_t* idx = in.idx + n0;
   bf16* xb = scratch<bf16>(kTile * (sh.k + sh.a));  // (kTile, K), then h1 (kTile, A)
   bf16* h1b = xb + kTile * sh.k;
   float* tail = len < kTile ? scratch<float>(kTile * (sh.a + sh.a2)) : nullptr;  // the short tile's outputs
   float* c1 = tail ? tail : h1;
   float* c2 = tail ? tail + kTile * sh.a : h2;
-  to_bf16(x, xb, len * sh.k, kTile * sh.k);
+  to_bf16(input_rows(in, sh, n0, len, scratch<float, 1>(kTile * sh.k)), xb, len * sh.k, kTile * sh.k);
   brgemm(kTile, sh.a, sh.k, xb, w.w1t.data_ptr<bf16>(), c1, sh.a, false);
   for (int64_t r = 0; r < len; ++r) {
     const float* off = offset + idx[r] * sh.a;
@@ -262,10 +320,11 @@ void forward_tile_bf16(int64_t len, const Shapes& sh, const float* x, const floa
 std::tuple<at::Tensor, at::Tensor, at::Tensor> offset_mlp_forward(
     const at::Tensor& x_, const at::Tensor& offset_, const at::Tensor& idx_, const at::Tensor& w1,
     const at::Tensor& w2, const at::Tensor& b2_, const at::Tensor& w3_, const at::Tensor& b3_,
-    c10::string_view products) {
+    c10::string_view products, const std::optional<at::Tensor>& q_) {
   auto x = x_.contiguous(), offset = offset_.contiguous(), idx = idx_.contiguous();
   auto b2 = b2_.contiguous(), w3 = w3_.contiguous(), b3 = b3_.contiguous();
-  const Shapes sh = check_forward(x, offset, idx, w1, w2, b2, w3, b3);
+  const at::Tensor q = q_.has_value() ? q_->contiguous() : at::Tensor();
+  const Shapes sh = check_forward(x, offset, idx, w1, w2, b2, w3, b3, q.defined() ? &q : nullptr);
   const bool low = bf16_products(std::string_view(products.data(), products.size()), x, sh);
   auto h1 = at::empty({sh.n, sh.a}, x.options());
   auto h2 = at::empty({sh.n, sh.a2}, x.options());
@@ -275,11 +334,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> offset_mlp_forward(
   if (low) {
     const PackedWeights w(w1, w2, sh, true, false);
     const float b3v = b3.data_ptr<float>()[0];
+    const Input<float> in{x.data_ptr<float>(), q.defined() ? q.data_ptr<float>() : nullptr, idx.data_ptr<int64_t>()};
     for_chunks(cuts, [&](int64_t, int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * kTile, len = std::min(sh.n, n0 + kTile) - n0;
-        forward_tile_bf16(len, sh, x.data_ptr<float>() + n0 * sh.k, offset.data_ptr<float>(),
-                          idx.data_ptr<int64_t>() + n0, w, b2.data_ptr<float>(), w3.data_ptr<float>(), b3v,
+        forward_tile_bf16(n0, len, sh, in, offset.data_ptr<float>(), w, b2.data_ptr<float>(), w3.data_ptr<float>(), b3v,
                           h1.data_ptr<float>() + n0 * sh.a, h2.data_ptr<float>() + n0 * sh.a2,
                           s.data_ptr<float>() + n0);
       }
@@ -290,11 +349,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> offset_mlp_forward(
   const auto w1t = w1.t(), w2t = w2.t();  // (K, A), (A, A2)
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "offset_mlp_forward", [&] {
     const scalar_t b3v = b3.data_ptr<scalar_t>()[0];
+    const Input<scalar_t> in{x.data_ptr<scalar_t>(), q.defined() ? q.data_ptr<scalar_t>() : nullptr,
+                             idx.data_ptr<int64_t>()};
     for_chunks(cuts, [&](int64_t, int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
-        forward_tile<scalar_t>(t * kTile, std::min(sh.n, (t + 1) * kTile), sh, x, offset.data_ptr<scalar_t>(),
-                               idx.data_ptr<int64_t>(), w1t, w2t, b2.data_ptr<scalar_t>(),
-                               w3.data_ptr<scalar_t>(), b3v, h1, h2, s.data_ptr<scalar_t>());
+        forward_tile<scalar_t>(t * kTile, std::min(sh.n, (t + 1) * kTile), sh, in, offset.data_ptr<scalar_t>(),
+                               w1t, w2t, b2.data_ptr<scalar_t>(), w3.data_ptr<scalar_t>(), b3v, h1, h2,
+                               s.data_ptr<scalar_t>());
     });
   });
   return {s, h1, h2};
@@ -302,12 +363,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> offset_mlp_forward(
 
 // One chunk's gradient accumulators (zero at the start).
 struct Grads {
-  at::Tensor offset, w1, w2, b2, w3, b3;
-  Grads(const Shapes& sh, const at::TensorOptions& o)
+  at::Tensor offset, w1, w2, b2, w3, b3, q;  // q: (R, D) where x = [f, f * q[idx]] and g_x is asked for
+  Grads(const Shapes& sh, const at::TensorOptions& o, bool need_q)
       : offset(at::zeros({sh.r, sh.a}, o)), w1(at::zeros({sh.a, sh.k}, o)), w2(at::zeros({sh.a2, sh.a}, o)),
-        b2(at::zeros({sh.a2}, o)), w3(at::zeros({1, sh.a2}, o)), b3(at::zeros({1}, o)) {}
+        b2(at::zeros({sh.a2}, o)), w3(at::zeros({1, sh.a2}, o)), b3(at::zeros({1}, o)),
+        q(need_q ? at::zeros({sh.r, sh.d}, o) : at::empty({0, sh.d}, o)) {}
   void add(const Grads& o) {
-    offset.add_(o.offset), w1.add_(o.w1), w2.add_(o.w2), b2.add_(o.b2), w3.add_(o.w3), b3.add_(o.b3);
+    offset.add_(o.offset), w1.add_(o.w1), w2.add_(o.w2), b2.add_(o.b2), w3.add_(o.w3), b3.add_(o.b3), q.add_(o.q);
   }
 };
 
@@ -336,12 +398,12 @@ void score_backward(int64_t n0, int64_t len, int64_t a2, const T* g, const T* h2
 
 // Backward of rows [n0, n1) (see offset_mlp_backward); g_h1 / g_h2 are the chunk's tile buffers.
 template <typename T>
-void backward_tile(int64_t n0, int64_t n1, const Shapes& sh, const T* g, const at::Tensor& x,
-                   const int64_t* idx, const at::Tensor& w1, const at::Tensor& w2, const T* w3,
-                   const at::Tensor& h1, const at::Tensor& h2, T* g_h1, T* g_h2, at::Tensor* g_x,
-                   Grads& acc) {
+void backward_tile(int64_t n0, int64_t n1, const Shapes& sh, const T* g, const Input<T>& in,
+                   const at::Tensor& w1, const at::Tensor& w2, const T* w3, const at::Tensor& h1,
+                   const at::Tensor& h2, T* g_h1, T* g_h2, at::Tensor* g_x, Grads& acc) {
   const int64_t len = n1 - n0;
-  const auto opts = x.options();
+  const auto opts = h1.options();
+  const int64_t* idx = in.idx;
   score_backward<T>(n0, len, sh.a2, g, h2.data_ptr<T>(), w3, g_h2, acc);
   auto g_h2_t = at::from_blob(g_h2, {len, sh.a2}, opts);  // (len, A2)
   auto h1_t = h1.narrow(0, n0, len);  // (len, A)
@@ -360,20 +422,29 @@ void backward_tile(int64_t n0, int64_t n1, const Shapes& sh, const T* g, const a
       go[j] += gr[j];
     }
   }
-  auto x_t = x.narrow(0, n0, len);  // (len, K)
+  const T* xr = input_rows(in, sh, n0, len, scratch<T, 1>(kTile * sh.k));
+  const auto x_t = at::from_blob(const_cast<T*>(xr), {len, sh.k}, opts);  // (len, K)
   at::cpu::addmm_out(acc.w1, acc.w1, g_h1_t.t(), x_t);  // (A, K) += g_h1^T x
-  if (g_x != nullptr) {
+  if (g_x == nullptr) return;
+  if (in.q == nullptr) {
     auto g_x_t = g_x->narrow(0, n0, len);
     at::cpu::mm_out(g_x_t, g_h1_t, w1);  // (len, K)
+    return;
   }
+  T* gx = scratch<T, 2>(kTile * sh.k);
+  auto g_x_t = at::from_blob(gx, {len, sh.k}, opts);
+  at::cpu::mm_out(g_x_t, g_h1_t, w1);  // (len, K), then g_f (len, D) and g_q
+  input_grads(gx, in, sh, n0, len, g_x->data_ptr<T>() + n0 * sh.d, acc.q.data_ptr<T>());
 }
 
 
-// backward_tile with bfloat16 products; g, x, idx, h1, h2, g_x at the tile's first row.
-void backward_tile_bf16(int64_t len, const Shapes& sh, const float* g, const float* x, const int64_t* idx,
+// backward_tile with bfloat16 products for rows [n0, n0 + len); g, h1, h2, g_x at the tile's
+// first row (g_x: g_f (len, D) where x = [f, f * q[idx]]).
+void backward_tile_bf16(int64_t n0, int64_t len, const Shapes& sh, const float* g, const Input<float>& in,
                         const PackedWeights& w, const float* w3, const float* h1, const float* h2, float* g_x,
                         Grads& acc) {
   const int64_t t = kTile;
+  const int64_t* idx = in.idx + n0;
   float* g_h2 = scratch<float>(t * (sh.a2 + sh.a + sh.k));  // (T, A2), then g_h1 (T, A), g_x (T, K)
   float* g_h1 = g_h2 + t * sh.a2;
   bf16* b = scratch<bf16>(t * (2 * sh.a2 + 3 * sh.a + sh.k));
@@ -401,69 +472,80 @@ void backward_tile_bf16(int64_t len, const Shapes& sh, const float* g, const flo
     }
   }
   to_bf16_t(g_h1, len, sh.a, g_h1t);
-  to_vnni(x, sh.k, 1, len, t, sh.k, xv);
+  to_vnni(input_rows(in, sh, n0, len, scratch<float, 1>(t * sh.k)), sh.k, 1, len, t, sh.k, xv);
   brgemm(sh.a, sh.k, t, g_h1t, xv, acc.w1.data_ptr<float>(), sh.k, true);  // (A, K) += g_h1^T x
   if (g_x != nullptr) {
     to_bf16(g_h1, g_h1b, len * sh.a, t * sh.a);
-    float* c = len == t ? g_x : g_h2 + t * (sh.a2 + sh.a);
+    float* c = len == t && in.q == nullptr ? g_x : g_h2 + t * (sh.a2 + sh.a);
     brgemm(t, sh.k, sh.a, g_h1b, w.w1.data_ptr<bf16>(), c, sh.k, false);  // (T, K)
-    if (c != g_x) std::copy(c, c + len * sh.k, g_x);
+    if (in.q != nullptr) {
+      input_grads(c, in, sh, n0, len, g_x, acc.q.data_ptr<float>());
+    } else if (c != g_x) {
+      std::copy(c, c + len * sh.k, g_x);
+    }
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 offset_mlp_backward(const at::Tensor& g_, const at::Tensor& x_, const at::Tensor& idx_, const at::Tensor& w1_,
                     const at::Tensor& w2_, const at::Tensor& w3_, const at::Tensor& h1_, const at::Tensor& h2_,
-                    int64_t rows, bool need_x, c10::string_view products) {
+                    int64_t rows, bool need_x, c10::string_view products, const std::optional<at::Tensor>& q_) {
   auto g = g_.contiguous(), x = x_.contiguous(), idx = idx_.contiguous(), w1 = w1_.contiguous();
   auto w2 = w2_.contiguous(), w3 = w3_.contiguous(), h1 = h1_.contiguous(), h2 = h2_.contiguous();
-  const Shapes sh{x.size(0), x.size(1), w1.size(0), w2.size(0), rows};
+  const at::Tensor q = q_.has_value() ? q_->contiguous() : at::Tensor();
+  const int64_t d = q.defined() ? x.size(1) : 0;
+  const Shapes sh{x.size(0), q.defined() ? 2 * d : x.size(1), w1.size(0), w2.size(0), rows, d};
   TORCH_CHECK(g.dim() == 1 && g.size(0) == sh.n && idx.size(0) == sh.n && h1.size(0) == sh.n &&
-                  h1.size(1) == sh.a && h2.size(0) == sh.n && h2.size(1) == sh.a2 && w1.size(1) == sh.k,
+                  h1.size(1) == sh.a && h2.size(0) == sh.n && h2.size(1) == sh.a2 && w1.size(1) == sh.k &&
+                  (!q.defined() || (q.dim() == 2 && q.size(0) == rows && q.size(1) == d &&
+                                    q.scalar_type() == g.scalar_type())),
               "offset_mlp_backward: shapes disagree");
   for (const auto& t : {x, w1, w2, w3, h1, h2})
     TORCH_CHECK(t.scalar_type() == g.scalar_type() && t.device().is_cpu(),
                 "offset_mlp_backward: all tensors must share one dtype on the CPU");
   const bool low = bf16_products(std::string_view(products.data(), products.size()), x, sh);
   const auto opts = x.options();
-  auto g_x = need_x ? at::empty({sh.n, sh.k}, opts) : at::empty({0, sh.k}, opts);
+  const int64_t width = x.size(1);  // K, or D where x = [f, f * q[idx]]
+  auto g_x = need_x ? at::empty({sh.n, width}, opts) : at::empty({0, width}, opts);
   const auto cuts = chunk_tiles(sh.n);
   std::vector<Grads> acc;
-  for (size_t p = 0; p + 1 < cuts.size(); ++p) acc.emplace_back(sh, opts);
+  for (size_t p = 0; p + 1 < cuts.size(); ++p) acc.emplace_back(sh, opts, need_x && q.defined());
   if (sh.n > 0 && low) {
     const PackedWeights w(w1, w2, sh, false, need_x);
+    const Input<float> in{x.data_ptr<float>(), q.defined() ? q.data_ptr<float>() : nullptr, idx.data_ptr<int64_t>()};
     for_chunks(cuts, [&](int64_t p, int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * kTile, len = std::min(sh.n, n0 + kTile) - n0;
-        backward_tile_bf16(len, sh, g.data_ptr<float>() + n0, x.data_ptr<float>() + n0 * sh.k,
-                           idx.data_ptr<int64_t>() + n0, w, w3.data_ptr<float>(), h1.data_ptr<float>() + n0 * sh.a,
-                           h2.data_ptr<float>() + n0 * sh.a2, need_x ? g_x.data_ptr<float>() + n0 * sh.k : nullptr,
-                           acc[p]);
+        backward_tile_bf16(n0, len, sh, g.data_ptr<float>() + n0, in, w, w3.data_ptr<float>(),
+                           h1.data_ptr<float>() + n0 * sh.a, h2.data_ptr<float>() + n0 * sh.a2,
+                           need_x ? g_x.data_ptr<float>() + n0 * width : nullptr, acc[p]);
       }
       at::native::cpublas::brgemm_release();
     });
   } else if (sh.n > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "offset_mlp_backward", [&] {
+      const Input<scalar_t> in{x.data_ptr<scalar_t>(), q.defined() ? q.data_ptr<scalar_t>() : nullptr,
+                               idx.data_ptr<int64_t>()};
       for_chunks(cuts, [&](int64_t p, int64_t t0, int64_t t1) {
         scalar_t* buf = scratch<scalar_t>(kTile * (sh.a + sh.a2));
         for (int64_t t = t0; t < t1; ++t)
-          backward_tile<scalar_t>(t * kTile, std::min(sh.n, (t + 1) * kTile), sh, g.data_ptr<scalar_t>(), x,
-                                  idx.data_ptr<int64_t>(), w1, w2, w3.data_ptr<scalar_t>(), h1, h2, buf,
-                                  buf + kTile * sh.a, need_x ? &g_x : nullptr, acc[p]);
+          backward_tile<scalar_t>(t * kTile, std::min(sh.n, (t + 1) * kTile), sh, g.data_ptr<scalar_t>(), in,
+                                  w1, w2, w3.data_ptr<scalar_t>(), h1, h2, buf, buf + kTile * sh.a,
+                                  need_x ? &g_x : nullptr, acc[p]);
       });
     });
   }
   for (size_t p = 1; p < acc.size(); ++p) acc[0].add(acc[p]);
   const Grads& out = acc[0];
-  return {g_x, out.offset, out.w1, out.w2, out.b2, out.w3, out.b3};
+  return {g_x, out.q, out.offset, out.w1, out.w2, out.b2, out.w3, out.b3};
 }
 
 }  // namespace
 }  // namespace dinrec
 
 TORCH_LIBRARY_FRAGMENT(dinrec_cpp, m) {
-  m.def("offset_mlp_forward(Tensor x, Tensor offset, Tensor idx, Tensor w1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, str products) -> (Tensor, Tensor, Tensor)");
-  m.def("offset_mlp_backward(Tensor g, Tensor x, Tensor idx, Tensor w1, Tensor w2, Tensor w3, Tensor h1, Tensor h2, int rows, bool need_x, str products) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("offset_mlp_forward(Tensor x, Tensor offset, Tensor idx, Tensor w1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, str products, Tensor? q) -> (Tensor, Tensor, Tensor)");
+  m.def("offset_mlp_backward(Tensor g, Tensor x, Tensor idx, Tensor w1, Tensor w2, Tensor w3, Tensor h1, Tensor h2, int rows, bool need_x, str products, Tensor? q) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dinrec_cpp, CPU, m) {

@@ -370,7 +370,7 @@ def _(
 @torch.library.custom_op("dinrec::offset_mlp", mutates_args=(), device_types="cpu")
 def offset_mlp(
     x: Tensor, offset: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
-    products: str = "float32",
+    products: str = "float32", q: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A two-hidden-layer sigmoid MLP whose first layer adds a per-row offset.
 
@@ -382,13 +382,15 @@ def offset_mlp(
     :func:`offset_mlp_reference` is the same in plain PyTorch. ``products``
     (:data:`dinrec.nn.Products`): ``"float32"``, or ``"bfloat16"`` for bfloat16 operands of
     every matrix product with float32 accumulation (float32 tensors, even K, A and A2).
+    With ``q`` (R, D) the rows are ``[f, f * q[idx]]`` (K = 2D) built per tile from x = the
+    facts f (N, D) (DIN's attention MLP): the (N, 2D) input never exists.
     """
-    return torch.ops.dinrec_cpp.offset_mlp_forward(x, offset, idx, w1, w2, b2, w3, b3, products)
+    return torch.ops.dinrec_cpp.offset_mlp_forward(x, offset, idx, w1, w2, b2, w3, b3, products, q)
 
 
 @offset_mlp.register_fake
 def _(x: Tensor, offset: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
-      b3: Tensor, products: str = "float32") -> tuple[Tensor, Tensor, Tensor]:
+      b3: Tensor, products: str = "float32", q: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     n = x.shape[0]
     return x.new_empty(n), x.new_empty(n, w1.shape[0]), x.new_empty(n, w2.shape[0])
 
@@ -396,47 +398,54 @@ def _(x: Tensor, offset: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, b2: Tensor
 @torch.library.custom_op("dinrec::offset_mlp_backward", mutates_args=(), device_types="cpu")
 def offset_mlp_backward(
     g: Tensor, x: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, h1: Tensor, h2: Tensor,
-    rows: int, need_x: bool, products: str = "float32",
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """dL/ds (N,) -> dL/dx (N, K) (``(0, K)`` unless ``need_x``), dL/doffset (R, A) with
-    R = ``rows`` (the row sums of the first layer's pre-activation gradient by ``idx``),
-    dL/dw1 (A, K), dL/dw2 (A2, A), dL/db2 (A2,), dL/dw3 (1, A2), dL/db3 (1,).
-    Reverse-mode only (not differentiable again); ``products`` as :func:`offset_mlp`."""
-    return torch.ops.dinrec_cpp.offset_mlp_backward(g, x, idx, w1, w2, w3, h1, h2, rows, need_x, products)
+    rows: int, need_x: bool, products: str = "float32", q: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dL/ds (N,) -> dL/dx (N, K) (with ``q``: dL/df (N, D); ``(0, .)`` unless ``need_x``),
+    dL/dq (R, D) (``(0, D)`` without ``q`` or ``need_x``), dL/doffset (R, A) with R = ``rows``
+    (the row sums of the first layer's pre-activation gradient by ``idx``), dL/dw1 (A, K),
+    dL/dw2 (A2, A), dL/db2 (A2,), dL/dw3 (1, A2), dL/db3 (1,). Reverse-mode only (not
+    differentiable again); ``products`` and ``q`` as :func:`offset_mlp`."""
+    return torch.ops.dinrec_cpp.offset_mlp_backward(g, x, idx, w1, w2, w3, h1, h2, rows, need_x, products, q)
 
 
 @offset_mlp_backward.register_fake
 def _(g: Tensor, x: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, h1: Tensor, h2: Tensor,
-      rows: int, need_x: bool, products: str = "float32") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    n, k = x.shape
-    a, a2 = w1.shape[0], w2.shape[0]
-    g_x = x.new_empty(n if need_x else 0, k)
-    return (g_x, x.new_empty(rows, a), x.new_empty(a, k), x.new_empty(a2, a), x.new_empty(a2),
+      rows: int, need_x: bool, products: str = "float32",
+      q: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    n, width = x.shape
+    d = width if q is not None else 0
+    a, k, a2 = w1.shape[0], w1.shape[1], w2.shape[0]
+    g_x = x.new_empty(n if need_x else 0, width)
+    g_q = x.new_empty(rows if need_x and q is not None else 0, d)
+    return (g_x, g_q, x.new_empty(rows, a), x.new_empty(a, k), x.new_empty(a2, a), x.new_empty(a2),
             x.new_empty(1, a2), x.new_empty(1))
 
 
 def _offset_setup(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-    x, offset, idx, w1, w2, b2, w3, b3, *products = inputs
+    x, offset, idx, w1, w2, b2, w3, b3, *rest = inputs
+    products = rest[0] if rest else "float32"  # the defaults where not given
+    q = rest[1] if len(rest) > 1 else None
     _, h1, h2 = output
-    ctx.save_for_backward(x, idx, w1, w2, w3, h1, h2)
+    ctx.save_for_backward(x, idx, w1, w2, w3, h1, h2, q)
     ctx.shapes = (offset.shape[0], b2.shape, w3.shape, b3.shape)
-    ctx.products = products[0] if products else "float32"
+    ctx.products = products
     ctx.set_materialize_grads(False)  # h1, h2 get no gradient: no zeros for them
 
 
 def _offset_backward(
     ctx: Any, g_s: Tensor | None, g_h1: Tensor | None, g_h2: Tensor | None
 ) -> tuple[Tensor | None, ...]:
-    x, idx, w1, w2, w3, h1, h2 = ctx.saved_tensors
+    x, idx, w1, w2, w3, h1, h2, q = ctx.saved_tensors
     rows, b2_shape, w3_shape, b3_shape = ctx.shapes
     if g_s is None:
         g_s = x.new_zeros(x.shape[0])
-    need_x = bool(ctx.needs_input_grad[0])
-    g_x, g_off, g_w1, g_w2, g_b2, g_w3, g_b3 = offset_mlp_backward(
-        g_s.contiguous(), x, idx, w1, w2, w3, h1, h2, rows, need_x, ctx.products
+    need = ctx.needs_input_grad
+    need_x = bool(need[0] or (q is not None and need[9]))
+    g_x, g_q, g_off, g_w1, g_w2, g_b2, g_w3, g_b3 = offset_mlp_backward(
+        g_s.contiguous(), x, idx, w1, w2, w3, h1, h2, rows, need_x, ctx.products, q
     )
-    return (g_x if need_x else None, g_off, None, g_w1, g_w2, g_b2.reshape(b2_shape),
-            g_w3.reshape(w3_shape), g_b3.reshape(b3_shape), None)
+    return (g_x if need[0] else None, g_off, None, g_w1, g_w2, g_b2.reshape(b2_shape),
+            g_w3.reshape(w3_shape), g_b3.reshape(b3_shape), None, g_q if q is not None and need[9] else None)
 
 
 offset_mlp.register_autograd(_offset_backward, setup_context=_offset_setup)
@@ -460,11 +469,13 @@ def offset_mlp_runs(w1: Tensor, w2: Tensor, *others: Tensor) -> str | None:
 
 def offset_mlp_reference(
     x: Tensor, offset: Tensor, idx: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
-    products: str = "float32",
+    products: str = "float32", q: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`offset_mlp` in plain PyTorch ops (any device, autograd): the yardstick. With
     ``products="bfloat16"`` the operands of the forward's products are rounded to bfloat16
     first (the backward's are not: its gradients are float32 ones)."""
+    if q is not None:
+        x = torch.cat([x, x * q.index_select(0, idx)], dim=1)  # (N, 2D)
     r = (lambda t: t.bfloat16().to(t.dtype)) if products == "bfloat16" else (lambda t: t)
     h1 = torch.sigmoid(offset.index_select(0, idx) + r(x) @ r(w1).t())  # (N, A)
     h2 = torch.sigmoid(F.linear(r(h1), r(w2), b2))  # (N, A2)
@@ -509,7 +520,7 @@ def self_check() -> None:
         # DIN's attention MLP (idx sorted, rows without events) and DIEN's auxiliary MLP
         # (idx = i mod R, unsorted), over several tiles (the last one short) and in one
         for n, k, a, a2, r, din in ((1100, 72, 80, 40, 128, True), (700, 36, 100, 50, 350, False),
-                                    (3, 5, 6, 7, 4, True)):
+                                    (3, 6, 5, 7, 4, True)):
             _check_offset_mlp(gen, n, (k, a, a2), r, din, dtype, tol)
 
 
@@ -592,27 +603,31 @@ def _check_offset_mlp(gen: torch.Generator, n: int, widths: tuple[int, int, int]
         return torch.randn(*shape, generator=gen, dtype=dtype) / shape[-1] ** 0.5
 
     k, a, a2 = widths
-    if sorted_idx:  # rows in order; the last rows have none
+    if sorted_idx:  # DIN: rows in order, the last rows have none; x = [f, f * q[idx]]
         idx = torch.randint(0, max(r - 3, 1), (n,), generator=gen).sort().values
-    else:
+        x, q = rand(n, k // 2) * 3, rand(r, k // 2) * 3
+    else:  # DIEN: idx = i mod R, x given
         idx = torch.arange(n) % r
-    args = (rand(n, k) * 3, rand(r, a), idx, rand(a, k) * 3, rand(a2, a) * 3, rand(a2), rand(1, a2), rand(1))
+        x, q = rand(n, k) * 3, None
+    w = (rand(r, a), rand(a, k) * 3, rand(a2, a) * 3, rand(a2), rand(1, a2), rand(1))  # offset, w1, w2, b2, w3, b3
     g = torch.randn(n, generator=gen, dtype=dtype)
-    lx, loff, lidx, lw1, lw2, lb2, lw3, lb3 = (t.clone().requires_grad_() if t.is_floating_point() else t
-                                               for t in args)
-    want_s, want_h1, want_h2 = offset_mlp_reference(lx, loff, lidx, lw1, lw2, lb2, lw3, lb3, products)
-    grads = [lx, loff, lw1, lw2, lb2, lw3, lb3]
-    float32_s = offset_mlp_reference(lx, loff, lidx, lw1, lw2, lb2, lw3, lb3)[0]  # float32 products
-    want = torch.autograd.grad(float32_s, grads, g)
-    x, _, _, w1, w2, _, w3, _ = args
-    s, h1, h2 = cast("tuple[Tensor, Tensor, Tensor]", CHECKED["offset_mlp_forward"](*args, products))
+    leaves = [t.clone().requires_grad_() for t in (x, *w, *([q] if q is not None else []))]
+    lx, loff, lw1, lw2, lb2, lw3, lb3, *lq = leaves
+    lq_ = lq[0] if lq else None
+    want_s, want_h1, want_h2 = offset_mlp_reference(lx, loff, idx, lw1, lw2, lb2, lw3, lb3, products, lq_)
+    float32_s = offset_mlp_reference(lx, loff, idx, lw1, lw2, lb2, lw3, lb3, "float32", lq_)[0]
+    want = torch.autograd.grad(float32_s, leaves, g)  # float32 products
+    offset, w1, w2, b2, w3, b3 = w
+    s, h1, h2 = cast("tuple[Tensor, Tensor, Tensor]",
+                     CHECKED["offset_mlp_forward"](x, offset, idx, w1, w2, b2, w3, b3, products, q))
     name = f"offset_mlp ({dtype}, {products} products, N={n}, K={k}, A={a})"
     _close(f"{name} forward", s, want_s.detach(), tol)
     _close(f"{name} h1", h1, want_h1.detach(), tol)
     _close(f"{name} h2", h2, want_h2.detach(), tol)
-    got = cast("tuple[Tensor, ...]",
-               CHECKED["offset_mlp_backward"](g, x, idx, w1, w2, w3, h1, h2, r, True, products))
-    for what, gt, wt in zip(("x", "offset", "w1", "w2", "b2", "w3", "b3"), got, want, strict=True):
+    g_x, g_q, *rest = cast("tuple[Tensor, ...]",
+                           CHECKED["offset_mlp_backward"](g, x, idx, w1, w2, w3, h1, h2, r, True, products, q))
+    got = [g_x, *rest, *([g_q] if q is not None else [])]
+    for what, gt, wt in zip(("x", "offset", "w1", "w2", "b2", "w3", "b3", "q"), got, want, strict=False):
         if products == "bfloat16":  # float32 gradients, to 2% of their largest value
             _close(f"{name} backward d_{what}", gt / wt.abs().max(), wt / wt.abs().max(), 0.02)
         else:

@@ -206,7 +206,7 @@ class _PairMLP(torch.autograd.Function):
         need = ctx.needs_input_grad
         if ctx.fused:
             w2, w3, h1, h2, idx = ctx.saved_tensors[4:]
-            g_x, g_a, g_w_e, *rest = _ops.offset_mlp_backward(
+            g_x, _, g_a, g_w_e, *rest = _ops.offset_mlp_backward(
                 g_logits.reshape(m * n).contiguous(), x, idx, w_e, w2, w3, h1, h2, n, bool(need[1]), ctx.fused
             )  # g_a (N, D1): the state part's gradient, summed over the M items
             g_items = g_x.view(m, n, -1) if need[1] else None  # (M, N, E)

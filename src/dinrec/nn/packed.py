@@ -116,12 +116,13 @@ def _mlp_forward(q_part: Tensor, q: Tensor, f: Tensor, rows: Tensor, w1: Tensor,
     """The attention MLP on N gathered facts f (N, D) of rows ``rows`` (N,) -> scores (N, 1)
     and what the backward needs: (scores, qv (N, D), x (N, 2D), h1 (N, A), h2 (N, 40)).
     ``fused`` (the products, :func:`dinrec.nn._ops.offset_mlp_runs`): the layers run in the
-    C++ operator :func:`dinrec.nn._ops.offset_mlp`; None: torch ops."""
+    C++ operator :func:`dinrec.nn._ops.offset_mlp`, which builds x = [f, f * q[rows]] per
+    tile itself, and qv, x are q (B, D), f (N, D); None: torch ops."""
+    if fused:
+        s, h1, h2 = _ops.offset_mlp(f, q_part, rows, w1, w2, b2, w3, b3, fused, q)  # (N,), (N, A), (N, 40)
+        return s.unsqueeze(1), q, f, h1, h2
     qv = q.index_select(0, rows)  # (N, D)
     x = torch.cat([f, f * qv], dim=1)  # (N, 2D)
-    if fused:
-        s, h1, h2 = _ops.offset_mlp(x, q_part, rows, w1, w2, b2, w3, b3, fused)  # (N,), (N, A), (N, 40)
-        return s.unsqueeze(1), qv, x, h1, h2
     h1 = torch.addmm(q_part.index_select(0, rows), x, w1.t()).sigmoid_()  # (N, A)
     h2 = torch.addmm(b2, h1, w2.t()).sigmoid_()  # (N, 40)
     s = torch.addmm(b3, h2, w3.t())  # (N, 1)
@@ -132,14 +133,16 @@ def _mlp_backward(g: Tensor, b: int, need: tuple[bool, ...], saved: tuple[Tensor
                   fused: str | None = None) -> tuple:
     """Backward of :func:`_mlp_forward` for the score gradient g (N, 1): the gradients of
     q_part (B, A), q (B, D) (if ``need[1]``), the facts (N, D) (if ``need[2]``), w1, w2,
-    b2, w3, b3. ``saved`` = (rows, qv, x, w1, w2, w3, h1, h2); g is not kept."""
+    b2, w3, b3. ``saved`` = (rows, qv, x, w1, w2, w3, h1, h2) (fused: qv, x = q, f); g is not kept."""
     rows, qv, x, w1, w2, w3, h1, h2 = saved
     d = qv.shape[1]
     need_x = need[1] or need[2]
     if fused:
-        g_x, g_q_part, *g_w = _ops.offset_mlp_backward(g.view(-1), x, rows, w1, w2, w3, h1, h2, b, need_x, fused)
-    else:
-        g_q_part, g_x, g_w = _layer_grads(g, b, need_x, saved)
+        g_f, g_q, g_q_part, *g_w = _ops.offset_mlp_backward(
+            g.view(-1), x, rows, w1, w2, w3, h1, h2, b, need_x, fused, qv
+        )
+        return g_q_part, g_q if need[1] else None, g_f if need[2] else None, *g_w
+    g_q_part, g_x, g_w = _layer_grads(g, b, need_x, saved)
     g_q = g_f = None
     if need_x:
         g_key, g_prod = g_x[:, :d], g_x[:, d:]  # (N, D) each
