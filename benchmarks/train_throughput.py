@@ -263,9 +263,10 @@ torch.manual_seed(0)
 config = {"embedding_dim": 18, "hidden": [200, 80], "activation": a["activation"], **a["options"]}
 model = build_model(a["model"], config, store).train()
 opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-if a.get("products"):  # this checkout only: the fused MLP's products
+if a.get("products"):  # this checkout only: the fused MLP's products, for the whole run
     from dinrec.nn import products
-    products(a["products"]).__enter__()
+    in_force = products(a["products"])
+    in_force.__enter__()
 def step(batch):
     out = model(batch)
     loss = F.binary_cross_entropy_with_logits(out.logits, batch.label)

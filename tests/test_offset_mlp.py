@@ -347,3 +347,45 @@ def test_the_products_setting_reaches_both_callers(monkeypatch, cpp_wins):
     with pytest.raises(ValueError, match="products"):
         with products("float16"):  # type: ignore[arg-type]
             pass
+
+
+@needs_build
+def test_without_a_bfloat16_kernel_float32_products_run_after_one_warning(monkeypatch, cpp_wins):
+    """A CPU whose bfloat16 micro-kernel fails (or is missing): one warning, then float32 products."""
+    from dinrec.nn import products
+
+    real = _ops.CHECKED["offset_mlp_forward"]
+
+    def no_bf16(*args):
+        if args[8] == "bfloat16":
+            raise RuntimeError("could not create a BRGeMM ukernel")
+        return real(*args)
+
+    monkeypatch.setitem(_ops.CHECKED, "offset_mlp_forward", no_bf16)
+    _ops.bf16_available.cache_clear()
+    try:
+        net, states, items = _pair_case()
+        w = net.mlp[2].weight
+        with products("bfloat16"), pytest.warns(RuntimeWarning, match="bfloat16 products are not available") as rec:
+            assert _ops.offset_mlp_runs(w, w, states) == "float32"
+            assert _ops.offset_mlp_runs(w, w, states) == "float32"
+        assert len(rec) == 1
+    finally:
+        _ops.bf16_available.cache_clear()
+
+
+def test_the_training_option_sets_the_products_of_the_step(monkeypatch, tiny_store, tmp_path):
+    """TrainConfig.mlp_products (dinrec train --mlp-products) is in force during each training
+    step (evaluation keeps float32 products)."""
+    from dinrec.nn import get_products
+    from dinrec.train.trainer import TrainConfig, train
+
+    seen = []
+    real = _ops.offset_mlp_runs
+    monkeypatch.setattr(_ops, "offset_mlp_runs", lambda *a: seen.append(get_products()) or real(*a))
+    for name in ("bfloat16", "float32"):
+        seen.clear()
+        cfg = TrainConfig(model="din", max_steps=3, eval_every=10**9, progress=False, mlp_products=name)
+        train(cfg, tiny_store, tmp_path / name)
+        assert seen and (name in seen) and ("bfloat16" in seen) == (name == "bfloat16")
+    assert get_products() == "float32"

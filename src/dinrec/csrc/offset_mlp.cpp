@@ -9,7 +9,9 @@
 // events (x = [f, f * q[row]], offset = the query part of the first layer, one row per
 // batch row) and DIEN's auxiliary MLP (x = the items, offset = the state part, one row per
 // pair). Given q (R, D), x is not passed but built per tile from the facts f (N, D):
-// x = [f, f * q[idx]] (K = 2D), and the backward returns g_f (N, D) and g_q (R, D). The rows run in tiles of kTile: per tile the matrix products go through ATen's
+// x = [f, f * q[idx]] (K = 2D), and the backward returns g_f (N, D) and g_q (R, D).
+//
+// The rows run in tiles of kTile: per tile the matrix products go through ATen's
 // CPU kernels directly (at::cpu::mm_out / addmm_out: no dispatcher, no autograd), and all
 // elementwise work (the offset gather-add, the sigmoids, the score layer's dot product,
 // the sigmoid backward, the row sums into g_offset, the bias and score-layer gradients)
@@ -29,12 +31,11 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
-#include <optional>
-#include <string_view>
-
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
+#include <optional>
+#include <string_view>
 #include <vector>
 
 #include "math.h"
