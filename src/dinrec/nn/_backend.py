@@ -20,6 +20,11 @@ Choose it per block with the context manager (it applies to this thread)::
 
 A module or function argument ``impl="reference"`` pins one unit to the reference;
 ``impl="fast"`` (the default) follows this setting.
+
+A second, narrower setting, :func:`products` (:data:`Products`), chooses the precision of
+the matrix products of the fused attention / auxiliary MLP (``dinrec::offset_mlp``):
+``"float32"`` (the default) or ``"bfloat16"`` operands with float32 accumulation. Training
+sets it from ``TrainConfig.mlp_products`` (``dinrec train --mlp-products``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The C++ fast paths (``dinrec/csrc``) as PyTorch operators, built on first use.
 
-Two operations have a C++ kernel (CPU, float32 and float64):
+Three operations have a C++ kernel (CPU, float32 and float64):
 
 * ``dinrec::gru_scan`` -- the GRU recurrence of DIEN's layers given the input projections
   of all steps (:func:`gru_scan`); its backward is ``dinrec::gru_scan_backward``;
@@ -12,6 +12,9 @@ Two operations have a C++ kernel (CPU, float32 and float64):
 * ``dinrec::offset_mlp`` -- a two-hidden-layer sigmoid MLP whose first layer has a
   per-row offset, fused per tile of rows (:func:`offset_mlp`): DIN's attention MLP on the
   packed events and DIEN's auxiliary MLP; its backward is ``dinrec::offset_mlp_backward``.
+  Its matrix products are float32, or bfloat16 with float32 accumulation where
+  :func:`dinrec.nn.products` asks for it (measured choices ``"offset_mlp"`` and
+  ``"offset_mlp_bf16"``; the bfloat16 kernel is checked on its own, :func:`check_bf16`).
 
 Build: :func:`torch.utils.cpp_extension.load` compiles the sources on first use (g++,
 ninja; a file lock makes concurrent processes, e.g. DDP ranks, build once) into torch's
