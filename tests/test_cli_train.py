@@ -237,9 +237,16 @@ def test_the_defaults_are_accurate_and_reference_is_one_flag_away():
     assert cfg("--reference", "--epochs", "3").epochs == 3
     assert cfg("--reference", "--lr", "2e-3").lr == 2e-3
     assert TrainConfig.reference("base", lr=0.01) == TrainConfig(
-        model="base", lr=0.01, bucket=True, activation="prelu", embedding_init_std=0.05)
+        model="base", lr=0.01, bucket=True, activation="prelu", embedding_init_std=0.05,
+        mlp_products="float32")
     assert TrainConfig.reference("base") == TrainConfig(model="base", lr=1e-3, bucket=True,
-                                                        activation="prelu", embedding_init_std=0.05)
+                                                        activation="prelu", embedding_init_std=0.05,
+                                                        mlp_products="float32")
+    # The MLP products: bfloat16 where measured faster ("auto") by default, float32 with
+    # --reference, and an explicit option wins over both.
+    assert (cfg().mlp_products, ref.mlp_products) == ("auto", "float32")
+    assert cfg("--reference", "--mlp-products", "bfloat16").mlp_products == "bfloat16"
+    assert cfg("--mlp-products", "float32").mlp_products == "float32"
     # The embedding initialisation: FuxiCTR's by default, the reference's with --reference.
     assert (cfg().embedding_init_std, ref.embedding_init_std) == (1e-4, 0.05)
     assert cfg("--reference", "--embedding-init-std", "0.01").embedding_init_std == 0.01

@@ -374,6 +374,37 @@ def test_without_a_bfloat16_kernel_float32_products_run_after_one_warning(monkey
         _ops.bf16_available.cache_clear()
 
 
+def test_auto_products_fall_back_to_float32_silently_where_bfloat16_fails(monkeypatch):
+    """``products("auto")`` (training's default) takes float32 products without a warning
+    where the bfloat16 kernel fails its check, and bfloat16 where it passes and is chosen."""
+    import warnings as w
+
+    from dinrec.nn import products
+
+    real = _ops.CHECKED["offset_mlp_forward"]
+    net, states, items = _pair_case()
+    weight = net.mlp[2].weight
+    if _ops.available() and _ops.bf16_available(warn=False):
+        monkeypatch.setattr(_ops, "use", lambda op: True)
+        with products("auto"):
+            assert _ops.offset_mlp_runs(weight, weight, states) == "bfloat16"
+
+    def no_bf16(*args):
+        if args[8] == "bfloat16":
+            raise RuntimeError("could not create a BRGeMM ukernel")
+        return real(*args)
+
+    monkeypatch.setitem(_ops.CHECKED, "offset_mlp_forward", no_bf16)
+    _ops.bf16_available.cache_clear()
+    try:
+        with products("auto"), w.catch_warnings():
+            w.simplefilter("error")  # any warning fails the test
+            assert _ops.offset_mlp_runs(weight, weight, states) in ("float32", None)
+            assert not _ops.bf16_available(warn=False)
+    finally:
+        _ops.bf16_available.cache_clear()
+
+
 def test_the_training_option_sets_the_products_of_the_step(monkeypatch, tiny_store, tmp_path):
     """TrainConfig.mlp_products (dinrec train --mlp-products) is in force during each training
     step (evaluation keeps float32 products)."""
@@ -383,7 +414,7 @@ def test_the_training_option_sets_the_products_of_the_step(monkeypatch, tiny_sto
     seen = []
     real = _ops.offset_mlp_runs
     monkeypatch.setattr(_ops, "offset_mlp_runs", lambda *a: seen.append(get_products()) or real(*a))
-    for name in ("bfloat16", "float32"):
+    for name in ("bfloat16", "float32", "auto"):
         seen.clear()
         cfg = TrainConfig(model="din", max_steps=3, eval_every=10**9, progress=False, mlp_products=name)
         train(cfg, tiny_store, tmp_path / name)

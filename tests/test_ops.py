@@ -496,3 +496,23 @@ def test_the_real_measurement_runs_both_paths_at_the_production_size(monkeypatch
     assert sorted(_ops.BENCHMARKS) == ["candidate_scores", "gru_scan", "offset_mlp", "offset_mlp_bf16"]
     cpp_s, torch_s = _ops._timer("offset_mlp")
     assert cpp_s > 0 and torch_s > 0
+
+
+@needs_build
+def test_a_build_lock_left_by_a_killed_build_does_not_stall_the_next_process():
+    """torch's build lock is a plain file that only its creator removes: a build killed
+    midway leaves it, and without dinrec's OS lock the next process waits for it forever.
+    A fresh process finds the library (already built) despite a leftover lock."""
+    import subprocess
+    import sys
+
+    assert _ops.build_folder is not None
+    stale = _ops.build_folder / "lock"
+    stale.touch()
+    try:
+        code = "from dinrec.nn import _ops; print('available', _ops.available())"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert "available True" in out.stdout, out.stderr[-2000:]
+        assert not stale.exists()
+    finally:
+        stale.unlink(missing_ok=True)

@@ -130,6 +130,15 @@ def test_embedding_init_follows_the_configuration(store):
     assert TrainConfig.from_dict(default.to_dict()).embedding_init_std == 1e-4
 
 
+def test_mlp_products_of_runs_recorded_before_the_option_read_as_float32():
+    """A config.json written before ``mlp_products`` existed was trained with float32
+    products; a new one keeps what it recorded."""
+    old = TrainConfig().to_dict()
+    del old["mlp_products"]
+    assert TrainConfig.from_dict(old).mlp_products == "float32"
+    assert TrainConfig.from_dict(TrainConfig().to_dict()).mlp_products == "auto"
+
+
 def test_early_stopping(store, tmp_path, monkeypatch):
     import dinrec.train.trainer as trainer_module
 

@@ -23,8 +23,10 @@ A module or function argument ``impl="reference"`` pins one unit to the referenc
 
 A second, narrower setting, :func:`products` (:data:`Products`), chooses the precision of
 the matrix products of the fused attention / auxiliary MLP (``dinrec::offset_mlp``):
-``"float32"`` (the default) or ``"bfloat16"`` operands with float32 accumulation. Training
-sets it from ``TrainConfig.mlp_products`` (``dinrec train --mlp-products``).
+``"float32"`` (the default outside training), ``"bfloat16"`` operands with float32
+accumulation, or ``"auto"``: bfloat16 where this CPU has a checked bfloat16 kernel that
+was measured faster, float32 elsewhere, silently. Training sets it from
+``TrainConfig.mlp_products`` (``dinrec train --mlp-products``, default ``auto``).
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ _BACKENDS: tuple[str, ...] = get_args(Backend)
 #: The precision of the matrix products of the fused attention / auxiliary MLP
 #: (``dinrec::offset_mlp``, float32 models on the CPU): ``"float32"`` (the default), or
 #: ``"bfloat16"``: bfloat16 operands with float32 accumulation (about 2x faster products
-#: on CPUs with AVX512-BF16 or AMX; elementwise work, gradients sums and weights stay float32).
-Products = Literal["float32", "bfloat16"]
+#: on CPUs with AVX512-BF16 or AMX; elementwise work, gradients sums and weights stay float32),
+#: or ``"auto"``: bfloat16 where it is available and measured faster here, else float32.
+Products = Literal["float32", "bfloat16", "auto"]
 _PRODUCTS: tuple[str, ...] = get_args(Products)
 
 

@@ -42,6 +42,7 @@ atomically), so later processes do not measure again. :func:`fast_paths` reports
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -54,7 +55,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -110,16 +111,55 @@ def _build() -> None:
         key.update(p.read_bytes())
     key.update("\0".join([*CFLAGS, torch.__version__, _cpu_id()]).encode())
     name = f"dinrec_ops_{key.hexdigest()[:12]}"
-    cpp_extension.load(
-        name=name,
-        sources=[str(p) for p in paths],
-        extra_cflags=list(CFLAGS),
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=False,
-    )
+    with _exclusive(_build_directory(name)):
+        cpp_extension.load(
+            name=name,
+            sources=[str(p) for p in paths],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
     loaded = [Path(p) for p in torch.ops.loaded_libraries if Path(p).stem == name]
     build_folder = loaded[0].parent if loaded else None
+
+
+def _build_directory(name: str) -> Path | None:
+    """The folder torch builds the library ``name`` in (created), or None where unknown."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return Path(_get_build_directory(name, verbose=False))
+    except Exception:  # pragma: no cover - a private helper of torch that may move
+        return None
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path | None) -> Iterator[None]:
+    """Hold an OS file lock on the build ``folder`` while building and loading.
+
+    torch's own build lock is a plain file (``lock``) that only its creator removes: a
+    build killed midway (Ctrl-C on a first run, an OOM kill) leaves it behind, and every
+    later process then waits for it forever. The OS releases this lock when its holder
+    dies, so whoever holds it knows that no live dinrec process is building here, and
+    removes a leftover ``lock`` file first (with a warning)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not a POSIX system
+        fcntl = None  # type: ignore[assignment]
+    if folder is None or fcntl is None:
+        yield
+        return
+    with open(folder / "dinrec.flock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = folder / "lock"
+            if stale.exists():
+                logger.warning("dinrec: removing a build lock left by a killed build: %s", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 #: The folder of the loaded build (where the measured choices are kept), if known.
@@ -459,14 +499,17 @@ def offset_mlp_runs(w1: Tensor, w2: Tensor, *others: Tensor) -> str | None:
     w2 (A2, A) and the ``others`` tensors, or
     None where the torch ops do: all float32 on the CPU (float64 and other devices take
     the torch ops), the build checked, and the operator measured faster than the torch ops
-    here (:func:`use`). ``"bfloat16"`` where :func:`dinrec.nn.products` asks for it, the
-    widths are even and the bfloat16 kernel passed its check on this CPU
-    (:func:`bf16_available`; else float32 products, with one warning)."""
+    here (:func:`use`). ``"bfloat16"`` where :func:`dinrec.nn.products` asks for it
+    (``"bfloat16"`` or ``"auto"``), the widths are even, the bfloat16 kernel passed its
+    check on this CPU (:func:`bf16_available`) and was measured faster than the torch ops
+    (:func:`use`); else the float32 choice. Only an explicit ``"bfloat16"`` warns (once)
+    where its check failed; ``"auto"`` falls back silently."""
     if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (w1, w2, *others)):
         return None
     even = w1.shape[0] % 2 == 0 and w1.shape[1] % 2 == 0 and w2.shape[0] % 2 == 0
-    if get_products() == "bfloat16" and even and bf16_available():
-        return "bfloat16" if use("offset_mlp_bf16") else None
+    asked = get_products()
+    if asked != "float32" and even and bf16_available(warn=asked == "bfloat16") and use("offset_mlp_bf16"):
+        return "bfloat16"
     return "float32" if use("offset_mlp") else None
 
 
@@ -638,26 +681,39 @@ def _check_offset_mlp(gen: torch.Generator, n: int, widths: tuple[int, int, int]
 
 
 @functools.cache
-def _bf16_ready() -> bool:
+def _bf16_problem() -> str | None:
+    """Why bfloat16 products cannot run here, or None (checked once per process)."""
     if not available():
-        return False
+        return "the C++ kernels are not available"
     try:
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
             check_bf16()
     except Exception as exc:  # no bfloat16 micro-kernel on this CPU, or a wrong result
-        warnings.warn(f"dinrec: bfloat16 products are not available here ({_first_line(exc)}); "
-                      "the fused MLP keeps float32 products", RuntimeWarning, stacklevel=4)
-        return False
-    return True
+        return _first_line(exc)
+    return None
 
 
-def bf16_available() -> bool:
+@functools.cache
+def _warn_no_bf16(problem: str) -> None:
+    warnings.warn(f"dinrec: bfloat16 products are not available here ({problem}); "
+                  "the fused MLP keeps float32 products", RuntimeWarning, stacklevel=5)
+
+
+def bf16_available(warn: bool = True) -> bool:
     """Whether :func:`offset_mlp` runs with ``products="bfloat16"`` here: built, and
-    :func:`check_bf16` passed (once per process; one warning where not)."""
-    return _bf16_ready()
+    :func:`check_bf16` passed (once per process). Where not, ``warn`` gives one warning."""
+    problem = _bf16_problem()
+    if problem is not None and warn:
+        _warn_no_bf16(problem)
+    return problem is None
 
 
-bf16_available.cache_clear = _bf16_ready.cache_clear  # type: ignore[attr-defined]
+def _bf16_cache_clear() -> None:
+    _bf16_problem.cache_clear()
+    _warn_no_bf16.cache_clear()
+
+
+bf16_available.cache_clear = _bf16_cache_clear  # type: ignore[attr-defined]
 
 
 def check_bf16() -> None:
