@@ -285,3 +285,24 @@ def test_ranking_negatives_are_never_a_positive_of_the_user_and_are_redrawn(stor
     pop[s.items.n_known:] = 0
     expected = counts.sum() * pop / pop.sum()
     assert counts[2] < 1.5 * expected[2] + 10 and counts[3] < 1.5 * expected[3] + 10
+
+
+def test_the_fast_paths_are_prepared_before_the_clock_starts(monkeypatch, store, tmp_path):
+    """Building, self-checking and the bfloat16 check happen in the set-up, with the run's
+    products, not inside the first timed step."""
+    import dinrec.train.trainer as trainer_module
+
+    order = []
+    monkeypatch.setattr(trainer_module, "prepare_fast_paths", lambda p: order.append(("prepare", p)))
+    real_clock = trainer_module.Clock
+
+    def clock(*a, **k):
+        order.append(("clock",))
+        return real_clock(*a, **k)
+
+    monkeypatch.setattr(trainer_module, "Clock", clock)
+    for products in ("auto", "float32"):
+        order.clear()
+        cfg = TrainConfig(model="din", max_steps=2, eval_every=10**9, progress=False, mlp_products=products)
+        train(cfg, store, tmp_path / products)
+        assert order[:2] == [("prepare", products), ("clock",)]

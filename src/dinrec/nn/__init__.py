@@ -1,7 +1,7 @@
 """Building blocks, each usable alone in any PyTorch model."""
 
 from dinrec.nn._backend import Backend, Products, backend, get_backend, get_products, products
-from dinrec.nn._ops import fast_paths
+from dinrec.nn._ops import fast_paths, prepare_fast_paths
 from dinrec.nn.activations import Dice, PReLU
 from dinrec.nn.attention import (
     AttentionWeights,
@@ -25,5 +25,6 @@ __all__ = [
     "fast_paths",
     "get_backend",
     "get_products",
+    "prepare_fast_paths",
     "products",
 ]

@@ -69,7 +69,8 @@ from dinrec.nn._backend import get_products
 __all__ = [
     "Choice", "available", "candidate_scores", "choice", "choices", "fast_paths", "forget", "gru_scan",
     "gru_scan_packed", "gru_scan_packed_reference", "gru_scan_reference", "measure", "offset_mlp",
-    "offset_mlp_backward", "offset_mlp_reference", "offset_mlp_runs", "self_check", "use", "bf16_available",
+    "offset_mlp_backward", "offset_mlp_reference", "offset_mlp_runs", "prepare_fast_paths", "self_check", "use",
+    "bf16_available",
     "check_bf16",
 ]
 
@@ -857,6 +858,15 @@ def _log(made: Choice) -> None:
 def choices() -> dict[tuple[str, int], Choice]:
     """The decisions made in this process so far, by (operator, thread count)."""
     return dict(_choices)
+
+
+def prepare_fast_paths(products: str = "float32") -> None:
+    """Build (or load) and self-check the C++ operators now, and check the bfloat16 kernel
+    where ``products`` (:data:`dinrec.nn.Products`) may use it, instead of inside the first
+    forward that needs them. Training calls this before its clock starts, so its first
+    interval's samples/s are those of its steps (the checks take a few tenths of a second)."""
+    if available() and products != "float32":
+        bf16_available(warn=products == "bfloat16")
 
 
 def fast_paths() -> str:

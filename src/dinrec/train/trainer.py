@@ -39,7 +39,7 @@ from dinrec.checkpoint import (
 from dinrec.data.batches import Batch
 from dinrec.data.store import SampleStore
 from dinrec.errors import DinrecError, RunFolderError
-from dinrec.nn import products
+from dinrec.nn import prepare_fast_paths, products
 from dinrec.run import (
     BEST,
     CONFIG_FILE,
@@ -203,6 +203,8 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         self.eval_every = cfg.eval_every or steps_per_epoch
         self.checkpoint_every = cfg.checkpoint_every or self.eval_every
+        if torch.device(self.device).type == "cpu":  # before the clock, not in the first step
+            prepare_fast_paths(cfg.mlp_products)
         # The fused kernel (one pass over all parameters) is several times faster than the
         # per-tensor loop on CPU and GPU alike; it computes the same update.
         self.optimizer = torch.optim.Adam(
