@@ -349,11 +349,10 @@ def test_the_products_setting_reaches_both_callers(monkeypatch, cpp_wins):
             pass
 
 
-@needs_build
-def test_without_a_bfloat16_kernel_float32_products_run_after_one_warning(monkeypatch, cpp_wins):
-    """A CPU whose bfloat16 micro-kernel fails (or is missing): one warning, then float32 products."""
-    from dinrec.nn import products
-
+@pytest.fixture
+def no_bf16_kernel(monkeypatch):
+    """The bfloat16 micro-kernel fails as on a CPU without one (float32 still runs); the
+    cached bfloat16 check is cleared before and after."""
     real = _ops.CHECKED["offset_mlp_forward"]
 
     def no_bf16(*args):
@@ -363,25 +362,31 @@ def test_without_a_bfloat16_kernel_float32_products_run_after_one_warning(monkey
 
     monkeypatch.setitem(_ops.CHECKED, "offset_mlp_forward", no_bf16)
     _ops.bf16_available.cache_clear()
-    try:
-        net, states, items = _pair_case()
-        w = net.mlp[2].weight
-        with products("bfloat16"), pytest.warns(RuntimeWarning, match="bfloat16 products are not available") as rec:
-            assert _ops.offset_mlp_runs(w, w, states) == "float32"
-            assert _ops.offset_mlp_runs(w, w, states) == "float32"
-        assert len(rec) == 1
-    finally:
-        _ops.bf16_available.cache_clear()
+    yield
+    _ops.bf16_available.cache_clear()
 
 
-def test_auto_products_fall_back_to_float32_silently_where_bfloat16_fails(monkeypatch):
+
+@needs_build
+def test_without_a_bfloat16_kernel_float32_products_run_after_one_warning(no_bf16_kernel, cpp_wins):
+    """A CPU whose bfloat16 micro-kernel fails (or is missing): one warning, then float32 products."""
+    from dinrec.nn import products
+
+    net, states, items = _pair_case()
+    w = net.mlp[2].weight
+    with products("bfloat16"), pytest.warns(RuntimeWarning, match="bfloat16 products are not available") as rec:
+        assert _ops.offset_mlp_runs(w, w, states) == "float32"
+        assert _ops.offset_mlp_runs(w, w, states) == "float32"
+    assert len(rec) == 1
+
+
+def test_auto_products_fall_back_to_float32_silently_where_bfloat16_fails(monkeypatch, request):
     """``products("auto")`` (training's default) takes float32 products without a warning
     where the bfloat16 kernel fails its check, and bfloat16 where it passes and is chosen."""
     import warnings as w
 
     from dinrec.nn import products
 
-    real = _ops.CHECKED["offset_mlp_forward"]
     net, states, items = _pair_case()
     weight = net.mlp[2].weight
     if _ops.available() and _ops.bf16_available(warn=False):
@@ -389,20 +394,11 @@ def test_auto_products_fall_back_to_float32_silently_where_bfloat16_fails(monkey
         with products("auto"):
             assert _ops.offset_mlp_runs(weight, weight, states) == "bfloat16"
 
-    def no_bf16(*args):
-        if args[8] == "bfloat16":
-            raise RuntimeError("could not create a BRGeMM ukernel")
-        return real(*args)
-
-    monkeypatch.setitem(_ops.CHECKED, "offset_mlp_forward", no_bf16)
-    _ops.bf16_available.cache_clear()
-    try:
-        with products("auto"), w.catch_warnings():
-            w.simplefilter("error")  # any warning fails the test
-            assert _ops.offset_mlp_runs(weight, weight, states) in ("float32", None)
-            assert not _ops.bf16_available(warn=False)
-    finally:
-        _ops.bf16_available.cache_clear()
+    request.getfixturevalue("no_bf16_kernel")
+    with products("auto"), w.catch_warnings():
+        w.simplefilter("error")  # any warning fails the test
+        assert _ops.offset_mlp_runs(weight, weight, states) in ("float32", None)
+        assert not _ops.bf16_available(warn=False)
 
 
 def test_the_training_option_sets_the_products_of_the_step(monkeypatch, tiny_store, tmp_path):

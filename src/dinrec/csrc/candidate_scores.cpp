@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "math.h"
+#include "scratch.h"
 
 namespace dinrec {
 namespace {
@@ -32,26 +33,8 @@ constexpr int64_t kChunkRows = 8192;
 constexpr int64_t kSplitRows = 4096;
 constexpr int64_t kBlock = 256;
 
-// Per-thread buffers reused from call to call: fresh multi-MB buffers per request cost page
-// faults. 64-byte aligned (a cache line, one AVX-512 vector): std::vector's 16-byte alignment
-// made the vector loads and the BLAS calls measurably slower. Tag 0: the chunks'
-// intermediates; 1, 2: the first layer's matrix and queries.
-template <typename T, int Tag = 0>
-T* scratch(int64_t n) {
-  struct Free {
-    void operator()(T* p) const { std::free(p); }
-  };
-  thread_local std::unique_ptr<T[], Free> buf;
-  thread_local int64_t size = 0;
-  if (size < n) {
-    const int64_t bytes = (n * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64;
-    T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(p != nullptr, "candidate_scores: out of memory");
-    buf.reset(p);
-    size = n;
-  }
-  return buf.get();
-}
+// Scratch tags (scratch.h): 0, the chunks' intermediates; 1, 2: the first layer's matrix
+// and queries.
 
 template <int Tag>
 at::Tensor reused(at::IntArrayRef shape, const at::TensorOptions& opts) {

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "math.h"
+#include "scratch.h"
 
 namespace dinrec {
 namespace {
@@ -47,24 +48,6 @@ namespace {
 // A = 80, A2 = 40, float32) stay in L2.
 constexpr int64_t kTile = 512;
 
-// A per-thread buffer reused from call to call (fresh ones cost page faults), 64-byte aligned;
-// one per (type, tag).
-template <typename T, int Tag = 0>
-T* scratch(int64_t n) {
-  struct Free {
-    void operator()(T* p) const { std::free(p); }
-  };
-  thread_local std::unique_ptr<T[], Free> buf;
-  thread_local int64_t size = 0;
-  if (size < n) {
-    const int64_t bytes = (n * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64;
-    T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(p != nullptr, "offset_mlp: out of memory");
-    buf.reset(p);
-    size = n;
-  }
-  return buf.get();
-}
 
 struct Shapes {
   int64_t n, k, a, a2, r;

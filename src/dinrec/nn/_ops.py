@@ -108,7 +108,7 @@ def _build() -> None:
     global build_folder
     paths = [CSRC / s for s in SOURCES]
     key = hashlib.sha256()
-    for p in [*paths, CSRC / "math.h"]:
+    for p in [*paths, *sorted(CSRC.glob("*.h"))]:
         key.update(p.read_bytes())
     key.update("\0".join([*CFLAGS, torch.__version__, _cpu_id()]).encode())
     name = f"dinrec_ops_{key.hexdigest()[:12]}"
